@@ -1,0 +1,84 @@
+//! Encode and decode a batch of 1,000 typical alerts: the codec's cost per event.
+//!
+//! Run with `cargo bench -p tandem-protocol --bench codec`; criterion prints elements/s, which
+//! is alerts/s each way.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use bytes::BytesMut;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tandem_protocol::{
+    AlertFields, Event, EventBody, Kind, Message, MessageCodec, Origin, Severity,
+};
+use tokio_util::codec::{Decoder, Encoder};
+
+fn typical_batch(n: u64) -> Message {
+    let origin = Origin::new("syslog-probe-01", 0x5eed_0001);
+    let events = (0..n)
+        .map(|i| {
+            let host = format!("web{:03}", i % 200);
+            let mut extra = BTreeMap::new();
+            extra.insert("datacenter".to_string(), "fra1".to_string());
+            Event {
+                origin: origin.clone(),
+                seq: 1_000_000 + i,
+                time: 1_790_000_000_000 + i as i64,
+                body: EventBody::Occurrence(AlertFields {
+                    identifier: format!("{host}:disk:/var:{}", i % 10),
+                    node: host.clone(),
+                    node_alias: format!("{host}.example.net"),
+                    manager: "node-exporter".into(),
+                    agent: "syslog".into(),
+                    alert_group: "disk".into(),
+                    alert_key: "/var".into(),
+                    summary: format!(
+                        "filesystem /var on {host} is 91% full (threshold 90%), growth 1.2 GiB/h, \
+                         projected full in 3h40m; consider rotating /var/log/app/*.log event {i}"
+                    ),
+                    class: "filesystem".into(),
+                    kind: Kind::Problem,
+                    severity: Severity::MINOR,
+                    expire_seconds: 3600,
+                    extra,
+                }),
+            }
+        })
+        .collect();
+    Message::Events { batch: 42, events }
+}
+
+fn codec(c: &mut Criterion) {
+    let batch = typical_batch(1000);
+    let mut codec = MessageCodec::default();
+    let mut frame = BytesMut::new();
+    codec.encode(&batch, &mut frame).expect("encodes");
+    let frame = frame.freeze();
+    eprintln!("frame of 1,000 alerts: {} bytes", frame.len());
+
+    let mut group = c.benchmark_group("codec_1000_alerts");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("encode", |b| {
+        let mut buf = BytesMut::with_capacity(frame.len() * 2);
+        b.iter(|| {
+            buf.clear();
+            codec.encode(black_box(&batch), &mut buf).expect("encodes");
+            black_box(buf.len())
+        })
+    });
+    group.bench_function("decode", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&frame[..]);
+            black_box(
+                codec
+                    .decode(&mut buf)
+                    .expect("decodes")
+                    .expect("a whole frame"),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);

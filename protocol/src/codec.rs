@@ -1,0 +1,353 @@
+//! Framing and serialisation: the one place that knows the bytes.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of bincode (2.0.1, serde
+//! path, standard configuration with variable-length integers). [`MessageCodec`] is a tokio-util
+//! codec for `Framed`; [`to_bytes`] and [`from_bytes`] serve storage formats that want the same
+//! encoding. Swapping the serialiser means changing this module only.
+//!
+//! Decoding never trusts the peer: a frame longer than the configured maximum is refused before
+//! its body is buffered, a body that does not decode (or leaves bytes over) is an error, and no
+//! input panics. After a decode error the connection must be closed: the codec makes no attempt
+//! to resynchronise a byte stream it cannot trust.
+
+use bytes::{BufMut, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::message::Message;
+
+/// Largest frame accepted or sent unless configured otherwise: 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The largest frame any configuration may allow: 64 MiB.
+///
+/// It doubles as bincode's decode limit. bincode allocates a string's buffer from its announced
+/// length before reading it, so without a limit a 10-byte frame announcing an exabyte string
+/// aborts the process; with it, the announcement is refused first.
+pub const MAX_FRAME_LIMIT: usize = 64 * 1024 * 1024;
+
+const LENGTH_FIELD: usize = 4;
+
+/// What went wrong reading or writing a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(
+        "frame of {len} bytes is over the maximum of {max} bytes (raise max_frame_bytes on both sides, or send smaller batches)"
+    )]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame does not decode as a tandem message: {0}")]
+    Decode(String),
+    #[error("frame has {extra} bytes after the message")]
+    TrailingBytes { extra: usize },
+    #[error("message could not be encoded: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_LIMIT>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_LIMIT>()
+}
+
+/// Writes bincode output straight into the frame buffer: no intermediate `Vec`.
+struct BufWriter<'a>(&'a mut BytesMut);
+
+impl bincode::enc::write::Writer for BufWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Serialises any value with the wire encoding (for storage records).
+pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Deserialises a value written by [`to_bytes`]; the whole slice must be used.
+pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: bytes.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+/// Length-delimited bincode frames carrying [`Message`]s.
+#[derive(Debug)]
+pub struct MessageCodec {
+    frames: LengthDelimitedCodec,
+    max_frame: usize,
+}
+
+impl MessageCodec {
+    /// A codec that refuses frames over `max_frame` bytes (at most [`MAX_FRAME_LIMIT`]), in
+    /// both directions.
+    pub fn new(max_frame: usize) -> Self {
+        let max_frame = max_frame.min(MAX_FRAME_LIMIT);
+        MessageCodec {
+            frames: LengthDelimitedCodec::builder()
+                .length_field_length(LENGTH_FIELD)
+                .max_frame_length(max_frame)
+                .new_codec(),
+            max_frame,
+        }
+    }
+
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+}
+
+impl Default for MessageCodec {
+    fn default() -> Self {
+        MessageCodec::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Message;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+        let announced = (src.len() >= LENGTH_FIELD)
+            .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
+        match self.frames.decode(src) {
+            Ok(Some(frame)) => from_bytes(&frame).map(Some),
+            Ok(None) => Ok(None),
+            Err(e)
+                if e.get_ref().is_some_and(|inner| {
+                    inner.is::<tokio_util::codec::LengthDelimitedCodecError>()
+                }) =>
+            {
+                Err(CodecError::FrameTooLarge {
+                    len: announced.unwrap_or(0),
+                    max: self.max_frame,
+                })
+            }
+            Err(e) => Err(CodecError::Io(e)),
+        }
+    }
+}
+
+impl Encoder<&Message> for MessageCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        let written = bincode::serde::encode_into_writer(item, BufWriter(dst), config());
+        if let Err(e) = written {
+            dst.truncate(start);
+            return Err(CodecError::Encode(e.to_string()));
+        }
+        let len = dst.len() - start - LENGTH_FIELD;
+        if len > self.max_frame {
+            dst.truncate(start);
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        // len <= max_frame, and max_frame fits the length field or the codec refuses it above.
+        let field = u32::try_from(len).map_err(|_| CodecError::FrameTooLarge {
+            len,
+            max: u32::MAX as usize,
+        })?;
+        dst[start..start + LENGTH_FIELD].copy_from_slice(&field.to_be_bytes());
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for MessageCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode(&item, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::message::{ClientKind, Hello, PROTOCOL_VERSION};
+
+    fn encode(msg: &Message) -> BytesMut {
+        let mut buf = BytesMut::new();
+        MessageCodec::default().encode(msg, &mut buf).unwrap();
+        buf
+    }
+
+    fn decode_all(
+        codec: &mut MessageCodec,
+        buf: &mut BytesMut,
+    ) -> Result<Vec<Message>, CodecError> {
+        let mut out = Vec::new();
+        while let Some(msg) = codec.decode(buf)? {
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
+    fn hello() -> Message {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            kind: ClientKind::Probe,
+            name: "syslog-1".into(),
+        })
+    }
+
+    #[test]
+    fn a_frame_arriving_byte_by_byte_decodes_once_complete() {
+        let frame = encode(&hello());
+        let mut codec = MessageCodec::default();
+        let mut buf = BytesMut::new();
+        for (i, byte) in frame.iter().enumerate() {
+            buf.put_u8(*byte);
+            let got = codec.decode(&mut buf).unwrap();
+            assert_eq!(got.is_some(), i + 1 == frame.len());
+        }
+    }
+
+    #[test]
+    fn an_oversized_announced_frame_is_refused_before_buffering() {
+        let mut codec = MessageCodec::new(1024);
+        let mut buf = BytesMut::new();
+        buf.put_u32(1_000_000);
+        buf.put_slice(&[0; 16]);
+        match codec.decode(&mut buf) {
+            Err(CodecError::FrameTooLarge { len, max }) => {
+                assert_eq!((len, max), (1_000_000, 1024))
+            }
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_oversized_message_is_not_sent() {
+        let big = Message::Error {
+            message: "x".repeat(2000),
+        };
+        let mut buf = BytesMut::from(&b"kept"[..]);
+        let err = MessageCodec::new(1024).encode(&big, &mut buf).unwrap_err();
+        assert!(
+            matches!(err, CodecError::FrameTooLarge { max: 1024, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            &buf[..],
+            b"kept",
+            "a refused message leaves the buffer as it was"
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_frame_are_an_error() {
+        let mut frame = encode(&Message::Ping { nonce: 7 });
+        frame.put_u8(0);
+        let len = (frame.len() - LENGTH_FIELD) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let err = MessageCodec::default().decode(&mut frame).unwrap_err();
+        assert!(
+            matches!(err, CodecError::TrailingBytes { extra: 1 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_out_of_range_severity_does_not_decode() {
+        let fields = crate::alert::AlertFields {
+            identifier: "x".into(),
+            severity: crate::alert::Severity::CRITICAL,
+            ..Default::default()
+        };
+        let msg = Message::Events {
+            batch: 1,
+            events: vec![crate::event::Event {
+                origin: crate::event::Origin::new("p", 1),
+                seq: 1,
+                time: 0,
+                body: crate::event::EventBody::Occurrence(fields),
+            }],
+        };
+        let mut frame = encode(&msg);
+        // The severity byte of this message is the only 5 in it; make it 9.
+        let pos = frame.iter().rposition(|&b| b == 5).unwrap();
+        frame[pos] = 9;
+        let err = MessageCodec::default().decode(&mut frame).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+
+    proptest! {
+        // Small default collections keep each case quick, so many more cases fit in a run.
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            max_default_size_range: 6,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn every_message_round_trips(msgs in proptest::collection::vec(any::<Message>(), 1..4)) {
+            let mut codec = MessageCodec::default();
+            let mut buf = BytesMut::new();
+            for msg in &msgs {
+                codec.encode(msg, &mut buf).unwrap();
+            }
+            let back = decode_all(&mut codec, &mut buf).unwrap();
+            prop_assert_eq!(back, msgs);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn strings_announcing_huge_lengths_are_refused(len in 1u64 << 27..u64::MAX) {
+            // Error { message } with a string length varint far beyond the frame.
+            let mut body = vec![25u8, 253];
+            body.extend_from_slice(&len.to_le_bytes());
+            let err = from_bytes::<Message>(&body).unwrap_err();
+            prop_assert!(matches!(err, CodecError::Decode(_)), "{}", err);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut codec = MessageCodec::new(4096);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = decode_all(&mut codec, &mut buf);
+            let _ = from_bytes::<Message>(&bytes);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(
+            msg in any::<Message>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+        ) {
+            let mut bytes = encode(&msg).to_vec();
+            for (at, byte, op) in edits {
+                if bytes.is_empty() {
+                    bytes.push(byte);
+                    continue;
+                }
+                let i = at.index(bytes.len());
+                match op {
+                    0 => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ => { bytes.remove(i); }
+                }
+            }
+            let mut codec = MessageCodec::new(1 << 20);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = decode_all(&mut codec, &mut buf);
+        }
+    }
+}

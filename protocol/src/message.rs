@@ -1,0 +1,291 @@
+//! Every message on every tandem link.
+//!
+//! A connection opens with [`Message::Hello`] from the client; the server answers
+//! [`Message::Welcome`] or [`Message::Reject`] and closes. After that the exchanges are:
+//!
+//! - events: `Events` → `Ack` (or `Refused` naming the bad event), from probes, proxies,
+//!   operators and the gateway;
+//! - liveness: `Ping` → `Pong`, both ways;
+//! - directives: `Directive` from a store (passed on by proxies): fail back, redirect, leave;
+//! - change log: `Subscribe` → a stream of `LogEntries`, or `LogTrimmed` when the cursor is older
+//!   than the retained log; `Replicate` → `Ack` applies a peer's entries together with the new
+//!   cursor; `GetCursor` → `Cursor`; `CursorReport` tells a sender how far its peer has got;
+//! - full resync: `SnapshotRequest` → `SnapshotChunk`s, resumable by key;
+//! - `ResyncFinished` from the gateway → `Done`;
+//! - operators: `Query` → `Alerts`, `StatusRequest` → `Status`, `Failback` → `Done`/`Error`.
+//!
+//! Requests that a multiplexing proxy forwards carry a `batch` id so that replies can be routed
+//! back to the connection that asked.
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::Alert;
+use crate::event::Event;
+use crate::state::{AlertState, AppliedRanges};
+
+/// The version of this protocol. A peer with another version is rejected in the handshake
+/// with [`RejectReason::UnsupportedVersion`], never misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Who is connecting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ClientKind {
+    Probe,
+    Proxy,
+    Gateway,
+    Operator,
+    /// The other store of the pair, watching this one with heartbeats.
+    Store,
+}
+
+/// The role a store has in the pair file; who is *acting* primary is a separate, live fact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// The first message of every connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Hello {
+    pub version: u32,
+    pub kind: ClientKind,
+    pub name: String,
+}
+
+/// The server accepted the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Welcome {
+    pub version: u32,
+    pub name: String,
+    pub role: Role,
+    pub acting_primary: bool,
+    /// The gateway has reported a finished resync since this store last started.
+    pub resynced: bool,
+}
+
+/// Why a server refused a connection or a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum RejectReason {
+    /// The peer speaks a protocol version this server does not.
+    UnsupportedVersion {
+        supported: u32,
+    },
+    /// A proxy cannot reach its store; the client should use the other member of the pair.
+    StoreUnavailable,
+    /// This member is not the one to use now; connect to `to` instead.
+    Redirect {
+        to: String,
+    },
+    NotAuthorised,
+    /// A limit (connections, in-flight events) was reached; retry later or elsewhere.
+    Overloaded,
+    /// The message broke the protocol (bad frame, unexpected message, bad field).
+    BadRequest,
+}
+
+/// An instruction from a store (passed on by its proxy) to its clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum Directive {
+    /// The primary is back and resynced: reconnect to the primary member of the pair.
+    Failback,
+    /// Reconnect to the named member.
+    Redirect { to: String },
+    /// This member cannot do its job (its store is gone): fail over now.
+    Leave { reason: String },
+}
+
+/// One change-log entry: an event as a store applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LogEntry {
+    pub lsn: u64,
+    /// The store at which the event entered the pair (from a probe or an operator); replication
+    /// never sends an entry back to its source.
+    pub source: String,
+    /// The alert's serial at `source` after the event, for `server_serial`.
+    pub source_serial: u64,
+    pub event: Event,
+}
+
+/// Sort direction of a query key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct SortKey {
+    pub field: String,
+    pub descending: bool,
+}
+
+/// An operator's query: a filter expression (empty for all), sort keys, an optional limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Query {
+    pub filter: String,
+    pub sort: Vec<SortKey>,
+    pub limit: Option<u32>,
+}
+
+/// A store's view of itself, for `tandem status` and the ops endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StoreStatus {
+    pub name: String,
+    pub role: Option<Role>,
+    pub acting_primary: bool,
+    pub resynced: bool,
+    pub peer_up: bool,
+    pub alerts: u64,
+    pub lsn: u64,
+    /// Lowest LSN still retained in the change log.
+    pub first_lsn: u64,
+    pub clients: u32,
+}
+
+/// Everything that can cross a tandem link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Reject {
+        reason: RejectReason,
+        message: String,
+    },
+    Events {
+        batch: u64,
+        events: Vec<Event>,
+    },
+    /// Every event of the batch is durable (applied now or earlier: `duplicates` of them were).
+    Ack {
+        batch: u64,
+        applied: u32,
+        duplicates: u32,
+    },
+    /// The batch was refused whole: `index` names the offending event, `reason` says why.
+    /// Nothing of the batch was applied.
+    Refused {
+        batch: u64,
+        index: u32,
+        reason: String,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Directive(Directive),
+    Subscribe {
+        from_lsn: u64,
+        /// Leave out entries whose source is this store (the receiver), so nothing loops.
+        skip_source: Option<String>,
+    },
+    LogEntries {
+        entries: Vec<LogEntry>,
+        head_lsn: u64,
+    },
+    /// The requested LSN is no longer retained: a full resync is needed.
+    LogTrimmed {
+        first_lsn: u64,
+    },
+    /// Apply a peer's entries and store `cursor` (the peer's LSN reached) in the same commit.
+    Replicate {
+        batch: u64,
+        peer: String,
+        cursor: u64,
+        entries: Vec<LogEntry>,
+    },
+    GetCursor {
+        peer: String,
+    },
+    Cursor {
+        peer: String,
+        lsn: u64,
+    },
+    CursorReport {
+        peer: String,
+        lsn: u64,
+    },
+    /// Ask for snapshot records with identifiers after `after` (None: from the start).
+    SnapshotRequest {
+        after: Option<String>,
+        limit: u32,
+    },
+    SnapshotChunk {
+        /// The log position the snapshot is consistent with.
+        lsn: u64,
+        alerts: Vec<(String, AlertState)>,
+        applied: Vec<AppliedRanges>,
+        done: bool,
+    },
+    ResyncFinished {
+        gateway: String,
+    },
+    Query(Query),
+    Alerts {
+        alerts: Vec<Alert>,
+        /// Matches before the limit was applied.
+        total: u64,
+    },
+    StatusRequest,
+    Status(StoreStatus),
+    Failback {
+        force: bool,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl Message {
+    /// The variant's name, for logs and errors (never the payload, which may be large).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Reject { .. } => "Reject",
+            Message::Events { .. } => "Events",
+            Message::Ack { .. } => "Ack",
+            Message::Refused { .. } => "Refused",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Directive(_) => "Directive",
+            Message::Subscribe { .. } => "Subscribe",
+            Message::LogEntries { .. } => "LogEntries",
+            Message::LogTrimmed { .. } => "LogTrimmed",
+            Message::Replicate { .. } => "Replicate",
+            Message::GetCursor { .. } => "GetCursor",
+            Message::Cursor { .. } => "Cursor",
+            Message::CursorReport { .. } => "CursorReport",
+            Message::SnapshotRequest { .. } => "SnapshotRequest",
+            Message::SnapshotChunk { .. } => "SnapshotChunk",
+            Message::ResyncFinished { .. } => "ResyncFinished",
+            Message::Query(_) => "Query",
+            Message::Alerts { .. } => "Alerts",
+            Message::StatusRequest => "StatusRequest",
+            Message::Status(_) => "Status",
+            Message::Failback { .. } => "Failback",
+            Message::Done { .. } => "Done",
+            Message::Error { .. } => "Error",
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Harness for the integration tests: real `tandem` processes on 127.0.0.1.
+//!
+//! A [`Pair`] writes a pair file with ephemeral ports into a temporary directory; a [`Proc`]
+//! is a child process that is killed (SIGKILL, by PID) when it is dropped, so no test leaves a
+//! process behind even when it fails. The `tandem` binary is the one cargo built for this test
+//! run (`target/<profile>/tandem`, built because the `tandem-cli` package has tests of its own).
+
+#![forbid(unsafe_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tandem` binary of this build.
+pub fn tandem_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // target/<profile>/deps/<test> -> target/<profile>/tandem
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = profile_dir.join(format!("tandem{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port on 127.0.0.1")
+}
+
+/// A pair file with ephemeral ports and a data directory, both in a temporary directory.
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub file: tandem_config::PairFile,
+}
+
+impl Pair {
+    /// The default pair with every address moved to a free port; `edit` may change the text.
+    pub fn new(edit: impl FnOnce(String) -> String) -> Pair {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut text = tandem_config::DEFAULT_PAIR_FILE.to_string();
+        for port in [4100, 4101, 8100, 8101, 4400, 4401, 8400, 8401, 8500] {
+            text = text.replace(
+                &format!("127.0.0.1:{port}\""),
+                &format!("127.0.0.1:{}\"", free_port()),
+            );
+        }
+        let text = edit(text);
+        let config = dir.path().join("pair.toml");
+        std::fs::write(&config, &text).expect("pair file written");
+        let data_dir = dir.path().join("data");
+        let file = tandem_config::PairFile::parse(&text, &config.display().to_string())
+            .expect("the test pair file is valid");
+        Pair {
+            dir,
+            config,
+            data_dir,
+            file,
+        }
+    }
+
+    /// `tandem ARGS --config <pair> --data-dir <data>`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(tandem_bin());
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a command to completion, killing it past `limit`.
+    pub fn run(&self, args: &[&str], limit: Duration) -> Output {
+        let child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem starts");
+        wait_output(Proc::from(child), limit)
+    }
+
+    /// Starts a long-running component, its log going to `<dir>/<name>.log`.
+    pub fn spawn(&self, args: &[&str], log_name: &str) -> Proc {
+        let log = std::fs::File::create(self.dir.path().join(format!("{log_name}.log")))
+            .expect("log file");
+        let err = log.try_clone().expect("log file handle");
+        let child = self
+            .command(args)
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("tandem starts");
+        Proc::from(child)
+    }
+
+    /// The log a spawned component wrote so far.
+    pub fn log(&self, log_name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{log_name}.log"))).unwrap_or_default()
+    }
+}
+
+/// A child process killed with SIGKILL when dropped.
+pub struct Proc {
+    child: Option<Child>,
+}
+
+impl From<Child> for Proc {
+    fn from(child: Child) -> Self {
+        Proc { child: Some(child) }
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL now and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits for a child's output, killing it past `limit` so a hung command fails the test.
+pub fn wait_output(mut proc: Proc, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while proc.running() {
+        assert!(
+            Instant::now() < deadline,
+            "process {} did not finish within {limit:?}",
+            proc.pid()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child = proc.child.take().expect("a child that has not been reaped");
+    child
+        .wait_with_output()
+        .expect("output of a finished child")
+}
