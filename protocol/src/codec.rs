@@ -5,10 +5,13 @@
 //! codec for `Framed`; [`to_bytes`] and [`from_bytes`] serve storage formats that want the same
 //! encoding. Swapping the serialiser means changing this module only.
 //!
-//! Decoding never trusts the peer: a frame longer than the configured maximum is refused before
-//! its body is buffered, a body that does not decode (or leaves bytes over) is an error, and no
-//! input panics. After a decode error the connection must be closed: the codec makes no attempt
-//! to resynchronise a byte stream it cannot trust.
+//! Decoding never trusts the peer and no input panics. Two kinds of failure differ in what they
+//! leave behind:
+//! - a frame that arrived whole but whose body does not decode (a bad field, an unknown
+//!   variant, bytes left over) is *yielded* as `Err` inside the item: the byte stream is still
+//!   in step, so a server can answer with an error naming the problem and keep the connection;
+//! - a frame longer than the configured maximum (refused before its body is buffered) or an I/O
+//!   error is returned as the decoder's error, which ends the stream: the connection must close.
 
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
@@ -115,15 +118,38 @@ impl Default for MessageCodec {
     }
 }
 
+/// Recovers the batch id of an `Events` or `Replicate` frame whose body does not decode, so
+/// the refusal can name the batch and the sender can stop waiting for it.
+pub fn peek_batch(frame: &[u8]) -> Option<u64> {
+    // Variant indices of Message::Events and Message::Replicate; both start with `batch`.
+    const EVENTS: u32 = 3;
+    const REPLICATE: u32 = 12;
+    let ((variant, batch), _) =
+        bincode::serde::decode_from_slice::<(u32, u64), _>(frame, config()).ok()?;
+    (variant == EVENTS || variant == REPLICATE).then_some(batch)
+}
+
+/// A frame that arrived whole but could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BadFrame {
+    pub error: CodecError,
+    /// The batch id, when the frame was an `Events` or `Replicate` message.
+    pub batch: Option<u64>,
+}
+
 impl Decoder for MessageCodec {
-    type Item = Message;
+    type Item = Result<Message, BadFrame>;
     type Error = CodecError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
-            Ok(Some(frame)) => from_bytes(&frame).map(Some),
+            Ok(Some(frame)) => Ok(Some(from_bytes(&frame).map_err(|error| BadFrame {
+                error,
+                batch: peek_batch(&frame),
+            }))),
             Ok(None) => Ok(None),
             Err(e)
                 if e.get_ref().is_some_and(|inner| {
@@ -195,8 +221,8 @@ mod tests {
         buf: &mut BytesMut,
     ) -> Result<Vec<Message>, CodecError> {
         let mut out = Vec::new();
-        while let Some(msg) = codec.decode(buf)? {
-            out.push(msg);
+        while let Some(item) = codec.decode(buf)? {
+            out.push(item.map_err(|bad| bad.error)?);
         }
         Ok(out)
     }
@@ -259,11 +285,16 @@ mod tests {
         frame.put_u8(0);
         let len = (frame.len() - LENGTH_FIELD) as u32;
         frame[..4].copy_from_slice(&len.to_be_bytes());
-        let err = MessageCodec::default().decode(&mut frame).unwrap_err();
+        let bad = MessageCodec::default()
+            .decode(&mut frame)
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
         assert!(
-            matches!(err, CodecError::TrailingBytes { extra: 1 }),
-            "{err}"
+            matches!(bad.error, CodecError::TrailingBytes { extra: 1 }),
+            "{bad}"
         );
+        assert!(frame.is_empty(), "the bad frame is consumed, the stream stays in step");
     }
 
     #[test]
@@ -286,8 +317,13 @@ mod tests {
         // The severity byte of this message is the only 5 in it; make it 9.
         let pos = frame.iter().rposition(|&b| b == 5).unwrap();
         frame[pos] = 9;
-        let err = MessageCodec::default().decode(&mut frame).unwrap_err();
-        assert!(err.to_string().contains("out of range"), "{err}");
+        frame.extend_from_slice(&encode(&Message::Ping { nonce: 3 }));
+        let mut codec = MessageCodec::default();
+        let bad = codec.decode(&mut frame).unwrap().unwrap().unwrap_err();
+        assert!(bad.to_string().contains("severity 9 is out of range"), "{bad}");
+        assert_eq!(bad.batch, Some(1), "the refusal can name the batch");
+        let next = codec.decode(&mut frame).unwrap().unwrap().unwrap();
+        assert_eq!(next, Message::Ping { nonce: 3 }, "the next frame still decodes");
     }
 
     proptest! {

@@ -6,6 +6,7 @@
 //! order it sees the events in (G3).
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,12 +19,14 @@ use crate::alert::{AlertFields, Millis, Severity};
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Origin {
-    pub name: String,
+    /// Shared: every event and version of one writer points at the same name.
+    #[cfg_attr(test, proptest(strategy = "\"[a-z0-9_-]{0,12}\".prop_map(Arc::from)"))]
+    pub name: Arc<str>,
     pub epoch: u64,
 }
 
 impl Origin {
-    pub fn new(name: impl Into<String>, epoch: u64) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, epoch: u64) -> Self {
         Origin {
             name: name.into(),
             epoch,
@@ -128,6 +131,9 @@ pub enum EventBody {
         seen: Option<Vec<OriginCount>>,
     },
 }
+
+#[cfg(test)]
+use proptest::strategy::Strategy as _;
 
 #[cfg(test)]
 mod tests {

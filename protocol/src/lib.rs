@@ -15,7 +15,7 @@ pub mod message;
 pub mod state;
 
 pub use alert::{Alert, AlertFields, JournalEntry, Kind, Millis, Severity, SeverityOutOfRange};
-pub use codec::{CodecError, DEFAULT_MAX_FRAME, MessageCodec};
+pub use codec::{BadFrame, CodecError, DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, MessageCodec};
 pub use event::{Event, EventBody, Origin, OriginCount, Version};
 pub use message::{
     ClientKind, Directive, Hello, Message, PROTOCOL_VERSION, Query, RejectReason, Role, SortKey,

@@ -1,0 +1,1 @@
+//! Operator queries: filter expressions, sort keys and limits over alerts.
