@@ -7,19 +7,23 @@
 
 mod args;
 mod logging;
+mod operator;
+mod runtime;
+mod store_cmd;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
 use tandem_config::{ConfigError, PairFile};
+use tandem_protocol::EventBody;
 
 use args::{Cli, Command, Global, ProbeCommand};
 
 /// A mistake in the command line that clap cannot see (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,6 +52,14 @@ fn not_built(command: &str) -> Result<()> {
     anyhow::bail!("`tandem {command}` is not built yet in this version")
 }
 
+fn act(global: &Global, name: Option<&str>, body: EventBody, verb: &str, id: &str) -> Result<()> {
+    let pair = load(global)?;
+    pair.select_store(name)?;
+    let store = runtime::runtime()?.block_on(operator::act(&pair, name, body))?;
+    println!("{verb} {id:?} on {store}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let global = &cli.global;
     match &cli.command {
@@ -55,11 +67,7 @@ fn run(cli: Cli) -> Result<()> {
             load(global)?;
             not_built("up")
         }
-        Command::Store(args) => {
-            let pair = load(global)?;
-            pair.select_store(args.name.as_deref())?;
-            not_built("store")
-        }
+        Command::Store(args) => store_cmd::run(&load(global)?, global, args.name.as_deref()),
         Command::Proxy(args) => {
             let pair = load(global)?;
             pair.select_proxy(args.name.as_deref())?;
@@ -84,8 +92,16 @@ fn run(cli: Cli) -> Result<()> {
             not_built("send")
         }
         Command::Alerts(args) => {
-            load(global)?.select_store(args.name.as_deref())?;
-            not_built("alerts")
+            let pair = load(global)?;
+            pair.select_store(args.name.as_deref())?;
+            let query =
+                operator::build_query(args.filter.as_deref(), args.sort.as_deref(), args.limit)?;
+            let (alerts, total) = runtime::runtime()?.block_on(operator::query(
+                &pair,
+                args.name.as_deref(),
+                query,
+            ))?;
+            operator::print_alerts(&alerts, total, args.json)
         }
         Command::Status(_) => {
             load(global)?;
@@ -96,16 +112,44 @@ fn run(cli: Cli) -> Result<()> {
             not_built("failback")
         }
         Command::Ack(args) => {
-            load(global)?.select_store(args.name.as_deref())?;
-            not_built("ack")
+            let body = EventBody::Acknowledge {
+                identifier: args.identifier.clone(),
+                acknowledged: !args.undo,
+                user: operator::user_or(args.user.as_ref()),
+            };
+            let verb = if args.undo {
+                "unacknowledged"
+            } else {
+                "acknowledged"
+            };
+            act(global, args.name.as_deref(), body, verb, &args.identifier)
         }
         Command::Delete(args) => {
-            load(global)?.select_store(args.name.as_deref())?;
-            not_built("delete")
+            let body = EventBody::Delete {
+                identifier: args.identifier.clone(),
+                seen: None,
+            };
+            act(
+                global,
+                args.name.as_deref(),
+                body,
+                "deleted",
+                &args.identifier,
+            )
         }
         Command::Journal(args) => {
-            load(global)?.select_store(args.name.as_deref())?;
-            not_built("journal")
+            let body = EventBody::Journal {
+                identifier: args.identifier.clone(),
+                user: operator::user_or(args.user.as_ref()),
+                text: args.text.clone(),
+            };
+            act(
+                global,
+                args.name.as_deref(),
+                body,
+                "journalled",
+                &args.identifier,
+            )
         }
         Command::Bench(args) => {
             if args.probes == 0 || args.identifiers == 0 {

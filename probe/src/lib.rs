@@ -1,5 +1,10 @@
 //! The probe client library and the ingestion front ends.
 //!
-//! Built by the probe issue; this crate is a placeholder so the workspace has its final shape.
+//! [`connection`] is one framed, handshaken link to a tandem server, used by probes, operator
+//! commands and tests alike.
 
 #![forbid(unsafe_code)]
+
+pub mod connection;
+
+pub use connection::{ClientError, Connection};

@@ -294,7 +294,10 @@ mod tests {
             matches!(bad.error, CodecError::TrailingBytes { extra: 1 }),
             "{bad}"
         );
-        assert!(frame.is_empty(), "the bad frame is consumed, the stream stays in step");
+        assert!(
+            frame.is_empty(),
+            "the bad frame is consumed, the stream stays in step"
+        );
     }
 
     #[test]
@@ -320,10 +323,17 @@ mod tests {
         frame.extend_from_slice(&encode(&Message::Ping { nonce: 3 }));
         let mut codec = MessageCodec::default();
         let bad = codec.decode(&mut frame).unwrap().unwrap().unwrap_err();
-        assert!(bad.to_string().contains("severity 9 is out of range"), "{bad}");
+        assert!(
+            bad.to_string().contains("severity 9 is out of range"),
+            "{bad}"
+        );
         assert_eq!(bad.batch, Some(1), "the refusal can name the batch");
         let next = codec.decode(&mut frame).unwrap().unwrap().unwrap();
-        assert_eq!(next, Message::Ping { nonce: 3 }, "the next frame still decodes");
+        assert_eq!(
+            next,
+            Message::Ping { nonce: 3 },
+            "the next frame still decodes"
+        );
     }
 
     proptest! {

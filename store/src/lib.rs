@@ -1,5 +1,180 @@
 //! The aggregation store: the durable, deduplicating alert table of one member of the pair.
+//!
+//! # Invariants
+//!
+//! - **Durable before acknowledged.** An `Ack` leaves only after the group commit holding the
+//!   batch was written in one fjall batch and synced (`PersistMode::SyncAll`). A crash at any
+//!   point loses only work nobody was told about.
+//! - **One batch, one truth.** The changed alert rows, the new change-log entries, the applied
+//!   sequence ranges of every origin involved, the generic-clear versions, replication cursors
+//!   and counters are written in the same batch, so after a crash they agree: an event is in the
+//!   applied set if and only if its effect is in the rows and its entry is in the log.
+//! - **Exactly once.** The applied set of an origin holds every `seq` this store has folded
+//!   (from a probe, an operator, itself or the gateway). An event found there is acknowledged as
+//!   a duplicate and changes nothing; each distinct event is folded once.
+//! - **Order does not matter.** The fold ([`fold`]) is commutative, so the table depends only
+//!   on the set of events applied, never on their order (G3).
+//! - **The log.** Every applied event gets the next LSN; LSNs are never reused. Subscribers see
+//!   only entries at or below the durable head. Entries are retained up to a cap
+//!   ([`engine::DEFAULT_LOG_RETENTION`]); a subscriber asking for a trimmed LSN is told so
+//!   (`LogTrimmed`) and needs a full resync.
+//! - **Housekeeping** (expiry, deletion of clear alerts) runs only while this store is acting
+//!   primary, and its changes are events with this store's own origin.
 
 #![forbid(unsafe_code)]
 
+pub mod db;
+pub mod engine;
+pub mod fold;
+pub mod housekeeping;
+pub mod http;
 pub mod query;
+pub mod server;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tandem_protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a store could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the data directory {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: db::DbError,
+    },
+    #[error("cannot listen on {addr} ({what}): {source} (is another process using it?)")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything a store needs to run, resolved from the pair file.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub name: String,
+    pub role: Role,
+    pub listen: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub data_path: PathBuf,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub clear_delete_after: Duration,
+    pub housekeeping: bool,
+    pub housekeeping_interval: Duration,
+    pub log_retention: u64,
+}
+
+/// Runs a store until `shutdown` is cancelled; `ready` is called with the bound addresses.
+pub async fn run(
+    options: StoreOptions,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+) -> Result<(), StoreError> {
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| StoreError::Bind {
+            addr: options.listen,
+            what: "listen",
+            source,
+        })?;
+    let http_listener = match options.http {
+        Some(addr) => Some(http::bind(addr).await.map_err(|source| StoreError::Bind {
+            addr,
+            what: "http",
+            source,
+        })?),
+        None => None,
+    };
+    let path = options.data_path.clone();
+    let name = options.name.clone();
+    let retention = options.log_retention;
+    let (shared, tx, commit_thread) =
+        tokio::task::spawn_blocking(move || engine::start(&name, &path, 4096, retention))
+            .await
+            .map_err(|e| StoreError::Open {
+                path: options.data_path.display().to_string(),
+                source: db::DbError::Engine(fjall::Error::Io(std::io::Error::other(e.to_string()))),
+            })?
+            .map_err(|source| StoreError::Open {
+                path: options.data_path.display().to_string(),
+                source,
+            })?;
+
+    // Until the pair's heartbeat exists, the primary is acting primary and the backup is not.
+    shared
+        .acting_primary
+        .store(options.role == Role::Primary, Ordering::Relaxed);
+
+    let local = listener.local_addr().unwrap_or(options.listen);
+    let http_local = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    ready(local, http_local);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = http_listener {
+        let role = options.role.name();
+        tasks.spawn(http::serve(
+            l,
+            shared.clone(),
+            role,
+            metrics,
+            shutdown.child_token(),
+        ));
+    }
+    if options.housekeeping {
+        let (s, t, every, after, stop) = (
+            shared.clone(),
+            tx.clone(),
+            options.housekeeping_interval,
+            options.clear_delete_after,
+            shutdown.child_token(),
+        );
+        tasks.spawn(async move {
+            housekeeping::run(s, t, every, after, stop).await;
+            Ok(())
+        });
+    }
+    let server_options = server::ServerOptions {
+        role: options.role,
+        max_frame: options.max_frame,
+        max_connections: options.max_connections,
+    };
+    server::serve(
+        listener,
+        shared.clone(),
+        tx.clone(),
+        server_options,
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "ops endpoint stopped with an error");
+        }
+    }
+    // The last sender goes; the commit thread finishes what it has and stops.
+    drop(tx);
+    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    tracing::info!(store = %shared.name, "stopped");
+    Ok(())
+}

@@ -168,3 +168,121 @@ pub fn wait_output(mut proc: Proc, limit: Duration) -> Output {
         .wait_with_output()
         .expect("output of a finished child")
 }
+
+/// Talking to a store with the protocol client, as probes will.
+pub mod client {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use tandem_probe::Connection;
+    use tandem_protocol::{
+        Alert, AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin,
+        Query, Severity,
+    };
+
+    /// Connects, retrying until `limit` (the store may be starting).
+    pub async fn connect(addr: SocketAddr, limit: Duration) -> Connection {
+        let deadline = Instant::now() + limit;
+        loop {
+            match Connection::connect(
+                addr,
+                ClientKind::Probe,
+                "itest",
+                DEFAULT_MAX_FRAME,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(conn) => return conn,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no connection to {addr} within {limit:?}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// An occurrence of `identifier` numbered `seq` by `origin`.
+    pub fn occurrence(origin: &Origin, seq: u64, identifier: String) -> Event {
+        Event {
+            origin: origin.clone(),
+            seq,
+            time: 1_700_000_000_000 + seq as i64,
+            body: EventBody::Occurrence(AlertFields {
+                summary: format!("occurrence {seq} of {identifier}"),
+                node: "node".into(),
+                severity: Severity::MAJOR,
+                identifier,
+                ..AlertFields::default()
+            }),
+        }
+    }
+
+    /// Sends `events` in batches (pausing `pace` after each acknowledgement), reconnecting and
+    /// resending whatever was not acknowledged, until all are acknowledged. `on_ack` sees each
+    /// acknowledged batch as it happens.
+    pub async fn send_reliably(
+        addr: SocketAddr,
+        events: &[Event],
+        batch: usize,
+        pace: Duration,
+        limit: Duration,
+        mut on_ack: impl FnMut(&[Event]),
+    ) {
+        let deadline = Instant::now() + limit;
+        let mut conn: Option<Connection> = None;
+        let mut next = 0;
+        let mut batch_id = 0u64;
+        while next < events.len() {
+            assert!(
+                Instant::now() < deadline,
+                "events not delivered within {limit:?}"
+            );
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => conn.insert(connect(addr, deadline - Instant::now()).await),
+            };
+            let chunk = &events[next..(next + batch).min(events.len())];
+            batch_id += 1;
+            let msg = Message::Events {
+                batch: batch_id,
+                events: chunk.to_vec(),
+            };
+            match c.request(&msg, Duration::from_secs(10)).await {
+                Ok(Message::Ack { batch: b, .. }) if b == batch_id => {
+                    on_ack(chunk);
+                    next += chunk.len();
+                    if !pace.is_zero() {
+                        tokio::time::sleep(pace).await;
+                    }
+                }
+                Ok(other) => panic!("unexpected answer to a batch: {other:?}"),
+                Err(_) => conn = None,
+            }
+        }
+    }
+
+    /// Every alert of the store.
+    pub async fn alerts(addr: SocketAddr) -> Vec<Alert> {
+        let mut c = connect(addr, Duration::from_secs(30)).await;
+        match c
+            .request(&Message::Query(Query::default()), Duration::from_secs(30))
+            .await
+        {
+            Ok(Message::Alerts { alerts, .. }) => alerts,
+            other => panic!("query failed: {other:?}"),
+        }
+    }
+
+    /// identifier → tally.
+    pub fn tallies(alerts: &[Alert]) -> HashMap<String, u64> {
+        alerts
+            .iter()
+            .map(|a| (a.identifier.clone(), a.tally))
+            .collect()
+    }
+}

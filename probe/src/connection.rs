@@ -1,0 +1,150 @@
+//! One link to a tandem server: connect, handshake, then send and receive messages.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tandem_protocol::{
+    ClientKind, CodecError, Hello, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome,
+};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// Why a link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} refused the connection ({reason:?}): {message}")]
+    Rejected {
+        addr: SocketAddr,
+        reason: RejectReason,
+        message: String,
+    },
+    #[error("{addr} closed the connection")]
+    Closed { addr: SocketAddr },
+    #[error("{addr} sent a frame that does not decode: {message}")]
+    BadFrame { addr: SocketAddr, message: String },
+    #[error("{addr}: {source}")]
+    Codec {
+        addr: SocketAddr,
+        #[source]
+        source: CodecError,
+    },
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("{addr} answered the handshake with {got} instead of Welcome")]
+    Handshake { addr: SocketAddr, got: &'static str },
+}
+
+pub struct Connection {
+    framed: Framed<TcpStream, MessageCodec>,
+    addr: SocketAddr,
+    pub welcome: Welcome,
+}
+
+impl Connection {
+    /// Connects and handshakes, giving up after `timeout`.
+    pub async fn connect(
+        addr: SocketAddr,
+        kind: ClientKind,
+        name: &str,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let attempt = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ClientError::Connect { addr, source })?;
+            let _ = stream.set_nodelay(true);
+            let mut framed = Framed::new(stream, MessageCodec::new(max_frame));
+            let hello = Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                kind,
+                name: name.to_string(),
+            });
+            framed
+                .send(&hello)
+                .await
+                .map_err(|source| ClientError::Codec { addr, source })?;
+            let mut conn = Connection {
+                framed,
+                addr,
+                welcome: Welcome {
+                    version: 0,
+                    name: String::new(),
+                    role: tandem_protocol::Role::Primary,
+                    acting_primary: false,
+                    resynced: false,
+                },
+            };
+            match conn.recv().await? {
+                Message::Welcome(welcome) => {
+                    conn.welcome = welcome;
+                    Ok(conn)
+                }
+                Message::Reject { reason, message } => Err(ClientError::Rejected {
+                    addr,
+                    reason,
+                    message,
+                }),
+                other => Err(ClientError::Handshake {
+                    addr,
+                    got: other.name(),
+                }),
+            }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr,
+                after: timeout,
+            })?
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        let addr = self.addr;
+        self.framed
+            .send(msg)
+            .await
+            .map_err(|source| ClientError::Codec { addr, source })
+    }
+
+    /// The next message; a frame that does not decode is an error.
+    pub async fn recv(&mut self) -> Result<Message, ClientError> {
+        let addr = self.addr;
+        match self.framed.next().await {
+            None => Err(ClientError::Closed { addr }),
+            Some(Err(source)) => Err(ClientError::Codec { addr, source }),
+            Some(Ok(Err(bad))) => Err(ClientError::BadFrame {
+                addr,
+                message: bad.to_string(),
+            }),
+            Some(Ok(Ok(msg))) => Ok(msg),
+        }
+    }
+
+    /// Sends `msg` and waits up to `timeout` for the next message.
+    pub async fn request(
+        &mut self,
+        msg: &Message,
+        timeout: Duration,
+    ) -> Result<Message, ClientError> {
+        self.send(msg).await?;
+        let addr = self.addr;
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr,
+                after: timeout,
+            })?
+    }
+}

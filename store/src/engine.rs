@@ -1,0 +1,341 @@
+//! Group commit: one thread applies events from every connection in batches, makes each batch
+//! durable with one sync, then acknowledges.
+//!
+//! Connections hand their work to the commit thread over a bounded channel (backpressure: a
+//! full channel stops their readers). The thread takes everything that is waiting, up to
+//! [`MAX_GROUP_EVENTS`], applies it to the in-memory table, writes the changed records and the
+//! new log entries in one fjall batch, syncs, publishes the new durable head LSN and only then
+//! answers. Queries read the table under a read lock and may see a group a moment before it is
+//! durable; acknowledgements and change-log subscribers never do.
+//!
+//! A failed write or sync leaves memory ahead of disk, which no later commit can repair; the
+//! process exits and its restart reloads the last durable state, which every acknowledgement
+//! already covered.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tandem_protocol::message::LogEntry;
+use tandem_protocol::{Event, EventBody, Origin};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::db::{Db, DbError, Meta};
+use crate::table::{self, Changes, Outcome, Table};
+
+/// Most events applied in one group commit.
+pub const MAX_GROUP_EVENTS: usize = 16_384;
+
+/// Most events one request may carry.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// How many log entries a store retains at most; a peer further behind needs a full resync.
+pub const DEFAULT_LOG_RETENTION: u64 = 2_000_000;
+
+/// Log entries removed per commit at most, so trimming never makes one commit slow.
+const TRIM_PER_COMMIT: u64 = 8_192;
+
+/// The answer to a batch of events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ack { applied: u32, duplicates: u32 },
+    Refused { index: u32, reason: String },
+}
+
+/// Work for the commit thread.
+pub enum Request {
+    /// Events from a probe, proxy or operator.
+    Events {
+        events: Vec<Event>,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A peer's log entries, applied together with the new cursor for that peer.
+    Replicate {
+        peer: String,
+        cursor: u64,
+        entries: Vec<LogEntry>,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// Changes this store makes itself (expiry, deletion of clear alerts), numbered with its
+    /// own origin.
+    Housekeeping { bodies: Vec<EventBody> },
+}
+
+impl Request {
+    fn len(&self) -> usize {
+        match self {
+            Request::Events { events, .. } => events.len(),
+            Request::Replicate { entries, .. } => entries.len(),
+            Request::Housekeeping { bodies } => bodies.len(),
+        }
+    }
+}
+
+/// What connections, the HTTP endpoints and housekeeping share with the commit thread.
+pub struct Shared {
+    pub name: String,
+    pub table: RwLock<Table>,
+    pub db: Db,
+    /// The LSN of the newest durable log entry.
+    pub head: watch::Sender<u64>,
+    pub first_lsn: AtomicU64,
+    pub acting_primary: AtomicBool,
+    pub resynced: AtomicBool,
+    pub loaded: AtomicBool,
+    pub epoch: u64,
+    pub events_applied: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+impl Shared {
+    /// The alerts that exist now.
+    pub fn alert_count(&self) -> u64 {
+        self.table.read().map(|t| t.alive()).unwrap_or(0)
+    }
+
+    pub fn head_lsn(&self) -> u64 {
+        *self.head.borrow()
+    }
+}
+
+/// A running engine: what connections share, the queue to the commit thread, and the thread.
+pub type Started = (
+    Arc<Shared>,
+    mpsc::Sender<Request>,
+    std::thread::JoinHandle<()>,
+);
+
+/// Opens the data directory, loads the table and starts the commit thread.
+pub fn start(
+    name: &str,
+    path: &Path,
+    queue: usize,
+    log_retention: u64,
+) -> Result<Started, DbError> {
+    std::fs::create_dir_all(path).map_err(|e| DbError::Engine(fjall::Error::Io(e)))?;
+    let db = Db::open(path)?;
+    let mut table = Table::new(name);
+    let started = Instant::now();
+    let new_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let meta = db.load(&mut table, new_epoch)?;
+    tracing::info!(
+        store = name,
+        alerts = table.alive(),
+        head_lsn = meta.head_lsn,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "loaded the alert table"
+    );
+    let (head, _) = watch::channel(meta.head_lsn);
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        table: RwLock::new(table),
+        db,
+        head,
+        first_lsn: AtomicU64::new(meta.first_lsn),
+        acting_primary: AtomicBool::new(false),
+        resynced: AtomicBool::new(false),
+        loaded: AtomicBool::new(true),
+        epoch: meta.epoch,
+        events_applied: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+    });
+    let (tx, rx) = mpsc::channel(queue);
+    let thread_shared = shared.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("{name}-commit"))
+        .spawn(move || commit_loop(thread_shared, rx, meta, log_retention))
+        .map_err(|e| DbError::Engine(fjall::Error::Io(e)))?;
+    Ok((shared, tx, handle))
+}
+
+/// Checks a whole request before any of it is applied: a batch is taken whole or not at all.
+fn check(events: &[Event]) -> Result<(), (u32, String)> {
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err((
+            0,
+            format!(
+                "the batch has {} events; the limit is {MAX_BATCH_EVENTS}: send smaller batches",
+                events.len()
+            ),
+        ));
+    }
+    for (i, event) in events.iter().enumerate() {
+        table::validate(event).map_err(|reason| (i as u32, reason))?;
+    }
+    Ok(())
+}
+
+fn commit_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Request>,
+    mut meta: Meta,
+    log_retention: u64,
+) {
+    let own_origin = Origin::new(format!("{}/housekeeping", shared.name), meta.epoch);
+    let mut changes = Changes::default();
+    let mut log: Vec<LogEntry> = Vec::new();
+    let mut group: Vec<Request> = Vec::new();
+    let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
+    let mut cursors: Vec<(String, u64)> = Vec::new();
+
+    while let Some(first) = rx.blocking_recv() {
+        let mut events = first.len();
+        group.push(first);
+        while events < MAX_GROUP_EVENTS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    events += req.len();
+                    group.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let (mut applied_total, mut dup_total) = (0u64, 0u64);
+        {
+            let Ok(mut table) = shared.table.write() else {
+                tracing::error!("the alert table lock is poisoned; stopping");
+                std::process::exit(1);
+            };
+            for req in group.drain(..) {
+                match req {
+                    Request::Events { mut events, reply } => {
+                        if let Err((index, reason)) = check(&events) {
+                            replies.push((reply, Reply::Refused { index, reason }));
+                            continue;
+                        }
+                        let (mut applied, mut duplicates) = (0u32, 0u32);
+                        for event in &mut events {
+                            table.resolve_delete(event);
+                        }
+                        for event in events {
+                            match table.apply(&event, None, &mut changes) {
+                                Outcome::Applied => {
+                                    applied += 1;
+                                    meta.head_lsn += 1;
+                                    let serial =
+                                        table.row(event.identifier()).map_or(0, |r| r.serial);
+                                    log.push(LogEntry {
+                                        lsn: meta.head_lsn,
+                                        source: shared.name.clone(),
+                                        source_serial: serial,
+                                        event,
+                                    });
+                                }
+                                Outcome::Duplicate => duplicates += 1,
+                            }
+                        }
+                        applied_total += u64::from(applied);
+                        dup_total += u64::from(duplicates);
+                        replies.push((
+                            reply,
+                            Reply::Ack {
+                                applied,
+                                duplicates,
+                            },
+                        ));
+                    }
+                    Request::Replicate {
+                        peer,
+                        cursor,
+                        entries,
+                        reply,
+                    } => {
+                        let events: Vec<Event> = entries.iter().map(|e| e.event.clone()).collect();
+                        if let Err((index, reason)) = check(&events) {
+                            replies.push((reply, Reply::Refused { index, reason }));
+                            continue;
+                        }
+                        let (mut applied, mut duplicates) = (0u32, 0u32);
+                        for entry in entries {
+                            let source = Some((entry.source.as_str(), entry.source_serial));
+                            match table.apply(&entry.event, source, &mut changes) {
+                                Outcome::Applied => {
+                                    applied += 1;
+                                    meta.head_lsn += 1;
+                                    log.push(LogEntry {
+                                        lsn: meta.head_lsn,
+                                        ..entry
+                                    });
+                                }
+                                Outcome::Duplicate => duplicates += 1,
+                            }
+                        }
+                        applied_total += u64::from(applied);
+                        dup_total += u64::from(duplicates);
+                        cursors.retain(|(p, _)| *p != peer);
+                        cursors.push((peer, cursor));
+                        replies.push((
+                            reply,
+                            Reply::Ack {
+                                applied,
+                                duplicates,
+                            },
+                        ));
+                    }
+                    Request::Housekeeping { bodies } => {
+                        let now = crate::now_ms();
+                        for body in bodies {
+                            meta.housekeeping_seq += 1;
+                            let mut event = Event {
+                                origin: own_origin.clone(),
+                                seq: meta.housekeeping_seq,
+                                time: now,
+                                body,
+                            };
+                            table.resolve_delete(&mut event);
+                            if table.apply(&event, None, &mut changes) == Outcome::Applied {
+                                applied_total += 1;
+                                meta.head_lsn += 1;
+                                let serial = table.row(event.identifier()).map_or(0, |r| r.serial);
+                                log.push(LogEntry {
+                                    lsn: meta.head_lsn,
+                                    source: shared.name.clone(),
+                                    source_serial: serial,
+                                    event,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            meta.next_serial = table.next_serial();
+            let retained = meta.head_lsn.saturating_sub(meta.first_lsn) + 1;
+            let trim_start = meta.first_lsn;
+            if retained > log_retention {
+                let excess = (retained - log_retention).min(TRIM_PER_COMMIT);
+                meta.first_lsn += excess;
+            }
+            let trim = trim_start..meta.first_lsn;
+            if let Err(e) = shared
+                .db
+                .commit(&table, &changes, &log, &meta, &cursors, trim)
+            {
+                tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
+                std::process::exit(1);
+            }
+        }
+        metrics::histogram!("tandem_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tandem_store_batch_events").record(events as f64);
+        metrics::counter!("tandem_store_events_applied_total").increment(applied_total);
+        metrics::counter!("tandem_store_duplicates_total").increment(dup_total);
+        shared
+            .events_applied
+            .fetch_add(applied_total, Ordering::Relaxed);
+        shared.duplicates.fetch_add(dup_total, Ordering::Relaxed);
+        shared.first_lsn.store(meta.first_lsn, Ordering::Relaxed);
+        shared.head.send_replace(meta.head_lsn);
+        for (reply, answer) in replies.drain(..) {
+            // A connection that went away no longer wants its answer; the events are durable.
+            let _ = reply.send(answer);
+        }
+        changes.clear();
+        log.clear();
+        cursors.clear();
+    }
+    tracing::debug!("commit thread stopped: every sender is gone");
+}

@@ -1,0 +1,297 @@
+//! The fold: how one event changes one alert's state, independent of arrival order.
+//!
+//! Every rule here is commutative and idempotent-free by construction (exactly-once is the
+//! table's job), so two stores that fold the same set of events in any order hold the same
+//! state (G3):
+//! - fields set by several kinds of event (severity, acknowledgement, owner, the newest
+//!   occurrence's fields) keep the value written by the highest [`Version`];
+//! - the tally is a per-origin count of occurrence events; a delete records, per origin, the
+//!   counts it saw, and deletes combine by maximum, so occurrences a delete did not see keep the
+//!   alert alive;
+//! - first and last occurrence are the minimum and maximum occurrence time, state change the
+//!   latest event time; journal entries form a sorted set;
+//! - where the alert was first inserted is the occurrence with the lowest version.
+//!
+//! Generic clear assumes what every probe rule produces: an identifier's node, alert key, alert
+//! group, manager and kind do not change between its occurrences (they are what the identifier
+//! is made of). An identifier that changes them converges in all but `state_change`.
+
+use std::sync::Arc;
+
+use tandem_protocol::{
+    Alert, AlertFields, AlertState, EventBody, JournalEntry, Kind, Millis, Origin, OriginCount,
+    Severity, Version, Versioned,
+};
+
+/// Keeps `value` if `version` beats the one `slot` holds.
+pub fn propose<T>(slot: &mut Versioned<T>, value: T, version: &Version) -> bool {
+    if *version > slot.version {
+        slot.value = value;
+        slot.version = version.clone();
+        true
+    } else {
+        false
+    }
+}
+
+fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
+    match counts.iter_mut().find(|c| c.origin == *origin) {
+        Some(c) => c.count += by,
+        None => counts.push(OriginCount {
+            origin: origin.clone(),
+            count: by,
+        }),
+    }
+}
+
+fn raise(counts: &mut Vec<OriginCount>, origin: &Origin, to: u64) {
+    match counts.iter_mut().find(|c| c.origin == *origin) {
+        Some(c) => c.count = c.count.max(to),
+        None => counts.push(OriginCount {
+            origin: origin.clone(),
+            count: to,
+        }),
+    }
+}
+
+/// Occurrences not removed by a delete: the alert's tally; zero means the alert is gone.
+pub fn tally(state: &AlertState) -> u64 {
+    state
+        .occurrences
+        .iter()
+        .map(|occ| {
+            let deleted = state
+                .deleted
+                .iter()
+                .find(|d| d.origin == occ.origin)
+                .map_or(0, |d| d.count);
+            occ.count.saturating_sub(deleted)
+        })
+        .sum()
+}
+
+pub fn is_alive(state: &AlertState) -> bool {
+    tally(state) > 0
+}
+
+/// The key a resolution clears by: node, alert key, alert group and manager.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClearKey(Arc<str>);
+
+impl ClearKey {
+    pub fn of(fields: &AlertFields) -> ClearKey {
+        // \u{1f} (unit separator) cannot be confused with text in any of the four fields.
+        let key = format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            fields.node, fields.alert_key, fields.alert_group, fields.manager
+        );
+        ClearKey(key.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> ClearKey {
+        ClearKey(String::from_utf8_lossy(bytes).into())
+    }
+}
+
+/// Folds an occurrence into `state`. `inserted_at` is where this event entered the pair (the
+/// store name and the alert's serial there), a candidate for `server_name`/`server_serial`.
+pub fn occurrence(
+    state: &mut AlertState,
+    fields: &AlertFields,
+    version: &Version,
+    inserted_at: (&str, u64),
+) {
+    let first_ever = state.occurrences.is_empty();
+    bump(&mut state.occurrences, &version.origin, 1);
+    let time = version.time;
+    if first_ever {
+        state.first_occurrence = time;
+        state.last_occurrence = time;
+    } else {
+        state.first_occurrence = state.first_occurrence.min(time);
+        state.last_occurrence = state.last_occurrence.max(time);
+    }
+    touch(state, time);
+    let severity = if fields.kind == Kind::Resolution {
+        Severity::CLEAR
+    } else {
+        fields.severity
+    };
+    propose(&mut state.severity, severity, version);
+    propose(&mut state.latest, fields.clone(), version);
+    merge_inserted(state, version, inserted_at);
+}
+
+/// Offers `(store, serial)` as where the alert was first inserted. Also called for an
+/// occurrence that is a duplicate here: when a probe's resend reached both stores directly,
+/// each recorded itself, and only this merge makes them agree.
+pub fn merge_inserted(state: &mut AlertState, version: &Version, inserted_at: (&str, u64)) {
+    let (name, serial) = inserted_at;
+    let unset = state.inserted.value.0.is_empty();
+    let wins = unset
+        || *version < state.inserted.version
+        || (*version == state.inserted.version && name < state.inserted.value.0.as_str());
+    if wins {
+        state.inserted = Versioned {
+            value: (name.to_string(), serial),
+            version: version.clone(),
+        };
+    }
+}
+
+/// A resolution with version `clear` reached this alert by its clear key.
+///
+/// The state change moves to the resolution's time even when a newer write keeps the
+/// severity: whether the clear "changed" anything depends on arrival order, its time does not.
+pub fn generic_clear(state: &mut AlertState, clear: &Version) -> bool {
+    if state.latest.value.kind != Kind::Problem {
+        return false;
+    }
+    touch(state, clear.time);
+    propose(&mut state.severity, Severity::CLEAR, clear)
+}
+
+fn touch(state: &mut AlertState, time: Millis) {
+    state.state_change = state.state_change.max(time);
+}
+
+/// Folds an event that is not an occurrence.
+pub fn action(state: &mut AlertState, body: &EventBody, version: &Version) {
+    match body {
+        EventBody::Occurrence(_) => {}
+        EventBody::Acknowledge { acknowledged, .. } => {
+            propose(&mut state.acknowledged, *acknowledged, version);
+        }
+        EventBody::SetOwner { owner, .. } => {
+            propose(&mut state.owner, owner.clone(), version);
+        }
+        EventBody::SetSeverity { severity, .. } => {
+            propose(&mut state.severity, *severity, version);
+        }
+        EventBody::Journal { user, text, .. } => {
+            let entry = JournalEntry {
+                time: version.time,
+                user: user.clone(),
+                text: text.clone(),
+            };
+            if let Err(at) = state.journal.binary_search(&entry) {
+                state.journal.insert(at, entry);
+            }
+        }
+        EventBody::Expire { .. } => {
+            propose(&mut state.severity, Severity::CLEAR, version);
+        }
+        EventBody::Delete { seen, .. } => {
+            for count in seen.iter().flatten() {
+                raise(&mut state.deleted, &count.origin, count.count);
+            }
+        }
+    }
+    touch(state, version.time);
+}
+
+/// The operator's view of an alert.
+pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
+    let f = &state.latest.value;
+    Alert {
+        identifier: identifier.to_string(),
+        serial,
+        server_name: state.inserted.value.0.clone(),
+        server_serial: state.inserted.value.1,
+        node: f.node.clone(),
+        node_alias: f.node_alias.clone(),
+        manager: f.manager.clone(),
+        agent: f.agent.clone(),
+        alert_group: f.alert_group.clone(),
+        alert_key: f.alert_key.clone(),
+        summary: f.summary.clone(),
+        class: f.class.clone(),
+        kind: f.kind,
+        severity: state.severity.value,
+        first_occurrence: state.first_occurrence,
+        last_occurrence: state.last_occurrence,
+        state_change: state.state_change,
+        tally: tally(state),
+        acknowledged: state.acknowledged.value,
+        owner: state.owner.value.clone(),
+        expire_seconds: f.expire_seconds,
+        extra: f.extra.clone(),
+        journal: state.journal.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(time: Millis, seq: u64) -> Version {
+        Version {
+            time,
+            origin: Origin::new("p", 1),
+            seq,
+        }
+    }
+
+    fn fields(severity: u8, summary: &str) -> AlertFields {
+        AlertFields {
+            identifier: "a".into(),
+            summary: summary.into(),
+            severity: Severity::new(severity).unwrap(),
+            ..AlertFields::default()
+        }
+    }
+
+    #[test]
+    fn a_late_occurrence_counts_but_does_not_overwrite() {
+        let mut s = AlertState::default();
+        occurrence(&mut s, &fields(5, "new"), &v(20, 2), ("AGG_P", 1));
+        occurrence(&mut s, &fields(2, "old"), &v(10, 1), ("AGG_P", 1));
+        assert_eq!(tally(&s), 2);
+        assert_eq!(s.latest.value.summary, "new");
+        assert_eq!(s.severity.value, Severity::CRITICAL);
+        assert_eq!((s.first_occurrence, s.last_occurrence), (10, 20));
+    }
+
+    #[test]
+    fn a_delete_removes_only_what_it_saw() {
+        let mut s = AlertState::default();
+        occurrence(&mut s, &fields(3, "x"), &v(1, 1), ("AGG_P", 1));
+        occurrence(&mut s, &fields(3, "x"), &v(2, 2), ("AGG_P", 1));
+        let seen = vec![OriginCount {
+            origin: Origin::new("p", 1),
+            count: 2,
+        }];
+        let delete = EventBody::Delete {
+            identifier: "a".into(),
+            seen: Some(seen),
+        };
+        action(
+            &mut s,
+            &delete,
+            &Version {
+                time: 3,
+                origin: Origin::new("op", 9),
+                seq: 1,
+            },
+        );
+        assert!(!is_alive(&s));
+        occurrence(&mut s, &fields(3, "x"), &v(4, 3), ("AGG_P", 1));
+        assert_eq!(
+            tally(&s),
+            1,
+            "an occurrence the delete did not see keeps it alive"
+        );
+    }
+
+    #[test]
+    fn the_lowest_version_names_the_inserting_store() {
+        let mut s = AlertState::default();
+        occurrence(&mut s, &fields(3, "x"), &v(5, 2), ("AGG_B", 7));
+        occurrence(&mut s, &fields(3, "x"), &v(4, 1), ("AGG_P", 3));
+        assert_eq!(s.inserted.value, ("AGG_P".to_string(), 3));
+    }
+}
