@@ -47,11 +47,16 @@ fn now_ms() -> i64 {
 /// Checks a filter and sort here, so a typo is a usage error with a caret, not a round trip.
 pub fn build_query(filter: Option<&str>, sort: Option<&str>, limit: Option<u32>) -> Result<Query> {
     let filter = filter.unwrap_or("").to_string();
-    Filter::parse(&filter).map_err(|e| UsageError(format!("--filter: {}", e.render(&filter))))?;
+    Filter::parse(&filter).map_err(|e| {
+        UsageError(format!(
+            "--filter, column {}: {}",
+            e.column,
+            e.render(&filter)
+        ))
+    })?;
     let sort = match sort {
-        Some(spec) => {
-            parse_sort(spec).map_err(|e| UsageError(format!("--sort: {}", e.render(spec))))?
-        }
+        Some(spec) => parse_sort(spec)
+            .map_err(|e| UsageError(format!("--sort, column {}: {}", e.column, e.render(spec))))?,
         None => Vec::new(),
     };
     Ok(Query {

@@ -118,6 +118,34 @@ impl Connection {
             .map_err(|source| ClientError::Codec { addr, source })
     }
 
+    /// Sends `body` as one frame as it is, unchecked: for tests of how servers treat frames no
+    /// tandem encoder would produce.
+    pub async fn send_raw_frame(&mut self, body: &[u8]) -> Result<(), ClientError> {
+        let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        let mut bytes = len.to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        self.write_raw(&bytes).await
+    }
+
+    /// Sends a bare length prefix, announcing a frame of `len` bytes (for tests).
+    pub async fn send_raw_length(&mut self, len: u32) -> Result<(), ClientError> {
+        self.write_raw(&len.to_be_bytes()).await
+    }
+
+    async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let addr = self.addr;
+        let stream = self.framed.get_mut();
+        stream
+            .write_all(bytes)
+            .await
+            .and(stream.flush().await)
+            .map_err(|e| ClientError::Codec {
+                addr,
+                source: CodecError::Io(e),
+            })
+    }
+
     /// The next message; a frame that does not decode is an error.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
         let addr = self.addr;
