@@ -26,7 +26,7 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         clear_delete_after: Duration::from_secs(store.clear_delete_after_s),
         housekeeping: store.housekeeping,
         housekeeping_interval: Duration::from_secs(1),
-        log_retention: tandem_store::engine::DEFAULT_LOG_RETENTION,
+        log_retention: store.log_retention_entries.max(1),
     })
 }
 

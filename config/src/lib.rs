@@ -138,6 +138,9 @@ fn default_max_probes() -> usize {
 fn default_max_in_flight() -> usize {
     10_000
 }
+fn default_log_retention() -> u64 {
+    2_000_000
+}
 fn default_true() -> bool {
     true
 }
@@ -180,6 +183,10 @@ pub struct StoreSection {
     pub housekeeping: bool,
     /// A shell command run on every role change, with `TANDEM_ROLE` in its environment.
     pub on_role_change: Option<String>,
+    /// Change-log entries kept for a peer that is behind; one further behind needs a full
+    /// resync.
+    #[serde(default = "default_log_retention")]
+    pub log_retention_entries: u64,
 }
 
 /// `[[proxy]]`: one proxy in front of one store.

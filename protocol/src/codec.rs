@@ -74,6 +74,19 @@ pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError>
     bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Appends the encoding of `value` to `out`: for hot paths that reuse one buffer.
+pub fn append_bytes<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    struct VecWriter<'a>(&'a mut Vec<u8>);
+    impl bincode::enc::write::Writer for VecWriter<'_> {
+        fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+            self.0.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+    bincode::serde::encode_into_writer(value, VecWriter(out), config())
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
 /// Deserialises a value written by [`to_bytes`]; the whole slice must be used.
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config())
@@ -334,6 +347,21 @@ mod tests {
             Message::Ping { nonce: 3 },
             "the next frame still decodes"
         );
+    }
+
+    proptest! {
+        #[test]
+        fn a_log_entry_by_reference_encodes_like_the_owned_one(entry in any::<crate::message::LogEntry>()) {
+            let by_ref = crate::message::LogEntryRef {
+                lsn: entry.lsn,
+                source: &entry.source,
+                source_serial: entry.source_serial,
+                event: &entry.event,
+            };
+            let mut appended = Vec::new();
+            append_bytes(&by_ref, &mut appended).unwrap();
+            prop_assert_eq!(appended, to_bytes(&entry).unwrap());
+        }
     }
 
     proptest! {

@@ -124,6 +124,15 @@ pub struct LogEntry {
     pub event: Event,
 }
 
+/// A [`LogEntry`] by reference: encodes to exactly the same bytes, without owning the event.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LogEntryRef<'a> {
+    pub lsn: u64,
+    pub source: &'a str,
+    pub source_serial: u64,
+    pub event: &'a Event,
+}
+
 /// Sort direction of a query key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]

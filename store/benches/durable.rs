@@ -8,6 +8,11 @@
 //! 1,000,000). Prints one line per figure.
 
 use std::net::SocketAddr;
+
+// The allocator the tandem binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -60,6 +65,7 @@ async fn sender(
     events: u64,
     batch: u64,
     identifiers: u64,
+    pace: Option<Duration>,
 ) -> Histogram<u64> {
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let mut conn = Connection::connect(
@@ -74,7 +80,15 @@ async fn sender(
     let origin = Origin::new(format!("bench-{n}"), 1);
     let mut seq = 0;
     let mut id = 0;
+    let mut tick = pace.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
     while seq < events {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
         let chunk: Vec<Event> = (0..batch.min(events - seq))
             .map(|_| {
                 seq += 1;
@@ -111,7 +125,8 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-async fn throughput() {
+/// `rate`: events/s over all senders (None: as fast as acknowledgements allow).
+async fn throughput(rate: Option<u64>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -126,8 +141,9 @@ async fn throughput() {
     let addr = addr_rx.await.expect("store address");
     let (senders, per_sender, batch) = (64u64, 20_000u64, 64u64);
     let started = Instant::now();
+    let pace = rate.map(|r| Duration::from_secs_f64(batch as f64 * senders as f64 / r as f64));
     let tasks: Vec<_> = (0..senders)
-        .map(|n| tokio::spawn(sender(addr, n, per_sender, batch, 10_000)))
+        .map(|n| tokio::spawn(sender(addr, n, per_sender, batch, 10_000, pace)))
         .collect();
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     for t in tasks {
@@ -136,7 +152,10 @@ async fn throughput() {
     let secs = started.elapsed().as_secs_f64();
     let total = senders * per_sender;
     println!(
-        "durable group commit: {senders} senders x {per_sender} events (batches of {batch}): {:.0} events/s; ack latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        "durable group commit, offered {}: {senders} senders x {per_sender} events (batches of {batch}): {:.0} events/s; ack latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        rate.map_or("as fast as acknowledged".to_string(), |r| format!(
+            "{r} events/s"
+        )),
         total as f64 / secs,
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0,
@@ -146,45 +165,58 @@ async fn throughput() {
     let _ = store.await;
 }
 
-async fn load() {
-    let alerts: u64 = std::env::var("TANDEM_BENCH_ALERTS")
+fn alerts_wanted() -> u64 {
+    std::env::var("TANDEM_BENCH_ALERTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let path = dir.path().to_path_buf();
-        let (shared, tx, thread) =
-            tokio::task::spawn_blocking(move || engine::start("AGG_P", &path, 1024, u64::MAX))
-                .await
-                .expect("join")
-                .expect("open");
-        let origin = Origin::new("filler", 1);
-        let mut pending = Vec::new();
-        for start in (0..alerts).step_by(5_000) {
-            let events: Vec<Event> = (start..(start + 5_000).min(alerts))
-                .map(|i| event(&origin, i + 1, i))
-                .collect();
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            tx.send(engine::Request::Events { events, reply })
-                .await
-                .expect("queue");
-            pending.push(rx);
-            if pending.len() > 8 {
-                pending.remove(0).await.expect("ack");
-            }
-        }
-        for rx in pending {
-            rx.await.expect("ack");
-        }
-        assert_eq!(shared.alert_count(), alerts);
-        drop(tx);
-        drop(shared);
-        tokio::task::spawn_blocking(move || thread.join())
+        .unwrap_or(1_000_000)
+}
+
+/// Writes the alerts through the engine into `path` (run in a child process, so the memory it
+/// used does not blur the parent's measurement).
+async fn fill(path: std::path::PathBuf) {
+    let alerts = alerts_wanted();
+    let (shared, tx, thread) =
+        tokio::task::spawn_blocking(move || engine::start("AGG_P", &path, 1024, u64::MAX))
             .await
             .expect("join")
-            .expect("commit thread");
+            .expect("open");
+    let origin = Origin::new("filler", 1);
+    let mut pending = Vec::new();
+    for start in (0..alerts).step_by(5_000) {
+        let events: Vec<Event> = (start..(start + 5_000).min(alerts))
+            .map(|i| event(&origin, i + 1, i))
+            .collect();
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(engine::Request::Events { events, reply })
+            .await
+            .expect("queue");
+        pending.push(rx);
+        if pending.len() > 8 {
+            pending.remove(0).await.expect("ack");
+        }
     }
+    for rx in pending {
+        rx.await.expect("ack");
+    }
+    assert_eq!(shared.alert_count(), alerts);
+    drop(tx);
+    drop(shared);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("join")
+        .expect("commit thread");
+}
+
+async fn load() {
+    let alerts = alerts_wanted();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--bench")
+        .env("TANDEM_BENCH_FILL", dir.path())
+        .status()
+        .expect("filler runs");
+    assert!(status.success(), "the filler failed");
     let before = rss_kib();
     let started = Instant::now();
     let path = dir.path().to_path_buf();
@@ -197,9 +229,9 @@ async fn load() {
     let after = rss_kib();
     assert_eq!(shared.alert_count(), alerts);
     println!(
-        "load at start: {alerts} alerts in {secs:.2} s; RSS grew {} MiB = {:.0} bytes per alert (summary text ~80 bytes, identifier ~21)",
-        (after - before) / 1024,
-        (after - before) as f64 * 1024.0 / alerts as f64
+        "load at start: {alerts} alerts in {secs:.2} s; RSS grew {} MiB = {:.0} bytes per alert (each alert has ~100 bytes of text: identifier 21, node 11, summary ~75)",
+        after.saturating_sub(before) / 1024,
+        after.saturating_sub(before) as f64 * 1024.0 / alerts as f64
     );
     drop(tx);
     drop(shared);
@@ -215,8 +247,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // TANDEM_BENCH_ONLY=throughput|load runs one part (for profiling).
+    let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
+    if let Some(path) = std::env::var_os("TANDEM_BENCH_FILL") {
+        rt.block_on(fill(path.into()));
+        return;
+    }
     rt.block_on(async {
-        throughput().await;
-        load().await;
+        if only.is_empty() || only == "throughput" {
+            throughput(None).await;
+            throughput(Some(200_000)).await;
+        }
+        if only.is_empty() || only == "load" {
+            load().await;
+        }
     });
 }

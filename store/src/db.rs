@@ -9,11 +9,12 @@
 use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use tandem_protocol::codec::{from_bytes, to_bytes};
+use tandem_protocol::codec::{append_bytes, from_bytes, to_bytes};
 use tandem_protocol::message::LogEntry;
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{CodecError, Origin, Version};
 
+use crate::engine::LogBuf;
 use crate::fold::ClearKey;
 use crate::table::{Changes, Row, Table};
 
@@ -70,7 +71,11 @@ fn u64_value(bytes: &[u8]) -> u64 {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let db = Database::builder(path).open()?;
+        // A smaller journal than fjall's 512 MiB default bounds what a start after a crash has
+        // to replay.
+        let db = Database::builder(path)
+            .max_journaling_size(128 * 1024 * 1024)
+            .open()?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Db {
             alerts: open("alerts")?,
@@ -88,6 +93,7 @@ impl Db {
 
     /// Reads everything back into `table`; returns the counters.
     pub fn load(&self, table: &mut Table, new_epoch: u64) -> Result<Meta, DbError> {
+        table.reserve(self.alerts.approximate_len());
         for item in self.alerts.iter() {
             let (key, value) = item.into_inner()?;
             let id = String::from_utf8_lossy(&key).into_owned();
@@ -144,19 +150,23 @@ impl Db {
     /// Writes one group commit atomically and syncs it to disk.
     ///
     /// `trim_below` removes log entries with smaller LSNs in the same batch.
+    #[allow(clippy::too_many_arguments)] // one commit's parts, each written once
     pub fn commit(
         &self,
         table: &Table,
         changes: &Changes,
-        log: &[LogEntry],
+        log: &LogBuf,
         meta: &Meta,
         cursors: &[(String, u64)],
         trim: std::ops::Range<u64>,
+        scratch: &mut Vec<u8>,
     ) -> Result<(), DbError> {
         let mut batch = self.db.batch();
         for id in &changes.rows {
             if let Some(row) = table.row(id) {
-                batch.insert(&self.alerts, id.as_bytes(), to_bytes(row)?);
+                scratch.clear();
+                append_bytes(row, scratch)?;
+                batch.insert(&self.alerts, id.as_bytes(), scratch.as_slice());
             }
         }
         for origin in &changes.origins {
@@ -169,8 +179,8 @@ impl Db {
                 batch.insert(&self.clears, key.as_bytes(), to_bytes(version)?);
             }
         }
-        for entry in log {
-            batch.insert(&self.log, entry.lsn.to_be_bytes(), to_bytes(entry)?);
+        for (lsn, bytes) in log.entries() {
+            batch.insert(&self.log, lsn.to_be_bytes(), bytes);
         }
         for lsn in trim {
             batch.remove(&self.log, lsn.to_be_bytes());
@@ -191,6 +201,22 @@ impl Db {
             meta.housekeeping_seq.to_be_bytes(),
         );
         batch.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Writes every memtable out, so the next start opens tables instead of replaying the
+    /// journal. For a clean shutdown; after a crash the journal replay is what recovers.
+    pub fn flush(&self) -> Result<(), DbError> {
+        for keyspace in [
+            &self.alerts,
+            &self.applied,
+            &self.clears,
+            &self.log,
+            &self.meta,
+        ] {
+            keyspace.rotate_memtable_and_wait()?;
+        }
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use tandem_protocol::message::LogEntry;
+use tandem_protocol::codec::append_bytes;
+use tandem_protocol::message::{LogEntry, LogEntryRef};
 use tandem_protocol::{Event, EventBody, Origin};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -153,7 +154,7 @@ pub fn start(
 }
 
 /// Checks a whole request before any of it is applied: a batch is taken whole or not at all.
-fn check(events: &[Event]) -> Result<(), (u32, String)> {
+fn check<'a>(events: impl ExactSizeIterator<Item = &'a Event>) -> Result<(), (u32, String)> {
     if events.len() > MAX_BATCH_EVENTS {
         return Err((
             0,
@@ -163,10 +164,121 @@ fn check(events: &[Event]) -> Result<(), (u32, String)> {
             ),
         ));
     }
-    for (i, event) in events.iter().enumerate() {
+    for (i, event) in events.enumerate() {
         table::validate(event).map_err(|reason| (i as u32, reason))?;
     }
     Ok(())
+}
+
+/// New log entries of one group commit, encoded back to back in one reused buffer.
+#[derive(Debug, Default)]
+pub struct LogBuf {
+    pub bytes: Vec<u8>,
+    /// (LSN, end offset in `bytes`) per entry; each starts where the previous ended.
+    pub ends: Vec<(u64, usize)>,
+}
+
+impl LogBuf {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// Entries as (LSN, encoded bytes).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(lsn, end)| {
+            let bytes = &self.bytes[start..end];
+            start = end;
+            (lsn, bytes)
+        })
+    }
+
+    fn push(&mut self, entry: LogEntryRef<'_>) {
+        let before = self.bytes.len();
+        if let Err(e) = append_bytes(&entry, &mut self.bytes) {
+            // Encoding to memory cannot fail for these types; if it ever does, the entry is
+            // not logged rather than logged half.
+            tracing::error!(error = %e, lsn = entry.lsn, "log entry not encodable");
+            self.bytes.truncate(before);
+            return;
+        }
+        self.ends.push((entry.lsn, self.bytes.len()));
+    }
+}
+
+/// One group commit's in-memory work: applying batches to the table and logging them.
+struct Group<'a> {
+    table: &'a mut Table,
+    own_name: &'a str,
+    meta: &'a mut Meta,
+    changes: &'a mut Changes,
+    log: &'a mut LogBuf,
+    applied: u64,
+    duplicates: u64,
+}
+
+impl Group<'_> {
+    /// Applies a batch whole (after checking all of it) or refuses it whole. Each item is an
+    /// event and, for a replicated entry, the store it entered at and its serial there.
+    fn batch(&mut self, items: Vec<(Event, Option<(String, u64)>)>) -> Reply {
+        if let Err((index, reason)) = check(items.iter().map(|(e, _)| e)) {
+            return Reply::Refused { index, reason };
+        }
+        let (mut applied, mut duplicates) = (0u32, 0u32);
+        for (mut event, source) in items {
+            self.table.resolve_delete(&mut event);
+            let source = source
+                .as_ref()
+                .map(|(name, serial)| (name.as_str(), *serial));
+            let outcome = apply_one(
+                self.table,
+                event,
+                source,
+                self.own_name,
+                self.meta,
+                self.changes,
+                self.log,
+            );
+            match outcome {
+                Outcome::Applied => applied += 1,
+                Outcome::Duplicate => duplicates += 1,
+            }
+        }
+        self.applied += u64::from(applied);
+        self.duplicates += u64::from(duplicates);
+        Reply::Ack {
+            applied,
+            duplicates,
+        }
+    }
+}
+
+/// Applies one event that entered the pair here or came from the peer, logging it first.
+fn apply_one(
+    table: &mut Table,
+    event: Event,
+    source: Option<(&str, u64)>,
+    own_name: &str,
+    meta: &mut Meta,
+    changes: &mut Changes,
+    log: &mut LogBuf,
+) -> Outcome {
+    if table.seen(&event.origin, event.seq) {
+        // Still folded: a duplicate from the peer may carry who inserted the alert first.
+        return table.apply(event, source, changes);
+    }
+    meta.head_lsn += 1;
+    let (source, source_serial) =
+        source.unwrap_or((own_name, table.serial_for(event.identifier())));
+    log.push(LogEntryRef {
+        lsn: meta.head_lsn,
+        source,
+        source_serial,
+        event: &event,
+    });
+    let from_peer = (source != own_name).then_some((source, source_serial));
+    table.apply(event, from_peer, changes)
 }
 
 fn commit_loop(
@@ -176,8 +288,10 @@ fn commit_loop(
     log_retention: u64,
 ) {
     let own_origin = Origin::new(format!("{}/housekeeping", shared.name), meta.epoch);
+    let own_name = shared.name.clone();
     let mut changes = Changes::default();
-    let mut log: Vec<LogEntry> = Vec::new();
+    let mut log = LogBuf::default();
+    let mut scratch = Vec::new();
     let mut group: Vec<Request> = Vec::new();
     let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let mut cursors: Vec<(String, u64)> = Vec::new();
@@ -195,49 +309,27 @@ fn commit_loop(
             }
         }
         let started = Instant::now();
-        let (mut applied_total, mut dup_total) = (0u64, 0u64);
+        let (applied_total, dup_total);
         {
             let Ok(mut table) = shared.table.write() else {
                 tracing::error!("the alert table lock is poisoned; stopping");
                 std::process::exit(1);
             };
+            table.start_commit(&mut changes);
+            let mut work = Group {
+                table: &mut table,
+                own_name: &own_name,
+                meta: &mut meta,
+                changes: &mut changes,
+                log: &mut log,
+                applied: 0,
+                duplicates: 0,
+            };
             for req in group.drain(..) {
                 match req {
-                    Request::Events { mut events, reply } => {
-                        if let Err((index, reason)) = check(&events) {
-                            replies.push((reply, Reply::Refused { index, reason }));
-                            continue;
-                        }
-                        let (mut applied, mut duplicates) = (0u32, 0u32);
-                        for event in &mut events {
-                            table.resolve_delete(event);
-                        }
-                        for event in events {
-                            match table.apply(&event, None, &mut changes) {
-                                Outcome::Applied => {
-                                    applied += 1;
-                                    meta.head_lsn += 1;
-                                    let serial =
-                                        table.row(event.identifier()).map_or(0, |r| r.serial);
-                                    log.push(LogEntry {
-                                        lsn: meta.head_lsn,
-                                        source: shared.name.clone(),
-                                        source_serial: serial,
-                                        event,
-                                    });
-                                }
-                                Outcome::Duplicate => duplicates += 1,
-                            }
-                        }
-                        applied_total += u64::from(applied);
-                        dup_total += u64::from(duplicates);
-                        replies.push((
-                            reply,
-                            Reply::Ack {
-                                applied,
-                                duplicates,
-                            },
-                        ));
+                    Request::Events { events, reply } => {
+                        let answer = work.batch(events.into_iter().map(|e| (e, None)).collect());
+                        replies.push((reply, answer));
                     }
                     Request::Replicate {
                         peer,
@@ -245,64 +337,42 @@ fn commit_loop(
                         entries,
                         reply,
                     } => {
-                        let events: Vec<Event> = entries.iter().map(|e| e.event.clone()).collect();
-                        if let Err((index, reason)) = check(&events) {
-                            replies.push((reply, Reply::Refused { index, reason }));
-                            continue;
+                        let items = entries
+                            .into_iter()
+                            .map(|e| (e.event, Some((e.source, e.source_serial))))
+                            .collect();
+                        let answer = work.batch(items);
+                        if matches!(answer, Reply::Ack { .. }) {
+                            cursors.retain(|(p, _)| *p != peer);
+                            cursors.push((peer, cursor));
                         }
-                        let (mut applied, mut duplicates) = (0u32, 0u32);
-                        for entry in entries {
-                            let source = Some((entry.source.as_str(), entry.source_serial));
-                            match table.apply(&entry.event, source, &mut changes) {
-                                Outcome::Applied => {
-                                    applied += 1;
-                                    meta.head_lsn += 1;
-                                    log.push(LogEntry {
-                                        lsn: meta.head_lsn,
-                                        ..entry
-                                    });
-                                }
-                                Outcome::Duplicate => duplicates += 1,
-                            }
-                        }
-                        applied_total += u64::from(applied);
-                        dup_total += u64::from(duplicates);
-                        cursors.retain(|(p, _)| *p != peer);
-                        cursors.push((peer, cursor));
-                        replies.push((
-                            reply,
-                            Reply::Ack {
-                                applied,
-                                duplicates,
-                            },
-                        ));
+                        replies.push((reply, answer));
                     }
                     Request::Housekeeping { bodies } => {
                         let now = crate::now_ms();
-                        for body in bodies {
-                            meta.housekeeping_seq += 1;
-                            let mut event = Event {
-                                origin: own_origin.clone(),
-                                seq: meta.housekeeping_seq,
-                                time: now,
-                                body,
-                            };
-                            table.resolve_delete(&mut event);
-                            if table.apply(&event, None, &mut changes) == Outcome::Applied {
-                                applied_total += 1;
-                                meta.head_lsn += 1;
-                                let serial = table.row(event.identifier()).map_or(0, |r| r.serial);
-                                log.push(LogEntry {
-                                    lsn: meta.head_lsn,
-                                    source: shared.name.clone(),
-                                    source_serial: serial,
-                                    event,
-                                });
-                            }
-                        }
+                        let first = work.meta.housekeeping_seq;
+                        work.meta.housekeeping_seq += bodies.len() as u64;
+                        let events = bodies
+                            .into_iter()
+                            .zip(first + 1..)
+                            .map(|(body, seq)| {
+                                let origin = own_origin.clone();
+                                (
+                                    Event {
+                                        origin,
+                                        seq,
+                                        time: now,
+                                        body,
+                                    },
+                                    None,
+                                )
+                            })
+                            .collect();
+                        work.batch(events);
                     }
                 }
             }
+            (applied_total, dup_total) = (work.applied, work.duplicates);
             meta.next_serial = table.next_serial();
             let retained = meta.head_lsn.saturating_sub(meta.first_lsn) + 1;
             let trim_start = meta.first_lsn;
@@ -311,10 +381,11 @@ fn commit_loop(
                 meta.first_lsn += excess;
             }
             let trim = trim_start..meta.first_lsn;
-            if let Err(e) = shared
-                .db
-                .commit(&table, &changes, &log, &meta, &cursors, trim)
-            {
+            let written =
+                shared
+                    .db
+                    .commit(&table, &changes, &log, &meta, &cursors, trim, &mut scratch);
+            if let Err(e) = written {
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
             }
@@ -333,9 +404,17 @@ fn commit_loop(
             // A connection that went away no longer wants its answer; the events are durable.
             let _ = reply.send(answer);
         }
-        changes.clear();
         log.clear();
         cursors.clear();
     }
-    tracing::debug!("commit thread stopped: every sender is gone");
+    let started = Instant::now();
+    match shared.db.flush() {
+        Ok(()) => tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "flushed the storage engine for a quick start"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "flush at shutdown failed; the next start replays the journal")
+        }
+    }
 }

@@ -88,6 +88,27 @@ impl ClearKey {
         ClearKey(key.into())
     }
 
+    /// Whether `fields` have this key, without building it.
+    pub fn matches(&self, fields: &AlertFields) -> bool {
+        let mut parts = self.0.split('\u{1f}');
+        [
+            &fields.node,
+            &fields.alert_key,
+            &fields.alert_group,
+            &fields.manager,
+        ]
+        .iter()
+        .all(|f| parts.next() == Some(f.as_str()))
+            && parts.next().is_none()
+    }
+
+    /// The four parts: node, alert key, alert group, manager.
+    pub fn parts(&self) -> [&str; 4] {
+        let mut parts = self.0.split('\u{1f}');
+        let mut next = || parts.next().unwrap_or("");
+        [next(), next(), next(), next()]
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
@@ -101,7 +122,7 @@ impl ClearKey {
 /// store name and the alert's serial there), a candidate for `server_name`/`server_serial`.
 pub fn occurrence(
     state: &mut AlertState,
-    fields: &AlertFields,
+    mut fields: AlertFields,
     version: &Version,
     inserted_at: (&str, u64),
 ) {
@@ -122,7 +143,9 @@ pub fn occurrence(
         fields.severity
     };
     propose(&mut state.severity, severity, version);
-    propose(&mut state.latest, fields.clone(), version);
+    // The row's key holds the identifier; keeping a second copy here would only cost memory.
+    fields.identifier = String::new();
+    propose(&mut state.latest, fields, version);
     merge_inserted(state, version, inserted_at);
 }
 
@@ -248,8 +271,8 @@ mod tests {
     #[test]
     fn a_late_occurrence_counts_but_does_not_overwrite() {
         let mut s = AlertState::default();
-        occurrence(&mut s, &fields(5, "new"), &v(20, 2), ("AGG_P", 1));
-        occurrence(&mut s, &fields(2, "old"), &v(10, 1), ("AGG_P", 1));
+        occurrence(&mut s, fields(5, "new"), &v(20, 2), ("AGG_P", 1));
+        occurrence(&mut s, fields(2, "old"), &v(10, 1), ("AGG_P", 1));
         assert_eq!(tally(&s), 2);
         assert_eq!(s.latest.value.summary, "new");
         assert_eq!(s.severity.value, Severity::CRITICAL);
@@ -259,8 +282,8 @@ mod tests {
     #[test]
     fn a_delete_removes_only_what_it_saw() {
         let mut s = AlertState::default();
-        occurrence(&mut s, &fields(3, "x"), &v(1, 1), ("AGG_P", 1));
-        occurrence(&mut s, &fields(3, "x"), &v(2, 2), ("AGG_P", 1));
+        occurrence(&mut s, fields(3, "x"), &v(1, 1), ("AGG_P", 1));
+        occurrence(&mut s, fields(3, "x"), &v(2, 2), ("AGG_P", 1));
         let seen = vec![OriginCount {
             origin: Origin::new("p", 1),
             count: 2,
@@ -279,7 +302,7 @@ mod tests {
             },
         );
         assert!(!is_alive(&s));
-        occurrence(&mut s, &fields(3, "x"), &v(4, 3), ("AGG_P", 1));
+        occurrence(&mut s, fields(3, "x"), &v(4, 3), ("AGG_P", 1));
         assert_eq!(
             tally(&s),
             1,
@@ -290,8 +313,8 @@ mod tests {
     #[test]
     fn the_lowest_version_names_the_inserting_store() {
         let mut s = AlertState::default();
-        occurrence(&mut s, &fields(3, "x"), &v(5, 2), ("AGG_B", 7));
-        occurrence(&mut s, &fields(3, "x"), &v(4, 1), ("AGG_P", 3));
+        occurrence(&mut s, fields(3, "x"), &v(5, 2), ("AGG_B", 7));
+        occurrence(&mut s, fields(3, "x"), &v(4, 1), ("AGG_P", 3));
         assert_eq!(s.inserted.value, ("AGG_P".to_string(), 3));
     }
 }

@@ -286,6 +286,15 @@ impl Handler {
             let Some(last) = entries.last().map(|e| e.lsn) else {
                 return Ok(());
             };
+            if entries.first().map(|e| e.lsn) != Some(sub.next) {
+                // Trimmed while this subscriber was reading: it has a gap and must resync.
+                let first = self.shared.first_lsn.load(Ordering::Relaxed);
+                conn.send(&Message::LogTrimmed { first_lsn: first })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                *subscription = None;
+                return Ok(());
+            }
             sub.next = last + 1;
             let entries: Vec<LogEntry> = match &sub.skip_source {
                 Some(skip) => entries.into_iter().filter(|e| e.source != *skip).collect(),

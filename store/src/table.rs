@@ -4,8 +4,12 @@
 //! to the fold; it records what it changed so the engine can write exactly those records in the
 //! commit's batch. It does no I/O.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+// Seeded per process (identifiers come from the network, so the hash must resist flooding)
+// and several times faster than SipHash on the short keys here.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{Alert, AlertState, Event, EventBody, Kind, Origin, OriginCount, Version};
@@ -20,22 +24,32 @@ pub const MAX_IDENTIFIER: usize = 1024;
 pub struct Row {
     pub serial: u64,
     pub state: AlertState,
+    /// A hash of the newest occurrence's clear key (0: no occurrence yet), derived (not
+    /// stored) so that the hot path neither rebuilds nor keeps a copy of the key's text.
+    #[serde(skip)]
+    clear_hash: u64,
+    /// Changed since the last commit; in `Changes::rows` once.
+    #[serde(skip)]
+    dirty: bool,
+}
+
+impl Row {
+    pub fn new(serial: u64, state: AlertState) -> Row {
+        Row {
+            serial,
+            state,
+            clear_hash: 0,
+            dirty: false,
+        }
+    }
 }
 
 /// What a commit must write: the records an apply touched.
 #[derive(Debug, Default)]
 pub struct Changes {
-    pub rows: HashSet<Arc<str>>,
+    pub rows: Vec<Arc<str>>,
     pub origins: HashSet<Origin>,
     pub clears: HashSet<ClearKey>,
-}
-
-impl Changes {
-    pub fn clear(&mut self) {
-        self.rows.clear();
-        self.origins.clear();
-        self.clears.clear();
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,13 +85,50 @@ pub fn validate(event: &Event) -> Result<(), String> {
     Ok(())
 }
 
+/// The identifiers in one bucket of the clear index: nearly always one, so no vector for it.
+#[derive(Debug, Clone)]
+enum Ids {
+    One(Arc<str>),
+    Many(Vec<Arc<str>>),
+}
+
+impl Ids {
+    fn add(&mut self, id: &Arc<str>) {
+        match self {
+            Ids::One(first) if first == id => {}
+            Ids::One(first) => *self = Ids::Many(vec![first.clone(), id.clone()]),
+            Ids::Many(list) => {
+                if !list.contains(id) {
+                    list.push(id.clone());
+                }
+            }
+        }
+    }
+
+    fn to_vec(&self) -> Vec<Arc<str>> {
+        match self {
+            Ids::One(id) => vec![id.clone()],
+            Ids::Many(list) => list.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Table {
     name: Arc<str>,
-    rows: HashMap<Arc<str>, Row>,
+    /// Boxed: a row is several hundred bytes, and the map's spare capacity should cost a
+    /// pointer per slot, not a row.
+    rows: HashMap<Arc<str>, Box<Row>>,
     applied: HashMap<Origin, SeqRanges>,
-    clears: HashMap<ClearKey, Version>,
-    by_clear: HashMap<ClearKey, Vec<Arc<str>>>,
+    /// One shared copy of every origin, so versions in rows point at it instead of each
+    /// holding their own allocation of the name.
+    origins: HashSet<Origin>,
+    /// Newest resolution per clear key, bucketed by the key's hash.
+    clears: HashMap<u64, Vec<(ClearKey, Version)>>,
+    /// Problem alerts by the hash of their clear key; a hash collision only costs a comparison,
+    /// since every candidate is checked against the key itself.
+    by_clear: HashMap<u64, Ids>,
+    hasher: foldhash::fast::RandomState,
     next_serial: u64,
     alive: u64,
 }
@@ -105,7 +156,14 @@ impl Table {
     }
 
     pub fn row(&self, identifier: &str) -> Option<&Row> {
-        self.rows.get(identifier)
+        self.rows.get(identifier).map(|r| &**r)
+    }
+
+    /// The serial `identifier` has, or will get when an event creates it now.
+    pub fn serial_for(&self, identifier: &str) -> u64 {
+        self.rows
+            .get(identifier)
+            .map_or(self.next_serial, |r| r.serial)
     }
 
     pub fn applied(&self, origin: &Origin) -> Option<&SeqRanges> {
@@ -113,7 +171,33 @@ impl Table {
     }
 
     pub fn clear_version(&self, key: &ClearKey) -> Option<&Version> {
-        self.clears.get(key)
+        let [a, b, c, d] = key.parts();
+        self.clears
+            .get(&self.clear_hash(a, b, c, d))?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Never 0, which marks "no clear key".
+    fn clear_hash(&self, node: &str, alert_key: &str, alert_group: &str, manager: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher
+            .hash_one((node, alert_key, alert_group, manager))
+            .max(1)
+    }
+
+    fn fields_hash(&self, f: &tandem_protocol::AlertFields) -> u64 {
+        self.clear_hash(&f.node, &f.alert_key, &f.alert_group, &f.manager)
+    }
+
+    /// The newest resolution matching `fields`' clear key.
+    fn clear_for(&self, hash: u64, fields: &tandem_protocol::AlertFields) -> Option<&Version> {
+        self.clears
+            .get(&hash)?
+            .iter()
+            .find(|(k, _)| k.matches(fields))
+            .map(|(_, v)| v)
     }
 
     pub fn applied_sets(&self) -> impl Iterator<Item = (&Origin, &SeqRanges)> {
@@ -122,7 +206,12 @@ impl Table {
 
     /// Rows, alive or not, with their identifiers.
     pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, &Row)> {
-        self.rows.iter()
+        self.rows.iter().map(|(id, row)| (id, &**row))
+    }
+
+    /// Room for `rows` more rows, so a start-up load does not rehash as it grows.
+    pub fn reserve(&mut self, rows: usize) {
+        self.rows.reserve(rows);
     }
 
     /// The alerts that exist, as operators see them.
@@ -140,26 +229,84 @@ impl Table {
             .is_some_and(|set| set.contains(seq))
     }
 
+    fn intern(&mut self, origin: &Origin) -> Origin {
+        if let Some(shared) = self.origins.get(origin) {
+            return shared.clone();
+        }
+        self.origins.insert(origin.clone());
+        origin.clone()
+    }
+
+    /// Points every version of `state` at the interned origins.
+    fn intern_state(&mut self, state: &mut AlertState) {
+        for version in [
+            &mut state.inserted.version,
+            &mut state.latest.version,
+            &mut state.severity.version,
+            &mut state.acknowledged.version,
+            &mut state.owner.version,
+        ] {
+            if !version.origin.name.is_empty() {
+                version.origin = self.intern(&version.origin);
+            }
+        }
+        for count in state.occurrences.iter_mut().chain(state.deleted.iter_mut()) {
+            count.origin = self.intern(&count.origin);
+        }
+    }
+
     /// Restores a row at start-up.
-    pub fn load_row(&mut self, identifier: &str, row: Row) {
+    pub fn load_row(&mut self, identifier: &str, mut row: Row) {
         let id: Arc<str> = identifier.into();
+        self.intern_state(&mut row.state);
         if fold::is_alive(&row.state) {
             self.alive += 1;
         }
         self.next_serial = self.next_serial.max(row.serial + 1);
-        if row.state.latest.value.kind == Kind::Problem && !row.state.occurrences.is_empty() {
-            let key = ClearKey::of(&row.state.latest.value);
-            self.by_clear.entry(key).or_default().push(id.clone());
+        if !row.state.occurrences.is_empty() {
+            let hash = self.fields_hash(&row.state.latest.value);
+            if row.state.latest.value.kind == Kind::Problem {
+                self.index_problem(hash, &id);
+            }
+            row.clear_hash = hash;
         }
-        self.rows.insert(id, row);
+        self.rows.insert(id, Box::new(row));
     }
 
     pub fn load_applied(&mut self, origin: Origin, set: SeqRanges) {
+        let origin = self.intern(&origin);
         self.applied.insert(origin, set);
     }
 
     pub fn load_clear(&mut self, key: ClearKey, version: Version) {
-        self.clears.insert(key, version);
+        self.set_clear(key, version);
+    }
+
+    /// Records `version` as the newest resolution of `key` if it is newer; true if it was.
+    fn set_clear(&mut self, key: ClearKey, version: Version) -> bool {
+        let [a, b, c, d] = key.parts();
+        let hash = self.clear_hash(a, b, c, d);
+        let bucket = self.clears.entry(hash).or_default();
+        match bucket.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) if *v >= version => false,
+            Some((_, v)) => {
+                *v = version;
+                true
+            }
+            None => {
+                bucket.push((key, version));
+                true
+            }
+        }
+    }
+
+    fn index_problem(&mut self, hash: u64, id: &Arc<str>) {
+        match self.by_clear.get_mut(&hash) {
+            Some(ids) => ids.add(id),
+            None => {
+                self.by_clear.insert(hash, Ids::One(id.clone()));
+            }
+        }
     }
 
     pub fn set_next_serial(&mut self, next: u64) {
@@ -180,114 +327,164 @@ impl Table {
         }
     }
 
-    /// The row for `identifier`, created (with the next serial) when missing.
-    fn row_mut(&mut self, identifier: &str) -> (Arc<str>, &mut Row) {
-        let id = match self.rows.get_key_value(identifier) {
-            Some((id, _)) => id.clone(),
-            None => {
-                let id: Arc<str> = identifier.into();
-                let serial = self.next_serial;
-                self.next_serial += 1;
-                self.rows.insert(
-                    id.clone(),
-                    Row {
-                        serial,
-                        state: AlertState::default(),
-                    },
-                );
-                id
+    /// Marks the start of a new commit: rows written by the last one are clean again.
+    pub fn start_commit(&mut self, changes: &mut Changes) {
+        for id in changes.rows.drain(..) {
+            if let Some(row) = self.rows.get_mut(&id) {
+                row.dirty = false;
             }
-        };
-        let row = self.rows.entry(id.clone()).or_default();
-        (id, row)
+        }
+        changes.origins.clear();
+        changes.clears.clear();
     }
 
-    /// Applies `event` at most once. `source` is where it entered the pair: `None` for here,
-    /// or the peer store's name and the alert's serial there for a replicated entry.
+    fn mark(changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
+        if !row.dirty {
+            row.dirty = true;
+            changes.rows.push(id.clone());
+        }
+    }
+
+    /// The identifier's shared key, creating the row (with the next serial) when missing.
+    fn row_key(&mut self, identifier: &str) -> Arc<str> {
+        if let Some((id, _)) = self.rows.get_key_value(identifier) {
+            return id.clone();
+        }
+        let id: Arc<str> = identifier.into();
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.rows.insert(
+            id.clone(),
+            Box::new(Row::new(serial, AlertState::default())),
+        );
+        id
+    }
+
+    /// Applies `event` at most once, taking it so that its fields move into the row instead of
+    /// being copied. `source` is where it entered the pair: `None` for here, or the peer store's
+    /// name and the alert's serial there for a replicated entry.
     pub fn apply(
         &mut self,
-        event: &Event,
+        event: Event,
         source: Option<(&str, u64)>,
         changes: &mut Changes,
     ) -> Outcome {
-        let version = event.version();
-        let fresh = self
-            .applied
-            .entry(event.origin.clone())
-            .or_default()
-            .insert(event.seq);
+        let fresh = match self.applied.get_mut(&event.origin) {
+            Some(set) => set.insert(event.seq),
+            None => {
+                let origin = self.intern(&event.origin);
+                let mut set = SeqRanges::new();
+                set.insert(event.seq);
+                self.applied.insert(origin, set);
+                true
+            }
+        };
         if !fresh {
             if let (EventBody::Occurrence(_), Some(at)) = (&event.body, source) {
                 // Another store may have recorded itself as the inserter of this very event.
-                if let Some(row) = self.rows.get_mut(event.identifier()) {
+                let id = self
+                    .rows
+                    .get_key_value(event.identifier())
+                    .map(|(id, _)| id.clone());
+                if let Some((id, row)) = id.and_then(|id| self.rows.get_mut(&id).map(|r| (id, r))) {
                     let before = row.state.inserted.clone();
-                    fold::merge_inserted(&mut row.state, &version, at);
+                    fold::merge_inserted(&mut row.state, &event.version(), at);
                     if row.state.inserted != before {
-                        changes.rows.insert(event.identifier().into());
+                        Self::mark(changes, &id, row);
                     }
                 }
             }
             return Outcome::Duplicate;
         }
-        changes.origins.insert(event.origin.clone());
+        if !changes.origins.contains(&event.origin) {
+            changes.origins.insert(event.origin.clone());
+        }
 
+        let version = Version {
+            time: event.time,
+            origin: self.intern(&event.origin),
+            seq: event.seq,
+        };
+        let id = self.row_key(event.identifier());
         let own_name = self.name.clone();
-        let (id, row) = self.row_mut(event.identifier());
-        let was_alive = fold::is_alive(&row.state);
+        let occurrence_hash = match &event.body {
+            EventBody::Occurrence(fields) => self.fields_hash(fields),
+            _ => 0,
+        };
         let mut clear_targets = None;
-        match &event.body {
-            EventBody::Occurrence(fields) => {
-                let at = source.unwrap_or((&*own_name, row.serial));
-                fold::occurrence(&mut row.state, fields, &version, at);
-                let key = ClearKey::of(&row.state.latest.value);
-                match fields.kind {
-                    Kind::Resolution => clear_targets = Some(ClearKey::of(fields)),
-                    Kind::Problem => {
-                        let list = self.by_clear.entry(key.clone()).or_default();
-                        if !list.contains(&id) {
-                            list.push(id.clone());
-                        }
+        let mut check_clear = None;
+        let mut index_problem = false;
+        {
+            let Some(row) = self.rows.get_mut(&id) else {
+                return Outcome::Applied;
+            };
+            let was_alive = fold::is_alive(&row.state);
+            match event.body {
+                EventBody::Occurrence(fields) => {
+                    let at = source.unwrap_or((&*own_name, row.serial));
+                    if fields.kind == Kind::Resolution {
+                        clear_targets = Some(ClearKey::of(&fields));
                     }
-                    Kind::Information => {}
+                    let hash = occurrence_hash;
+                    fold::occurrence(&mut row.state, fields, &version, at);
+                    let latest = &row.state.latest.value;
+                    if version == row.state.latest.version {
+                        // This occurrence is the newest: its clear key is the alert's.
+                        row.clear_hash = hash;
+                        index_problem = latest.kind == Kind::Problem;
+                    }
+                    if latest.kind == Kind::Problem {
+                        check_clear = Some(row.clear_hash);
+                    }
                 }
-                // A resolution seen earlier may postdate this problem.
-                let row = self.rows.get_mut(&id);
-                if let (Some(row), Some(clear)) = (row, self.clears.get(&key)) {
-                    if row.state.latest.value.kind == Kind::Problem {
-                        fold::generic_clear(&mut row.state, clear);
+                body => fold::action(&mut row.state, &body, &version),
+            }
+            let alive = fold::is_alive(&row.state);
+            Self::mark(changes, &id, row);
+            self.account(was_alive, alive);
+        }
+        if index_problem {
+            if let Some(hash) = self.rows.get(&id).map(|r| r.clear_hash) {
+                self.index_problem(hash, &id);
+            }
+        }
+        // A resolution seen earlier may postdate this problem.
+        if let Some(hash) = check_clear {
+            if let Some(row) = self.rows.get(&id) {
+                if let Some(clear) = self.clear_for(hash, &row.state.latest.value).cloned() {
+                    if let Some(row) = self.rows.get_mut(&id) {
+                        fold::generic_clear(&mut row.state, &clear);
                     }
                 }
             }
-            body => fold::action(&mut row.state, body, &version),
         }
-        self.account(&id, was_alive);
-        changes.rows.insert(id);
 
         if let Some(key) = clear_targets {
-            let newer = self.clears.get(&key).is_none_or(|v| version > *v);
-            if newer {
-                self.clears.insert(key.clone(), version.clone());
+            if self.set_clear(key.clone(), version.clone()) {
                 changes.clears.insert(key.clone());
             }
-            let targets = self.by_clear.get(&key).cloned().unwrap_or_default();
+            let [a, b, c, d] = key.parts();
+            let hash = self.clear_hash(a, b, c, d);
+            let targets = self
+                .by_clear
+                .get(&hash)
+                .map(Ids::to_vec)
+                .unwrap_or_default();
             for target in targets {
                 let Some(row) = self.rows.get_mut(&target) else {
                     continue;
                 };
-                if ClearKey::of(&row.state.latest.value) != key {
+                if !key.matches(&row.state.latest.value) {
                     continue;
                 }
-                let was_alive = fold::is_alive(&row.state);
                 fold::generic_clear(&mut row.state, &version);
-                self.account(&target, was_alive);
-                changes.rows.insert(target);
+                Self::mark(changes, &target, row);
             }
         }
         Outcome::Applied
     }
 
-    fn account(&mut self, id: &str, was_alive: bool) {
-        let alive = self.rows.get(id).is_some_and(|r| fold::is_alive(&r.state));
+    fn account(&mut self, was_alive: bool, alive: bool) {
         match (was_alive, alive) {
             (false, true) => self.alive += 1,
             (true, false) => self.alive = self.alive.saturating_sub(1),
@@ -342,8 +539,8 @@ mod tests {
         let mut t = Table::new("AGG_P");
         let mut ch = Changes::default();
         let e = event("p", 1, 10, problem("a", "n", 4, Kind::Problem));
-        assert_eq!(t.apply(&e, None, &mut ch), Outcome::Applied);
-        assert_eq!(t.apply(&e, None, &mut ch), Outcome::Duplicate);
+        assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Applied);
+        assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Duplicate);
         assert_eq!(t.alerts().next().unwrap().tally, 1);
     }
 
@@ -361,7 +558,7 @@ mod tests {
                 vec![&p, &later, &r]
             };
             for e in order {
-                t.apply(e, None, &mut ch);
+                t.apply(e.clone(), None, &mut ch);
             }
             let alerts = snapshot(&t);
             assert_eq!(
@@ -379,12 +576,12 @@ mod tests {
         let mut t = Table::new("AGG_P");
         let mut ch = Changes::default();
         t.apply(
-            &event("p", 2, 30, problem("down", "web1", 5, Kind::Problem)),
+            event("p", 2, 30, problem("down", "web1", 5, Kind::Problem)),
             None,
             &mut ch,
         );
         t.apply(
-            &event("p", 1, 20, problem("up", "web1", 1, Kind::Resolution)),
+            event("p", 1, 20, problem("up", "web1", 1, Kind::Resolution)),
             None,
             &mut ch,
         );
@@ -396,7 +593,7 @@ mod tests {
         let mut t = Table::new("AGG_P");
         let mut ch = Changes::default();
         t.apply(
-            &event("p", 1, 10, problem("a", "n", 4, Kind::Problem)),
+            event("p", 1, 10, problem("a", "n", 4, Kind::Problem)),
             None,
             &mut ch,
         );
@@ -410,10 +607,10 @@ mod tests {
             },
         );
         t.resolve_delete(&mut del);
-        t.apply(&del, None, &mut ch);
+        t.apply(del, None, &mut ch);
         assert_eq!(t.alive(), 0);
         t.apply(
-            &event("p", 2, 12, problem("a", "n", 4, Kind::Problem)),
+            event("p", 2, 12, problem("a", "n", 4, Kind::Problem)),
             None,
             &mut ch,
         );
@@ -462,7 +659,7 @@ mod tests {
             dups in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
         ) {
             // Number each origin's events 1, 2, 3, ... like a real writer.
-            let mut next: HashMap<Origin, u64> = HashMap::new();
+            let mut next: HashMap<Origin, u64> = HashMap::default();
             let events: Vec<Event> = raw.into_iter().map(|mut e| {
                 let seq = next.entry(e.origin.clone()).or_insert(0);
                 *seq += 1;
@@ -473,7 +670,7 @@ mod tests {
             let mut a = Table::new("AGG_P");
             let mut ch = Changes::default();
             for e in &events {
-                a.apply(e, None, &mut ch);
+                a.apply(e.clone(), None, &mut ch);
             }
 
             let mut reordered: Vec<&Event> = events.iter().collect();
@@ -489,7 +686,7 @@ mod tests {
             }
             let mut b = Table::new("AGG_P");
             for e in reordered {
-                b.apply(e, None, &mut ch);
+                b.apply(e.clone(), None, &mut ch);
             }
             prop_assert_eq!(snapshot(&a), snapshot(&b));
             prop_assert_eq!(a.alive(), b.alive());

@@ -337,3 +337,69 @@ async fn bad_input_is_refused_and_harms_nothing() {
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids.contains(&"kept".to_string()) && ids.contains(&"after".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_expires_and_deletes_on_the_acting_primary_only() {
+    let pair = Pair::new(|t| {
+        t.replace(
+            "data_dir = \"agg_b\"",
+            "data_dir = \"agg_b\"\nclear_delete_after_s = 1",
+        )
+        .replace(
+            "data_dir = \"agg_p\"",
+            "data_dir = \"agg_p\"\nclear_delete_after_s = 1",
+        )
+    });
+    let primary = pair.file.store("AGG_P").unwrap().listen.0;
+    let backup = pair.file.store("AGG_B").unwrap().listen.0;
+    let _p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _b = pair.spawn(&["store", "--name", "AGG_B"], "agg_b");
+    let origin = Origin::new("hk", 1);
+    let mut expiring = occurrence(&origin, 1, "expiring".into());
+    if let EventBody::Occurrence(f) = &mut expiring.body {
+        f.expire_seconds = 1; // its occurrence time is long past
+    }
+    let lasting = occurrence(&origin, 2, "lasting".into());
+    let events = vec![expiring, lasting];
+    for store in [primary, backup] {
+        send_reliably(
+            store,
+            &events,
+            10,
+            Duration::ZERO,
+            Duration::from_secs(30),
+            |_| {},
+        )
+        .await;
+    }
+
+    let mut gone = false;
+    for _ in 0..200 {
+        let ids: Vec<String> = alerts(primary)
+            .await
+            .into_iter()
+            .map(|a| a.identifier)
+            .collect();
+        if !ids.contains(&"expiring".to_string()) {
+            assert!(ids.contains(&"lasting".to_string()));
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gone,
+        "the expired alert was cleared and deleted within 10 s:\n{}",
+        pair.log("agg_p")
+    );
+    let on_backup: Vec<String> = alerts(backup)
+        .await
+        .into_iter()
+        .map(|a| a.identifier)
+        .collect();
+    assert_eq!(
+        on_backup.len(),
+        2,
+        "the backup, not acting primary, leaves housekeeping to the primary"
+    );
+}
