@@ -8,6 +8,8 @@
 mod args;
 mod logging;
 mod operator;
+mod ops;
+mod proxy_cmd;
 mod runtime;
 mod store_cmd;
 
@@ -73,11 +75,7 @@ fn run(cli: Cli) -> Result<()> {
             not_built("up")
         }
         Command::Store(args) => store_cmd::run(&load(global)?, global, args.name.as_deref()),
-        Command::Proxy(args) => {
-            let pair = load(global)?;
-            pair.select_proxy(args.name.as_deref())?;
-            not_built("proxy")
-        }
+        Command::Proxy(args) => proxy_cmd::run(&load(global)?, args.name.as_deref()),
         Command::Gateway(args) => {
             let pair = load(global)?;
             pair.select_gateway(args.name.as_deref())?;

@@ -2,12 +2,17 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use anyhow::Result;
 use tandem_config::{PairFile, StoreRole, resolve};
 use tandem_protocol::Role;
 use tandem_store::StoreOptions;
+use tandem_store::engine::Shared;
 
 use crate::args::Global;
+use crate::ops::{self, OpsView};
 use crate::runtime;
 
 pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<StoreOptions> {
@@ -19,7 +24,6 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
             StoreRole::Backup => Role::Backup,
         },
         listen: store.listen.0,
-        http: store.http.map(|a| a.0),
         data_path: resolve(&global.data_dir, &store.data_dir),
         max_frame: pair.pair.max_frame_bytes,
         max_connections: 10_000,
@@ -30,18 +34,65 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
     })
 }
 
+/// What the store's ops endpoints show.
+struct StoreView {
+    shared: Arc<Shared>,
+    role: &'static str,
+}
+
+impl OpsView for StoreView {
+    fn ready(&self) -> bool {
+        self.shared.loaded.load(Ordering::Relaxed)
+    }
+
+    fn active(&self) -> bool {
+        self.shared.acting_primary.load(Ordering::Relaxed)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = &self.shared;
+        serde_json::json!({
+            "name": s.name,
+            "role": self.role,
+            "acting_primary": s.acting_primary.load(Ordering::Relaxed),
+            "resynced": s.resynced.load(Ordering::Relaxed),
+            "alerts": s.alert_count(),
+            "lsn": s.head_lsn(),
+            "first_lsn": s.first_lsn.load(Ordering::Relaxed),
+            "events_applied": s.events_applied.load(Ordering::Relaxed),
+            "duplicates": s.duplicates.load(Ordering::Relaxed),
+        })
+    }
+
+    fn refresh_gauges(&self) {
+        metrics::gauge!("tandem_store_alerts").set(self.shared.alert_count() as f64);
+    }
+}
+
 pub fn run(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<()> {
     let options = options(pair, global, name)?;
+    let http = pair.select_store(name)?.http.map(|a| a.0);
     runtime::runtime()?.block_on(async {
         let shutdown = runtime::shutdown_on_signal();
         let metrics = runtime::metrics();
+        let http = ops::bind(http, &options.name).await?;
+        let role = options.role.name();
         let store = options.name.clone();
         let data = options.data_path.display().to_string();
-        tandem_store::run(options, metrics, shutdown, |listen, http| {
-            let http = http.map_or("off".to_string(), |a| a.to_string());
-            tracing::info!(store, %listen, http, data, "store ready");
-        })
-        .await?;
-        Ok(())
+        let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
+        let run = tandem_store::run(options, shutdown.clone(), |shared, listen| {
+            tracing::info!(store, %listen, data, "store ready");
+            let _ = shared_tx.send(shared);
+        });
+        let serve_ops = async {
+            let (Some(listener), Ok(shared)) = (http, shared_rx.await) else {
+                return Ok(());
+            };
+            let view = Arc::new(StoreView { shared, role });
+            ops::serve(listener, view, metrics, shutdown.clone()).await
+        };
+        let (ran, served) = tokio::join!(run, serve_ops);
+        ran?;
+        served
     })
 }

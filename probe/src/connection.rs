@@ -8,7 +8,8 @@ use tandem_protocol::{
     ClientKind, CodecError, Hello, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome,
 };
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 /// Why a link failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +161,29 @@ impl Connection {
         }
     }
 
+    /// Splits the link so that reading never waits for writing: a peer that is itself
+    /// blocked writing to us can then always make progress.
+    pub fn split(self) -> (Reader, Writer) {
+        let addr = self.addr;
+        let parts = self.framed.into_parts();
+        let codec_max = parts.codec.max_frame();
+        let (read, write) = parts.io.into_split();
+        let mut reader = FramedRead::new(read, MessageCodec::new(codec_max));
+        // Bytes that arrived with the handshake belong to the reader.
+        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let writer = FramedWrite::new(write, MessageCodec::new(codec_max));
+        (
+            Reader {
+                inner: reader,
+                addr,
+            },
+            Writer {
+                inner: writer,
+                addr,
+            },
+        )
+    }
+
     /// Sends `msg` and waits up to `timeout` for the next message.
     pub async fn request(
         &mut self,
@@ -174,5 +198,47 @@ impl Connection {
                 addr,
                 after: timeout,
             })?
+    }
+}
+
+/// The receiving half of a split link.
+pub struct Reader {
+    inner: FramedRead<OwnedReadHalf, MessageCodec>,
+    addr: SocketAddr,
+}
+
+impl Reader {
+    /// The next message; a frame that does not decode is an error.
+    pub async fn recv(&mut self) -> Result<Message, ClientError> {
+        let addr = self.addr;
+        match self.inner.next().await {
+            None => Err(ClientError::Closed { addr }),
+            Some(Err(source)) => Err(ClientError::Codec { addr, source }),
+            Some(Ok(Err(bad))) => Err(ClientError::BadFrame {
+                addr,
+                message: bad.to_string(),
+            }),
+            Some(Ok(Ok(msg))) => Ok(msg),
+        }
+    }
+}
+
+/// The sending half of a split link.
+pub struct Writer {
+    inner: FramedWrite<OwnedWriteHalf, MessageCodec>,
+    addr: SocketAddr,
+}
+
+impl Writer {
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        let addr = self.addr;
+        self.inner
+            .send(msg)
+            .await
+            .map_err(|source| ClientError::Codec { addr, source })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }

@@ -6,5 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connection;
+pub mod failover;
+pub mod spool;
 
-pub use connection::{ClientError, Connection};
+pub use connection::{ClientError, Connection, Reader, Writer};

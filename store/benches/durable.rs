@@ -28,7 +28,6 @@ fn options(dir: &std::path::Path) -> StoreOptions {
         name: "AGG_P".into(),
         role: Role::Primary,
         listen: "127.0.0.1:0".parse().expect("address"),
-        http: None,
         data_path: dir.to_path_buf(),
         max_frame: DEFAULT_MAX_FRAME,
         max_connections: 10_000,
@@ -132,9 +131,8 @@ async fn throughput(rate: Option<u64>) {
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let store = tokio::spawn(tandem_store::run(
         options(dir.path()),
-        None,
         shutdown.clone(),
-        move |addr, _| {
+        move |_, addr| {
             let _ = addr_tx.send(addr);
         },
     ));

@@ -27,17 +27,16 @@ pub mod db;
 pub mod engine;
 pub mod fold;
 pub mod housekeeping;
-pub mod http;
 pub mod query;
 pub mod server;
 pub mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tandem_protocol::Role;
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +72,6 @@ pub struct StoreOptions {
     pub name: String,
     pub role: Role,
     pub listen: SocketAddr,
-    pub http: Option<SocketAddr>,
     pub data_path: PathBuf,
     pub max_frame: usize,
     pub max_connections: usize,
@@ -83,12 +81,12 @@ pub struct StoreOptions {
     pub log_retention: u64,
 }
 
-/// Runs a store until `shutdown` is cancelled; `ready` is called with the bound addresses.
+/// Runs a store until `shutdown` is cancelled. `ready` is called once the table is loaded and
+/// the listener bound, with what the ops endpoints read and the bound address.
 pub async fn run(
     options: StoreOptions,
-    metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
-    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    ready: impl FnOnce(Arc<engine::Shared>, SocketAddr),
 ) -> Result<(), StoreError> {
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -97,14 +95,6 @@ pub async fn run(
             what: "listen",
             source,
         })?;
-    let http_listener = match options.http {
-        Some(addr) => Some(http::bind(addr).await.map_err(|source| StoreError::Bind {
-            addr,
-            what: "http",
-            source,
-        })?),
-        None => None,
-    };
     let path = options.data_path.clone();
     let name = options.name.clone();
     let retention = options.log_retention;
@@ -126,20 +116,9 @@ pub async fn run(
         .store(options.role == Role::Primary, Ordering::Relaxed);
 
     let local = listener.local_addr().unwrap_or(options.listen);
-    let http_local = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-    ready(local, http_local);
+    ready(shared.clone(), local);
 
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(l) = http_listener {
-        let role = options.role.name();
-        tasks.spawn(http::serve(
-            l,
-            shared.clone(),
-            role,
-            metrics,
-            shutdown.child_token(),
-        ));
-    }
     if options.housekeeping {
         let (s, t, every, after, stop) = (
             shared.clone(),
@@ -148,10 +127,7 @@ pub async fn run(
             options.clear_delete_after,
             shutdown.child_token(),
         );
-        tasks.spawn(async move {
-            housekeeping::run(s, t, every, after, stop).await;
-            Ok(())
-        });
+        tasks.spawn(housekeeping::run(s, t, every, after, stop));
     }
     let server_options = server::ServerOptions {
         role: options.role,
@@ -167,11 +143,7 @@ pub async fn run(
     )
     .await;
     shutdown.cancel();
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Err(e)) = done {
-            tracing::warn!(error = %e, "ops endpoint stopped with an error");
-        }
-    }
+    while tasks.join_next().await.is_some() {}
     // The last sender goes; the commit thread finishes what it has and stops.
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;

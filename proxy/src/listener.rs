@@ -1,0 +1,282 @@
+//! Accepting probes: the handshake, per-probe limits, forwarding, and telling probes to go.
+//!
+//! A probe is refused at once, with the reason, while the store link is down (it fails over in
+//! milliseconds instead of waiting for a timeout) and when the proxy holds `max_probes`
+//! connections. A connected probe is told to leave the moment the store link drops, and gets
+//! every directive the store sends. Each probe may have `max_in_flight_per_probe` events
+//! unacknowledged; past that the proxy stops reading from it, which slows it down without
+//! dropping anything.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tandem_protocol::{Directive, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::{Forward, Registry};
+use crate::{ProxyOptions, ProxyState};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Batches one probe may have in flight; with the event limit, it bounds the answers waiting
+/// for a probe, so the upstream link never has to wait for one.
+const MAX_BATCHES_PER_PROBE: usize = 256;
+
+pub async fn serve(
+    listener: TcpListener,
+    options: ProxyOptions,
+    state: Arc<ProxyState>,
+    forwards: mpsc::Sender<Forward>,
+    registry: Arc<Registry>,
+    directives: broadcast::Sender<Directive>,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(options.max_probes));
+    let mut handlers = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => {
+                backoff = Duration::from_millis(5);
+                conn
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = Handler {
+            options: options.clone(),
+            state: state.clone(),
+            forwards: forwards.clone(),
+            registry: registry.clone(),
+            directives: directives.subscribe(),
+            shutdown: shutdown.child_token(),
+            peer: peer.to_string(),
+        };
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                handlers.spawn(async move {
+                    let _permit = permit;
+                    handler.run(stream).await;
+                });
+            }
+            Err(_) => {
+                state.refused_full.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_refusals_total", "reason" => "max_probes")
+                    .increment(1);
+                handlers.spawn(async move { handler.refuse_full(stream).await });
+            }
+        }
+        while handlers.try_join_next().is_some() {}
+    }
+    shutdown.cancel();
+    while handlers.join_next().await.is_some() {}
+}
+
+struct Handler {
+    options: ProxyOptions,
+    state: Arc<ProxyState>,
+    forwards: mpsc::Sender<Forward>,
+    registry: Arc<Registry>,
+    directives: broadcast::Receiver<Directive>,
+    shutdown: CancellationToken,
+    peer: String,
+}
+
+type Conn = Framed<TcpStream, MessageCodec>;
+
+async fn send(conn: &mut Conn, msg: Message) -> Result<(), String> {
+    conn.send(msg).await.map_err(|e| e.to_string())
+}
+
+impl Handler {
+    async fn refuse_full(self, stream: TcpStream) {
+        let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
+        let reject = Message::Reject {
+            reason: RejectReason::Overloaded,
+            message: format!(
+                "{} holds its maximum of {} probe connections; use the other member of the pair or raise max_probes",
+                self.options.name, self.options.max_probes
+            ),
+        };
+        let _ = conn.send(&reject).await;
+    }
+
+    async fn run(mut self, stream: TcpStream) {
+        let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
+        if !self.handshake(&mut conn).await {
+            return;
+        }
+        self.state.probes.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("tandem_proxy_probes").increment(1.0);
+        let (id, answers) = self.registry.register(MAX_BATCHES_PER_PROBE + 16);
+        let result = self.serve(&mut conn, id, answers).await;
+        self.registry.unregister(id);
+        self.state.probes.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("tandem_proxy_probes").decrement(1.0);
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "probe connection closed");
+        }
+    }
+
+    async fn handshake(&self, conn: &mut Conn) -> bool {
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await;
+        let reject = |reason, message: String| Message::Reject { reason, message };
+        let answer = match first {
+            Ok(Some(Ok(Ok(Message::Hello(hello))))) if hello.version != PROTOCOL_VERSION => reject(
+                RejectReason::UnsupportedVersion {
+                    supported: PROTOCOL_VERSION,
+                },
+                format!(
+                    "protocol version {} is not supported; {} speaks {PROTOCOL_VERSION}",
+                    hello.version, self.options.name
+                ),
+            ),
+            Ok(Some(Ok(Ok(Message::Hello(hello))))) => {
+                let link = self.state.link();
+                if !link.up {
+                    self.state
+                        .refused_store_down
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("tandem_proxy_refusals_total", "reason" => "store_unavailable").increment(1);
+                    reject(
+                        RejectReason::StoreUnavailable,
+                        format!(
+                            "{} cannot reach its store {}; use the other member of the pair",
+                            self.options.name, self.options.store_name
+                        ),
+                    )
+                } else {
+                    let welcome = Message::Welcome(Welcome {
+                        version: PROTOCOL_VERSION,
+                        name: self.options.name.clone(),
+                        role: link.role,
+                        acting_primary: link.acting_primary,
+                        resynced: link.resynced,
+                    });
+                    tracing::debug!(peer = %self.peer, probe = %hello.name, "probe connected");
+                    return conn.send(&welcome).await.is_ok();
+                }
+            }
+            Ok(Some(Ok(Ok(other)))) => reject(
+                RejectReason::BadRequest,
+                format!("expected Hello as the first message, got {}", other.name()),
+            ),
+            Ok(Some(Ok(Err(bad)))) => reject(
+                RejectReason::BadRequest,
+                format!("the first frame is not a tandem Hello: {bad}"),
+            ),
+            Ok(Some(Err(e))) => reject(RejectReason::BadRequest, e.to_string()),
+            Ok(None) => return false,
+            Err(_) => reject(
+                RejectReason::BadRequest,
+                format!("no Hello within {HANDSHAKE_TIMEOUT:?}"),
+            ),
+        };
+        let _ = conn.send(&answer).await;
+        false
+    }
+
+    async fn serve(
+        &mut self,
+        conn: &mut Conn,
+        id: u64,
+        mut answers: mpsc::Receiver<Message>,
+    ) -> Result<(), String> {
+        let mut link = self.state.link.subscribe();
+        let max_events = self.options.max_in_flight_per_probe;
+        let mut in_flight: HashMap<u64, usize> = HashMap::new();
+        let mut in_flight_events = 0usize;
+        loop {
+            let room = in_flight_events < max_events && in_flight.len() < MAX_BATCHES_PER_PROBE;
+            tokio::select! {
+                frame = conn.next(), if room => {
+                    let msg = match frame {
+                        None => return Ok(()),
+                        Some(Err(e)) => {
+                            let _ = conn.send(&Message::Error { message: e.to_string() }).await;
+                            return Err(e.to_string());
+                        }
+                        Some(Ok(Err(bad))) => {
+                            self.state.refused_bad.fetch_add(1, Ordering::Relaxed);
+                            let answer = match bad.batch {
+                                Some(batch) => Message::Refused { batch, index: 0, reason: bad.to_string() },
+                                None => Message::Error { message: bad.to_string() },
+                            };
+                            send(conn, answer).await?;
+                            continue;
+                        }
+                        Some(Ok(Ok(msg))) => msg,
+                    };
+                    match msg {
+                        Message::Events { batch, events } => {
+                            if events.len() > max_events {
+                                let reason = format!(
+                                    "a batch of {} events is over {}'s max_in_flight_per_probe of {max_events}: send smaller batches",
+                                    events.len(), self.options.name
+                                );
+                                send(conn, Message::Refused { batch, index: 0, reason }).await?;
+                                continue;
+                            }
+                            in_flight_events += events.len();
+                            in_flight.insert(batch, events.len());
+                            let forward = Forward { probe: id, batch, events };
+                            if self.forwards.send(forward).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Message::Ping { nonce } => send(conn, Message::Pong { nonce }).await?,
+                        other => {
+                            let message = format!(
+                                "{} is not something a proxy forwards; operators talk to the stores directly",
+                                other.name()
+                            );
+                            send(conn, Message::Error { message }).await?;
+                        }
+                    }
+                }
+                answer = answers.recv() => {
+                    let Some(answer) = answer else { return Ok(()) };
+                    if let Message::Ack { batch, .. } | Message::Refused { batch, .. } = &answer {
+                        in_flight_events -= in_flight.remove(batch).unwrap_or(0);
+                    }
+                    send(conn, answer).await?;
+                }
+                directive = self.directives.recv() => {
+                    match directive {
+                        Ok(d) => send(conn, Message::Directive(d)).await?,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                }
+                changed = link.changed() => {
+                    let down = changed.is_err() || !link.borrow_and_update().up;
+                    if down {
+                        let reason = format!(
+                            "{} lost its store {}; fail over to the other member of the pair",
+                            self.options.name, self.options.store_name
+                        );
+                        let _ = send(conn, Message::Directive(Directive::Leave { reason })).await;
+                        return Ok(());
+                    }
+                }
+                _ = self.shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}

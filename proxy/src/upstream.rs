@@ -1,0 +1,227 @@
+//! The proxy's one link to its store.
+//!
+//! The link is (re)made with exponential backoff and watched by heartbeat: silence for
+//! `dead_after` counts as a dead store, so probes are told to leave well within the failover
+//! deadline even when no TCP error arrives (a frozen host, a cut cable). Batches from every
+//! probe are renumbered onto the link and each answer is routed back to the probe that sent
+//! the batch under its own number. Reading from the store never waits on writing to it, so a
+//! store that is itself busy writing acknowledgements to us can always make progress.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_probe::{Connection, Writer};
+use tandem_protocol::{ClientKind, Directive, Event, Message};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{ProxyOptions, ProxyState, StoreLink};
+
+/// A probe's batch on its way to the store.
+pub struct Forward {
+    pub probe: u64,
+    pub batch: u64,
+    pub events: Vec<Event>,
+}
+
+/// The connected probes, by id, and where to send their answers.
+#[derive(Default)]
+pub struct Registry {
+    probes: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    next: AtomicU64,
+}
+
+impl Registry {
+    pub fn register(&self, capacity: usize) -> (u64, mpsc::Receiver<Message>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(capacity);
+        if let Ok(mut probes) = self.probes.lock() {
+            probes.insert(id, tx);
+        }
+        (id, rx)
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut probes) = self.probes.lock() {
+            probes.remove(&id);
+        }
+    }
+
+    /// Never waits: a probe's channel holds more than its in-flight limit allows, so a full
+    /// channel means a probe that is gone or stuck, and dropping its answer only makes it
+    /// resend, which the store deduplicates.
+    fn route(&self, probe: u64, msg: Message) {
+        let sender = self
+            .probes
+            .lock()
+            .ok()
+            .and_then(|probes| probes.get(&probe).cloned());
+        if let Some(tx) = sender {
+            if tx.try_send(msg).is_err() {
+                tracing::debug!(probe, "answer for a gone or stuck probe dropped");
+            }
+        }
+    }
+}
+
+pub async fn run(
+    options: ProxyOptions,
+    state: Arc<ProxyState>,
+    mut forwards: mpsc::Receiver<Forward>,
+    registry: Arc<Registry>,
+    directives: broadcast::Sender<Directive>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(20);
+    let mut failures = 0u64;
+    loop {
+        let connect = Connection::connect(
+            options.store_addr,
+            ClientKind::Proxy,
+            &options.name,
+            options.max_frame,
+            options.dead_after.max(Duration::from_millis(200)),
+        );
+        let conn = tokio::select! {
+            conn = connect => conn,
+            _ = shutdown.cancelled() => return,
+        };
+        match conn {
+            Ok(conn) => {
+                tracing::info!(store = %options.store_name, addr = %options.store_addr, "store link up");
+                backoff = Duration::from_millis(20);
+                failures = 0;
+                session(
+                    &options,
+                    &state,
+                    conn,
+                    &mut forwards,
+                    &registry,
+                    &directives,
+                    &shutdown,
+                )
+                .await;
+                state.link.send_modify(|l| l.up = false);
+                metrics::counter!("tandem_proxy_store_link_lost_total").increment(1);
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(store = %options.store_name, "store link down; probes are told to fail over");
+            }
+            Err(e) => {
+                failures += 1;
+                // Say it once, then every 50th attempt, not at every backoff step.
+                if failures == 1 || failures % 50 == 0 {
+                    tracing::warn!(store = %options.store_name, error = %e, attempts = failures, "cannot reach the store; retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Message>) {
+    while let Some(msg) = rx.recv().await {
+        if let Err(e) = writer.send(&msg).await {
+            tracing::debug!(error = %e, "store link write failed");
+            return;
+        }
+    }
+}
+
+async fn session(
+    options: &ProxyOptions,
+    state: &ProxyState,
+    conn: Connection,
+    forwards: &mut mpsc::Receiver<Forward>,
+    registry: &Registry,
+    directives: &broadcast::Sender<Directive>,
+    shutdown: &CancellationToken,
+) {
+    let welcome = conn.welcome.clone();
+    let (mut reader, writer) = conn.split();
+    let (wtx, wrx) = mpsc::channel::<Message>(256);
+    let mut write_task = tokio::spawn(write_loop(writer, wrx));
+    state.link.send_replace(StoreLink {
+        up: true,
+        role: welcome.role,
+        acting_primary: welcome.acting_primary,
+        resynced: welcome.resynced,
+    });
+    let mut pending: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut next_batch = 0u64;
+    let mut ping = tokio::time::interval(options.heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut nonce = 0u64;
+    let mut writer_gone = false;
+    loop {
+        tokio::select! {
+            // Only take a batch when the writer has room, so this loop never blocks on a full
+            // writer and always keeps reading the store's answers.
+            forward = forwards.recv(), if wtx.capacity() > 0 => {
+                let Some(f) = forward else { break };
+                next_batch += 1;
+                pending.insert(next_batch, (f.probe, f.batch));
+                let n = f.events.len() as u64;
+                if wtx.try_send(Message::Events { batch: next_batch, events: f.events }).is_err() {
+                    break;
+                }
+                state.events_forwarded.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_events_forwarded_total").increment(n);
+            }
+            msg = reader.recv() => {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "store link lost");
+                        break;
+                    }
+                };
+                last_heard = Instant::now();
+                match msg {
+                    Message::Ack { batch, applied, duplicates } => {
+                        if let Some((probe, b)) = pending.remove(&batch) {
+                            registry.route(probe, Message::Ack { batch: b, applied, duplicates });
+                        }
+                    }
+                    Message::Refused { batch, index, reason } => {
+                        if let Some((probe, b)) = pending.remove(&batch) {
+                            registry.route(probe, Message::Refused { batch: b, index, reason });
+                        }
+                    }
+                    Message::Directive(d) => {
+                        tracing::info!(directive = ?d, "passing the store's directive to every probe");
+                        let _ = directives.send(d);
+                    }
+                    Message::Pong { .. } => {}
+                    Message::Error { message } => tracing::warn!(store = %options.store_name, "store error: {message}"),
+                    other => tracing::debug!(message = other.name(), "unexpected message from the store"),
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > options.dead_after {
+                    tracing::warn!(store = %options.store_name, silent_ms = last_heard.elapsed().as_millis() as u64, "store stopped answering heartbeats");
+                    break;
+                }
+                nonce += 1;
+                let _ = wtx.try_send(Message::Ping { nonce });
+            }
+            _ = &mut write_task => {
+                writer_gone = true;
+                break;
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    if !writer_gone {
+        write_task.abort();
+        let _ = write_task.await;
+    }
+}
