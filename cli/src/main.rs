@@ -5,12 +5,15 @@
 
 #![forbid(unsafe_code)]
 
+mod alert_json;
 mod args;
 mod logging;
 mod operator;
 mod ops;
+mod probe_config;
 mod proxy_cmd;
 mod runtime;
+mod send_cmd;
 mod store_cmd;
 
 use std::process::ExitCode;
@@ -90,10 +93,7 @@ fn run(cli: Cli) -> Result<()> {
                 ProbeCommand::Webhook { .. } => not_built("probe webhook"),
             }
         }
-        Command::Send(_) => {
-            load(global)?.probe_section()?;
-            not_built("send")
-        }
+        Command::Send(args) => send_cmd::run(&load(global)?, &global.data_dir, args),
         Command::Alerts(args) => {
             let pair = load(global)?;
             pair.select_store(args.name.as_deref())?;

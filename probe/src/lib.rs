@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod failover;
+pub mod pair;
 pub mod spool;
 
 pub use connection::{ClientError, Connection, Reader, Writer};

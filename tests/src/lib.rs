@@ -122,6 +122,17 @@ impl Pair {
         Proc::from(child)
     }
 
+    /// Starts a command whose output the test reads (with [`wait_output`]).
+    pub fn spawn_piped(&self, args: &[&str]) -> Proc {
+        let child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem starts");
+        Proc::from(child)
+    }
+
     /// The log a spawned component wrote so far.
     pub fn log(&self, log_name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{log_name}.log"))).unwrap_or_default()
@@ -303,15 +314,17 @@ pub mod client {
 
 /// A plain HTTP/1.0 GET for the ops endpoints: (status code, body).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"))
+}
+
+/// [`http_get`] that reports a failure instead of panicking.
+pub fn try_http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .expect("ops endpoint reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout set");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request sent");
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response read");
+    stream.read_to_string(&mut response)?;
     let status = response
         .split_whitespace()
         .nth(1)
@@ -321,5 +334,37 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
+}
+
+/// Waits until `GET path` on `addr` answers 200, at most `limit`.
+pub fn wait_http_ok(addr: std::net::SocketAddr, path: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if try_http_get(addr, path).is_ok_and(|(status, _)| status == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path} not 200 within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A JSON-lines file of `n` alerts, each its own identifier `e-<i>`.
+pub fn alerts_file(dir: &Path, n: u64) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join(format!("alerts-{n}.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("input file"));
+    for i in 0..n {
+        writeln!(
+            out,
+            r#"{{"identifier":"e-{i}","node":"n{}","summary":"event {i}","severity":3}}"#,
+            i % 50
+        )
+        .expect("line written");
+    }
+    out.flush().expect("input flushed");
+    path
 }

@@ -2,6 +2,8 @@
 //! order, pushed as it becomes durable; its own entries left out on request; and a clear
 //! answer when the requested position is no longer retained.
 
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
 use std::time::Duration;
 
 use tandem_protocol::message::LogEntry;

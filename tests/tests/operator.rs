@@ -2,6 +2,8 @@
 //! journal, delete; bad filters; `/healthz`, `/readyz`, `/active`, `/status`, `/metrics`; and
 //! bad input that is refused without harming the connection or the data.
 
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
 use std::time::Duration;
 
 use tandem_probe::Connection;

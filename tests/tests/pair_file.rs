@@ -1,6 +1,8 @@
 //! The pair file as components see it: a generated pair with ephemeral ports is accepted, and
 //! a component asked for by an unknown name refuses to start with exit code 2.
 
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
 use std::time::Duration;
 
 use tandem_tests::Pair;

@@ -1,6 +1,8 @@
 //! The store as a process: exactly-once counting through SIGKILL and restart, and no loss of an
 //! acknowledged event however the store dies.
 
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
