@@ -42,6 +42,21 @@ pub enum ClientError {
     Handshake { addr: SocketAddr, got: &'static str },
 }
 
+type Item = Option<Result<Result<Message, tandem_protocol::BadFrame>, CodecError>>;
+
+/// What a read from the framed stream means to a client.
+fn received(addr: SocketAddr, item: Item) -> Result<Message, ClientError> {
+    match item {
+        None => Err(ClientError::Closed { addr }),
+        Some(Err(source)) => Err(ClientError::Codec { addr, source }),
+        Some(Ok(Err(bad))) => Err(ClientError::BadFrame {
+            addr,
+            message: bad.to_string(),
+        }),
+        Some(Ok(Ok(msg))) => Ok(msg),
+    }
+}
+
 pub struct Connection {
     framed: Framed<TcpStream, MessageCodec>,
     addr: SocketAddr,
@@ -149,16 +164,7 @@ impl Connection {
 
     /// The next message; a frame that does not decode is an error.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        let addr = self.addr;
-        match self.framed.next().await {
-            None => Err(ClientError::Closed { addr }),
-            Some(Err(source)) => Err(ClientError::Codec { addr, source }),
-            Some(Ok(Err(bad))) => Err(ClientError::BadFrame {
-                addr,
-                message: bad.to_string(),
-            }),
-            Some(Ok(Ok(msg))) => Ok(msg),
-        }
+        received(self.addr, self.framed.next().await)
     }
 
     /// Splits the link so that reading never waits for writing: a peer that is itself
@@ -210,16 +216,7 @@ pub struct Reader {
 impl Reader {
     /// The next message; a frame that does not decode is an error.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        let addr = self.addr;
-        match self.inner.next().await {
-            None => Err(ClientError::Closed { addr }),
-            Some(Err(source)) => Err(ClientError::Codec { addr, source }),
-            Some(Ok(Err(bad))) => Err(ClientError::BadFrame {
-                addr,
-                message: bad.to_string(),
-            }),
-            Some(Ok(Ok(msg))) => Ok(msg),
-        }
+        received(self.addr, self.inner.next().await)
     }
 }
 

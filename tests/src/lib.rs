@@ -368,3 +368,21 @@ pub fn alerts_file(dir: &Path, n: u64) -> PathBuf {
     out.flush().expect("input flushed");
     path
 }
+
+/// A JSON-lines file of `n` alerts spread over `ids` identifiers `a-<i % ids>`.
+pub fn repeated_alerts_file(dir: &Path, name: &str, n: u64, ids: u64) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("input file"));
+    for i in 0..n {
+        writeln!(
+            out,
+            r#"{{"identifier":"a-{}","node":"n{}","summary":"occurrence {i}","severity":4}}"#,
+            i % ids,
+            i % ids
+        )
+        .expect("line written");
+    }
+    out.flush().expect("input flushed");
+    path
+}

@@ -141,3 +141,130 @@ async fn a_probe_killed_mid_send_delivers_every_event_once_after_restart() {
     assert!(doubled.is_empty(), "counted more than once: {doubled:?}");
     drop(r);
 }
+
+fn json_summary_ok(out: &std::process::Output) -> serde_json::Value {
+    let s = summary(out);
+    assert!(
+        out.status.success(),
+        "send failed: {s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}
+
+/// The store acceptance through `tandem send`: exact tallies through a SIGKILL of the store
+/// while the only proxy in front of it stays up (the backup member is not running, so the
+/// probe waits for the store to come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_counts_exactly_through_a_store_kill_and_restart() {
+    let pair = Pair::new(|t| t);
+    let mut agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let http = pair.file.proxy("PROXY_P").unwrap().http.unwrap().0;
+    wait_http_ok(http, "/readyz", Duration::from_secs(30));
+    let addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let dir = pair.dir.path();
+    let first = tandem_tests::repeated_alerts_file(dir, "first.jsonl", 20_000, 500);
+    let second = tandem_tests::repeated_alerts_file(dir, "second.jsonl", 20_000, 500);
+
+    let out = wait_output(
+        pair.spawn_piped(&["send", first.to_str().unwrap(), "--json"]),
+        Duration::from_secs(90),
+    );
+    assert_eq!(json_summary_ok(&out)["acked"], 20_000);
+    let got = alerts(addr).await;
+    assert_eq!(got.len(), 500);
+    assert_eq!(got.iter().map(|a| a.tally).sum::<u64>(), 20_000);
+
+    let send = pair.spawn_piped(&[
+        "send",
+        second.to_str().unwrap(),
+        "--rate",
+        "10000",
+        "--json",
+    ]);
+    std::thread::sleep(Duration::from_millis(600));
+    agg_p.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p2");
+    let out = wait_output(send, Duration::from_secs(90));
+    assert_eq!(json_summary_ok(&out)["acked"], 20_000);
+    let got = alerts(addr).await;
+    assert_eq!(got.len(), 500);
+    assert_eq!(got.iter().map(|a| a.tally).sum::<u64>(), 40_000);
+
+    // A clean stop (SIGTERM) and start keeps every count.
+    let _ = std::process::Command::new("kill")
+        .arg(agg_p.pid().to_string())
+        .status();
+    for _ in 0..400 {
+        if !agg_p.running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(!agg_p.running(), "the store stops on SIGTERM");
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p3");
+    let again = alerts(addr).await;
+    assert_eq!(again.iter().map(|a| a.tally).sum::<u64>(), 40_000);
+}
+
+#[test]
+fn send_gives_up_after_its_timeout_when_nothing_answers() {
+    let pair = Pair::new(|t| t);
+    let input = alerts_file(pair.dir.path(), 10);
+    let started = std::time::Instant::now();
+    let out = wait_output(
+        pair.spawn_piped(&["send", input.to_str().unwrap(), "--timeout", "2"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("10 events were not acknowledged within 2s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn a_proxy_without_its_store_refuses_probes_at_once_and_is_not_ready() {
+    let pair = Pair::new(|t| t);
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let http = pair.file.proxy("PROXY_P").unwrap().http.unwrap().0;
+    wait_http_ok(http, "/healthz", Duration::from_secs(30));
+    assert_eq!(tandem_tests::http_get(http, "/readyz").0, 503);
+    assert_eq!(tandem_tests::http_get(http, "/active").0, 503);
+
+    let listen = pair.file.proxy("PROXY_P").unwrap().listen.0;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(tandem_probe::Connection::connect(
+        listen,
+        tandem_protocol::ClientKind::Probe,
+        "p",
+        tandem_protocol::DEFAULT_MAX_FRAME,
+        Duration::from_secs(5),
+    ));
+    match refused {
+        Err(tandem_probe::ClientError::Rejected {
+            reason, message, ..
+        }) => {
+            assert_eq!(reason, tandem_protocol::RejectReason::StoreUnavailable);
+            assert!(
+                message.contains("cannot reach its store AGG_P"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got a connection"),
+    }
+
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    wait_http_ok(http, "/readyz", Duration::from_secs(30));
+    assert_eq!(tandem_tests::http_get(http, "/active").0, 200);
+    let (_, metrics) = tandem_tests::http_get(http, "/metrics");
+    assert!(
+        metrics.contains("tandem_proxy_refusals_total{reason=\"store_unavailable\"} 1"),
+        "{metrics}"
+    );
+}
