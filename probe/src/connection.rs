@@ -227,6 +227,15 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Sends an already encoded frame body (a proxy passing a batch on).
+    pub async fn send_raw(&mut self, frame: tandem_protocol::RawFrame) -> Result<(), ClientError> {
+        let addr = self.addr;
+        self.inner
+            .send(frame)
+            .await
+            .map_err(|source| ClientError::Codec { addr, source })
+    }
+
     pub async fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
         let addr = self.addr;
         self.inner

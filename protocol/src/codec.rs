@@ -13,7 +13,7 @@
 //! - a frame longer than the configured maximum (refused before its body is buffered) or an I/O
 //!   error is returned as the decoder's error, which ends the stream: the connection must close.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
@@ -216,6 +216,132 @@ impl Encoder<Message> for MessageCodec {
     }
 }
 
+/// A frame body that is already encoded (a message passed on unchanged but for its head).
+#[derive(Clone, Debug)]
+pub struct RawFrame(pub Bytes);
+
+impl Encoder<RawFrame> for MessageCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: RawFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let len = item.0.len();
+        if len > self.max_frame {
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        let field = u32::try_from(len).map_err(|_| CodecError::FrameTooLarge {
+            len,
+            max: u32::MAX as usize,
+        })?;
+        dst.reserve(LENGTH_FIELD + len);
+        dst.put_u32(field);
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+}
+
+/// Frames without decoding them: for a proxy, which passes event batches on as bytes.
+///
+/// Decodes to whole frame bodies (the same framing and limit as [`MessageCodec`]); encodes
+/// messages and raw frames like it.
+#[derive(Debug, Default)]
+pub struct FrameCodec {
+    messages: MessageCodec,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame: usize) -> Self {
+        FrameCodec {
+            messages: MessageCodec::new(max_frame),
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, CodecError> {
+        let announced = (src.len() >= LENGTH_FIELD)
+            .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
+        let max = self.messages.max_frame;
+        self.messages.frames.decode(src).map_err(|e| {
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
+            {
+                CodecError::FrameTooLarge {
+                    len: announced.unwrap_or(0),
+                    max,
+                }
+            } else {
+                CodecError::Io(e)
+            }
+        })
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.messages.encode(item, dst)
+    }
+}
+
+impl Encoder<Message> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.messages.encode(&item, dst)
+    }
+}
+
+impl Encoder<RawFrame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: RawFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.messages.encode(item, dst)
+    }
+}
+
+/// The head of an `Events` frame: what a proxy needs to route it without decoding the events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventsHead {
+    pub batch: u64,
+    /// How many events the batch says it has (checked by the store when it decodes them).
+    pub events: u64,
+    /// Where the batch id ends in the frame.
+    head_len: usize,
+}
+
+const EVENTS_VARIANT: u32 = 3;
+
+/// Reads the head of an `Events` frame; `None` for any other message.
+pub fn events_head(frame: &[u8]) -> Option<EventsHead> {
+    let ((variant, batch), head_len) =
+        bincode::serde::decode_from_slice::<(u32, u64), _>(frame, config()).ok()?;
+    if variant != EVENTS_VARIANT {
+        return None;
+    }
+    let ((_, _, events), _) =
+        bincode::serde::decode_from_slice::<(u32, u64, u64), _>(frame, config()).ok()?;
+    Some(EventsHead {
+        batch,
+        events,
+        head_len,
+    })
+}
+
+/// The same `Events` frame with another batch id.
+pub fn with_batch(frame: &[u8], head: &EventsHead, batch: u64) -> Result<Bytes, CodecError> {
+    let mut out = Vec::with_capacity(frame.len() + 8);
+    append_bytes(&(EVENTS_VARIANT, batch), &mut out)?;
+    out.extend_from_slice(frame.get(head.head_len..).unwrap_or_default());
+    Ok(Bytes::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -350,6 +476,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn an_events_frame_keeps_its_events_under_a_new_batch_id(
+            msg in any::<Message>(),
+            new_batch in any::<u64>(),
+        ) {
+            let frame = to_bytes(&msg).unwrap();
+            match (&msg, events_head(&frame)) {
+                (Message::Events { batch, events }, Some(head)) => {
+                    prop_assert_eq!(head.batch, *batch);
+                    prop_assert_eq!(head.events, events.len() as u64);
+                    let moved = with_batch(&frame, &head, new_batch).unwrap();
+                    let back: Message = from_bytes(&moved).unwrap();
+                    prop_assert_eq!(back, Message::Events { batch: new_batch, events: events.clone() });
+                }
+                (Message::Events { .. }, None) => prop_assert!(false, "events frame not recognised"),
+                (_, head) => prop_assert!(head.is_none()),
+            }
+        }
+
         #[test]
         fn a_log_entry_by_reference_encodes_like_the_owned_one(entry in any::<crate::message::LogEntry>()) {
             let by_ref = crate::message::LogEntryRef {

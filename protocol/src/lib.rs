@@ -15,7 +15,10 @@ pub mod message;
 pub mod state;
 
 pub use alert::{Alert, AlertFields, JournalEntry, Kind, Millis, Severity, SeverityOutOfRange};
-pub use codec::{BadFrame, CodecError, DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, MessageCodec};
+pub use codec::{
+    BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsHead, FrameCodec, MAX_FRAME_LIMIT, MessageCodec,
+    RawFrame,
+};
 pub use event::{Event, EventBody, Origin, OriginCount, Version};
 pub use message::{
     ClientKind, Directive, Hello, Message, PROTOCOL_VERSION, Query, RejectReason, Role, SortKey,

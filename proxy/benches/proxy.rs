@@ -169,6 +169,23 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // Each measurement gets a fresh store: a store that has just taken 640,000 events is busy
+    // flushing and compacting, which would count against whichever run came second.
+    let idle = with_child(|proxy, _, pid| idle_cost(proxy, pid), &rt);
+    let direct = with_child(|_, store, _| throughput(store, 1), &rt);
+    let through = with_child(|proxy, _, _| throughput(proxy, 2), &rt);
+    println!("{idle}");
+    println!(
+        "{SENDERS} probes x {PER_SENDER} events (batches of {BATCH}, one in flight each): straight to the store {direct:.0} events/s, through the proxy {through:.0} events/s, ratio {:.2}",
+        through / direct
+    );
+}
+
+/// Runs `f` against a fresh child (store and proxy), then stops the child.
+fn with_child<T, F: std::future::Future<Output = T>>(
+    f: impl FnOnce(SocketAddr, SocketAddr, u32) -> F,
+    rt: &tokio::runtime::Runtime,
+) -> T {
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .env("TANDEM_BENCH_CHILD", "1")
         .stdin(Stdio::piped())
@@ -188,45 +205,40 @@ fn main() {
         .next()
         .and_then(|a| a.parse().ok())
         .expect("store address");
-    let pid = child.id();
-
-    rt.block_on(async {
-        let direct = throughput(store, 1).await;
-        let through = throughput(proxy, 2).await;
-        println!(
-            "{SENDERS} probes x {PER_SENDER} events (batches of {BATCH}, one in flight each): straight to the store {direct:.0} events/s, through the proxy {through:.0} events/s, ratio {:.2}",
-            through / direct
-        );
-
-        let before = rss_kib(pid);
-        let mut idle = Vec::with_capacity(IDLE);
-        for _ in 0..IDLE {
-            let conn = Connection::connect(
-                proxy,
-                ClientKind::Probe,
-                "idle",
-                DEFAULT_MAX_FRAME,
-                Duration::from_secs(10),
-            )
-            .await;
-            match conn {
-                Ok(conn) => idle.push(conn),
-                Err(e) => {
-                    println!("stopped at {} idle connections: {e}", idle.len());
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_kib(pid);
-        println!(
-            "{} idle probe connections: store+proxy process RSS {} MiB (was {} MiB), {:.1} KiB per connection",
-            idle.len(),
-            after / 1024,
-            before / 1024,
-            after.saturating_sub(before) as f64 / idle.len().max(1) as f64
-        );
-    });
+    let out = rt.block_on(f(proxy, store, child.id()));
     drop(child.stdin.take());
     let _ = child.wait();
+    out
+}
+
+async fn idle_cost(proxy: SocketAddr, pid: u32) -> String {
+    let before = rss_kib(pid);
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        let conn = Connection::connect(
+            proxy,
+            ClientKind::Probe,
+            "idle",
+            DEFAULT_MAX_FRAME,
+            Duration::from_secs(10),
+        )
+        .await;
+        match conn {
+            Ok(conn) => idle.push(conn),
+            Err(e) => {
+                println!("stopped at {} idle connections: {e}", idle.len());
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    let count = idle.len();
+    drop(idle);
+    format!(
+        "{count} idle probe connections: store+proxy process RSS {} MiB (was {} MiB), {:.1} KiB per connection",
+        after / 1024,
+        before / 1024,
+        after.saturating_sub(before) as f64 / count.max(1) as f64
+    )
 }

@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tandem_protocol::{Directive, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome};
+use tandem_protocol::codec::{events_head, from_bytes, peek_batch};
+use tandem_protocol::{Directive, FrameCodec, Message, PROTOCOL_VERSION, RejectReason, Welcome};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::task::JoinSet;
@@ -98,7 +99,25 @@ struct Handler {
     peer: String,
 }
 
-type Conn = Framed<TcpStream, MessageCodec>;
+type Conn = Framed<TcpStream, FrameCodec>;
+
+/// The next answer for this probe; never, while it has no queue yet.
+async fn recv_answer(answers: &mut Option<(u64, mpsc::Receiver<Message>)>) -> Option<Message> {
+    match answers {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A framed probe link with small starting buffers: 10,000 idle probes should cost little,
+/// and the buffers grow to the size of the batches a busy probe sends.
+fn framed(stream: TcpStream, max_frame: usize) -> Conn {
+    let mut parts =
+        tokio_util::codec::FramedParts::new::<Message>(stream, FrameCodec::new(max_frame));
+    parts.read_buf = bytes::BytesMut::with_capacity(512);
+    parts.write_buf = bytes::BytesMut::with_capacity(256);
+    Framed::from_parts(parts)
+}
 
 async fn send(conn: &mut Conn, msg: Message) -> Result<(), String> {
     conn.send(msg).await.map_err(|e| e.to_string())
@@ -106,7 +125,7 @@ async fn send(conn: &mut Conn, msg: Message) -> Result<(), String> {
 
 impl Handler {
     async fn refuse_full(self, stream: TcpStream) {
-        let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
+        let mut conn = framed(stream, self.options.max_frame);
         let reject = Message::Reject {
             reason: RejectReason::Overloaded,
             message: format!(
@@ -118,15 +137,17 @@ impl Handler {
     }
 
     async fn run(mut self, stream: TcpStream) {
-        let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
+        let mut conn = framed(stream, self.options.max_frame);
         if !self.handshake(&mut conn).await {
             return;
         }
         self.state.probes.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("tandem_proxy_probes").increment(1.0);
-        let (id, answers) = self.registry.register(MAX_BATCHES_PER_PROBE + 16);
-        let result = self.serve(&mut conn, id, answers).await;
-        self.registry.unregister(id);
+        let mut answers = None;
+        let result = self.serve(&mut conn, &mut answers).await;
+        if let Some((id, _)) = answers {
+            self.registry.unregister(id);
+        }
         self.state.probes.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("tandem_proxy_probes").decrement(1.0);
         if let Err(e) = result {
@@ -135,7 +156,16 @@ impl Handler {
     }
 
     async fn handshake(&self, conn: &mut Conn) -> bool {
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await;
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
+            .await
+            .map(|frame| {
+                frame.map(|frame| {
+                    frame.map(|body| {
+                        from_bytes::<Message>(&body)
+                            .map_err(|error| tandem_protocol::BadFrame { error, batch: None })
+                    })
+                })
+            });
         let reject = |reason, message: String| Message::Reject { reason, message };
         let answer = match first {
             Ok(Some(Ok(Ok(Message::Hello(hello))))) if hello.version != PROTOCOL_VERSION => reject(
@@ -195,8 +225,8 @@ impl Handler {
     async fn serve(
         &mut self,
         conn: &mut Conn,
-        id: u64,
-        mut answers: mpsc::Receiver<Message>,
+        // Registered at the first batch: an idle probe costs no answer queue.
+        answers: &mut Option<(u64, mpsc::Receiver<Message>)>,
     ) -> Result<(), String> {
         let mut link = self.state.link.subscribe();
         let max_events = self.options.max_in_flight_per_probe;
@@ -206,40 +236,53 @@ impl Handler {
             let room = in_flight_events < max_events && in_flight.len() < MAX_BATCHES_PER_PROBE;
             tokio::select! {
                 frame = conn.next(), if room => {
-                    let msg = match frame {
+                    let body = match frame {
                         None => return Ok(()),
                         Some(Err(e)) => {
                             let _ = conn.send(&Message::Error { message: e.to_string() }).await;
                             return Err(e.to_string());
                         }
-                        Some(Ok(Err(bad))) => {
+                        Some(Ok(body)) => body,
+                    };
+                    if let Some(head) = events_head(&body) {
+                        let n = usize::try_from(head.events).unwrap_or(usize::MAX);
+                        if n > max_events {
+                            let reason = format!(
+                                "a batch of {n} events is over {}'s max_in_flight_per_probe of {max_events}: send smaller batches",
+                                self.options.name
+                            );
+                            send(conn, Message::Refused { batch: head.batch, index: 0, reason }).await?;
+                            continue;
+                        }
+                        in_flight_events += n;
+                        in_flight.insert(head.batch, n);
+                        let id = match answers {
+                            Some((id, _)) => *id,
+                            None => {
+                                let (id, rx) = self.registry.register(MAX_BATCHES_PER_PROBE + 16);
+                                *answers = Some((id, rx));
+                                id
+                            }
+                        };
+                        let forward = Forward { probe: id, head, frame: body };
+                        if self.forwards.send(forward).await.is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let msg = match from_bytes::<Message>(&body) {
+                        Ok(msg) => msg,
+                        Err(e) => {
                             self.state.refused_bad.fetch_add(1, Ordering::Relaxed);
-                            let answer = match bad.batch {
-                                Some(batch) => Message::Refused { batch, index: 0, reason: bad.to_string() },
-                                None => Message::Error { message: bad.to_string() },
+                            let answer = match peek_batch(&body) {
+                                Some(batch) => Message::Refused { batch, index: 0, reason: e.to_string() },
+                                None => Message::Error { message: format!("frame does not decode as a tandem message: {e}") },
                             };
                             send(conn, answer).await?;
                             continue;
                         }
-                        Some(Ok(Ok(msg))) => msg,
                     };
                     match msg {
-                        Message::Events { batch, events } => {
-                            if events.len() > max_events {
-                                let reason = format!(
-                                    "a batch of {} events is over {}'s max_in_flight_per_probe of {max_events}: send smaller batches",
-                                    events.len(), self.options.name
-                                );
-                                send(conn, Message::Refused { batch, index: 0, reason }).await?;
-                                continue;
-                            }
-                            in_flight_events += events.len();
-                            in_flight.insert(batch, events.len());
-                            let forward = Forward { probe: id, batch, events };
-                            if self.forwards.send(forward).await.is_err() {
-                                return Ok(());
-                            }
-                        }
                         Message::Ping { nonce } => send(conn, Message::Pong { nonce }).await?,
                         other => {
                             let message = format!(
@@ -250,7 +293,7 @@ impl Handler {
                         }
                     }
                 }
-                answer = answers.recv() => {
+                answer = recv_answer(answers) => {
                     let Some(answer) = answer else { return Ok(()) };
                     if let Message::Ack { batch, .. } | Message::Refused { batch, .. } = &answer {
                         in_flight_events -= in_flight.remove(batch).unwrap_or(0);

@@ -12,18 +12,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tandem_probe::{Connection, Writer};
-use tandem_protocol::{ClientKind, Directive, Event, Message};
+use tandem_protocol::codec::with_batch;
+use tandem_protocol::{ClientKind, Directive, EventsHead, Message, RawFrame};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{ProxyOptions, ProxyState, StoreLink};
 
-/// A probe's batch on its way to the store.
+/// A probe's batch on its way to the store, as the bytes the probe sent: the proxy reads only
+/// its head and never decodes the events.
 pub struct Forward {
     pub probe: u64,
-    pub batch: u64,
-    pub events: Vec<Event>,
+    pub head: EventsHead,
+    pub frame: BytesMut,
+}
+
+/// What goes up the store link.
+enum Outgoing {
+    Message(Message),
+    Raw(RawFrame),
 }
 
 /// The connected probes, by id, and where to send their answers.
@@ -126,9 +135,13 @@ pub async fn run(
     }
 }
 
-async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Message>) {
-    while let Some(msg) = rx.recv().await {
-        if let Err(e) = writer.send(&msg).await {
+async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let sent = match out {
+            Outgoing::Message(msg) => writer.send(&msg).await,
+            Outgoing::Raw(frame) => writer.send_raw(frame).await,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, "store link write failed");
             return;
         }
@@ -146,7 +159,7 @@ async fn session(
 ) {
     let welcome = conn.welcome.clone();
     let (mut reader, writer) = conn.split();
-    let (wtx, wrx) = mpsc::channel::<Message>(256);
+    let (wtx, wrx) = mpsc::channel::<Outgoing>(256);
     let mut write_task = tokio::spawn(write_loop(writer, wrx));
     state.link.send_replace(StoreLink {
         up: true,
@@ -168,9 +181,17 @@ async fn session(
             forward = forwards.recv(), if wtx.capacity() > 0 => {
                 let Some(f) = forward else { break };
                 next_batch += 1;
-                pending.insert(next_batch, (f.probe, f.batch));
-                let n = f.events.len() as u64;
-                if wtx.try_send(Message::Events { batch: next_batch, events: f.events }).is_err() {
+                let frame = match with_batch(&f.frame, &f.head, next_batch) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        let reason = format!("the batch could not be passed on: {e}");
+                        registry.route(f.probe, Message::Refused { batch: f.head.batch, index: 0, reason });
+                        continue;
+                    }
+                };
+                pending.insert(next_batch, (f.probe, f.head.batch));
+                let n = f.head.events;
+                if wtx.try_send(Outgoing::Raw(RawFrame(frame))).is_err() {
                     break;
                 }
                 state.events_forwarded.fetch_add(n, Ordering::Relaxed);
@@ -211,7 +232,7 @@ async fn session(
                     break;
                 }
                 nonce += 1;
-                let _ = wtx.try_send(Message::Ping { nonce });
+                let _ = wtx.try_send(Outgoing::Message(Message::Ping { nonce }));
             }
             _ = &mut write_task => {
                 writer_gone = true;
