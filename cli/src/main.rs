@@ -15,6 +15,7 @@ mod proxy_cmd;
 mod runtime;
 mod send_cmd;
 mod store_cmd;
+mod up_cmd;
 
 use std::process::ExitCode;
 
@@ -73,10 +74,7 @@ fn act(global: &Global, name: Option<&str>, body: EventBody, verb: &str, id: &st
 fn run(cli: Cli) -> Result<()> {
     let global = &cli.global;
     match &cli.command {
-        Command::Up => {
-            load(global)?;
-            not_built("up")
-        }
+        Command::Up => up_cmd::run(&load(global)?, global),
         Command::Store(args) => store_cmd::run(&load(global)?, global, args.name.as_deref()),
         Command::Proxy(args) => proxy_cmd::run(&load(global)?, args.name.as_deref()),
         Command::Gateway(args) => {
