@@ -10,21 +10,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::codec::{events_head, from_bytes, peek_batch};
 use tandem_protocol::{Directive, FrameCodec, Message, PROTOCOL_VERSION, RejectReason, Welcome};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::upstream::{Forward, Registry};
 use crate::{ProxyOptions, ProxyState};
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Batches one probe may have in flight; with the event limit, it bounds the answers waiting
 /// for a probe, so the upstream link never has to wait for one.
@@ -39,54 +36,40 @@ pub async fn serve(
     directives: broadcast::Sender<Directive>,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(options.max_probes));
-    let mut handlers = JoinSet::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                backoff = Duration::from_millis(5);
-                conn
+    let max = options.max_probes;
+    let child = shutdown.clone();
+    tandem_net::accept_loop(
+        listener,
+        max,
+        WhenFull::Refuse,
+        shutdown,
+        move |stream, peer, permit| {
+            let handler = Handler {
+                options: options.clone(),
+                state: state.clone(),
+                forwards: forwards.clone(),
+                registry: registry.clone(),
+                directives: directives.subscribe(),
+                shutdown: child.child_token(),
+                peer: peer.to_string(),
+            };
+            async move {
+                match permit {
+                    Some(permit) => {
+                        let _permit = permit;
+                        handler.run(stream).await;
+                    }
+                    None => {
+                        handler.state.refused_full.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("tandem_proxy_refusals_total", "reason" => "max_probes")
+                            .increment(1);
+                        handler.refuse_full(stream).await;
+                    }
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = Handler {
-            options: options.clone(),
-            state: state.clone(),
-            forwards: forwards.clone(),
-            registry: registry.clone(),
-            directives: directives.subscribe(),
-            shutdown: shutdown.child_token(),
-            peer: peer.to_string(),
-        };
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                handlers.spawn(async move {
-                    let _permit = permit;
-                    handler.run(stream).await;
-                });
-            }
-            Err(_) => {
-                state.refused_full.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("tandem_proxy_refusals_total", "reason" => "max_probes")
-                    .increment(1);
-                handlers.spawn(async move { handler.refuse_full(stream).await });
-            }
-        }
-        while handlers.try_join_next().is_some() {}
-    }
-    shutdown.cancel();
-    while handlers.join_next().await.is_some() {}
+        },
+    )
+    .await;
 }
 
 struct Handler {
@@ -166,32 +149,10 @@ impl Handler {
                     })
                 })
             });
-        let reject = |reason, message: String| Message::Reject { reason, message };
-        let answer = match first {
-            Ok(Some(Ok(Ok(Message::Hello(hello))))) if hello.version != PROTOCOL_VERSION => reject(
-                RejectReason::UnsupportedVersion {
-                    supported: PROTOCOL_VERSION,
-                },
-                format!(
-                    "protocol version {} is not supported; {} speaks {PROTOCOL_VERSION}",
-                    hello.version, self.options.name
-                ),
-            ),
-            Ok(Some(Ok(Ok(Message::Hello(hello))))) => {
+        let answer = match check_hello(first, &self.options.name) {
+            Ok(hello) => {
                 let link = self.state.link();
-                if !link.up {
-                    self.state
-                        .refused_store_down
-                        .fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("tandem_proxy_refusals_total", "reason" => "store_unavailable").increment(1);
-                    reject(
-                        RejectReason::StoreUnavailable,
-                        format!(
-                            "{} cannot reach its store {}; use the other member of the pair",
-                            self.options.name, self.options.store_name
-                        ),
-                    )
-                } else {
+                if link.up {
                     let welcome = Message::Welcome(Welcome {
                         version: PROTOCOL_VERSION,
                         name: self.options.name.clone(),
@@ -202,21 +163,21 @@ impl Handler {
                     tracing::debug!(peer = %self.peer, probe = %hello.name, "probe connected");
                     return conn.send(&welcome).await.is_ok();
                 }
+                self.state
+                    .refused_store_down
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_refusals_total", "reason" => "store_unavailable")
+                    .increment(1);
+                Message::Reject {
+                    reason: RejectReason::StoreUnavailable,
+                    message: format!(
+                        "{} cannot reach its store {}; use the other member of the pair",
+                        self.options.name, self.options.store_name
+                    ),
+                }
             }
-            Ok(Some(Ok(Ok(other)))) => reject(
-                RejectReason::BadRequest,
-                format!("expected Hello as the first message, got {}", other.name()),
-            ),
-            Ok(Some(Ok(Err(bad)))) => reject(
-                RejectReason::BadRequest,
-                format!("the first frame is not a tandem Hello: {bad}"),
-            ),
-            Ok(Some(Err(e))) => reject(RejectReason::BadRequest, e.to_string()),
-            Ok(None) => return false,
-            Err(_) => reject(
-                RejectReason::BadRequest,
-                format!("no Hello within {HANDSHAKE_TIMEOUT:?}"),
-            ),
+            Err(Some(reject)) => reject,
+            Err(None) => return false,
         };
         let _ = conn.send(&answer).await;
         false

@@ -8,17 +8,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::message::LogEntry;
-use tandem_protocol::{
-    Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Role, StoreStatus, Welcome,
-};
+use tandem_protocol::{Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +28,6 @@ const MAX_PENDING_BATCHES: usize = 256;
 
 /// Log entries sent in one `LogEntries` message.
 const LOG_CHUNK: usize = 1_000;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the listener.
 #[derive(Clone, Debug)]
@@ -49,51 +44,28 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(options.max_connections));
-    let mut handlers = JoinSet::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                backoff = Duration::from_millis(5);
-                conn
+    let max = options.max_connections;
+    let child = shutdown.clone();
+    tandem_net::accept_loop(
+        listener,
+        max,
+        WhenFull::Wait,
+        shutdown,
+        move |stream, peer, permit| {
+            let handler = Handler {
+                shared: shared.clone(),
+                tx: tx.clone(),
+                options: options.clone(),
+                shutdown: child.child_token(),
+                peer: peer.to_string(),
+            };
+            async move {
+                let _permit = permit;
+                handler.run(stream).await;
             }
-            Err(e) => {
-                // Out of file descriptors and similar: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = Handler {
-            shared: shared.clone(),
-            tx: tx.clone(),
-            options: options.clone(),
-            shutdown: shutdown.child_token(),
-            peer: peer.to_string(),
-        };
-        handlers.spawn(async move {
-            let _permit = permit;
-            handler.run(stream).await;
-        });
-        // Reap finished handlers so the set does not grow with every connection ever made.
-        while handlers.try_join_next().is_some() {}
-    }
-    shutdown.cancel();
-    while handlers.join_next().await.is_some() {}
+        },
+    )
+    .await;
 }
 
 struct Handler {
@@ -135,53 +107,27 @@ impl Handler {
 
     async fn handshake(&self, conn: &mut Conn) -> Option<String> {
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await;
-        let reject = |reason, message: String| Message::Reject { reason, message };
-        let answer = match first {
-            Ok(Some(Ok(Ok(Message::Hello(hello))))) => {
-                if hello.version != PROTOCOL_VERSION {
-                    reject(
-                        RejectReason::UnsupportedVersion {
-                            supported: PROTOCOL_VERSION,
-                        },
-                        format!(
-                            "protocol version {} is not supported; this store speaks {PROTOCOL_VERSION}",
-                            hello.version
-                        ),
-                    )
-                } else {
-                    let welcome = Message::Welcome(Welcome {
-                        version: PROTOCOL_VERSION,
-                        name: self.shared.name.clone(),
-                        role: self.options.role,
-                        acting_primary: self.shared.acting_primary.load(Ordering::Relaxed),
-                        resynced: self.shared.resynced.load(Ordering::Relaxed),
-                    });
-                    if conn.send(&welcome).await.is_err() {
-                        return None;
-                    }
-                    return Some(format!("{:?} {}", hello.kind, hello.name));
-                }
+        match check_hello(first, &self.shared.name) {
+            Ok(hello) => {
+                let welcome = Message::Welcome(Welcome {
+                    version: PROTOCOL_VERSION,
+                    name: self.shared.name.clone(),
+                    role: self.options.role,
+                    acting_primary: self.shared.acting_primary.load(Ordering::Relaxed),
+                    resynced: self.shared.resynced.load(Ordering::Relaxed),
+                });
+                conn.send(&welcome).await.ok()?;
+                Some(format!("{:?} {}", hello.kind, hello.name))
             }
-            Ok(Some(Ok(Ok(other)))) => reject(
-                RejectReason::BadRequest,
-                format!("expected Hello as the first message, got {}", other.name()),
-            ),
-            Ok(Some(Ok(Err(bad)))) => reject(
-                RejectReason::BadRequest,
-                format!("the first frame is not a tandem Hello: {bad}"),
-            ),
-            Ok(Some(Err(e))) => reject(RejectReason::BadRequest, e.to_string()),
-            Ok(None) => return None,
-            Err(_) => reject(
-                RejectReason::BadRequest,
-                format!("no Hello within {HANDSHAKE_TIMEOUT:?}"),
-            ),
-        };
-        if let Message::Reject { message, .. } = &answer {
-            tracing::warn!(peer = %self.peer, "refused connection: {message}");
+            Err(Some(reject)) => {
+                if let Message::Reject { message, .. } = &reject {
+                    tracing::warn!(peer = %self.peer, "refused connection: {message}");
+                }
+                let _ = conn.send(&reject).await;
+                None
+            }
+            Err(None) => None,
         }
-        let _ = conn.send(&answer).await;
-        None
     }
 
     async fn serve(&self, conn: &mut Conn) -> Result<(), String> {
