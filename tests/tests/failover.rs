@@ -268,3 +268,40 @@ fn a_proxy_without_its_store_refuses_probes_at_once_and_is_not_ready() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_full_proxy_refuses_with_a_reason() {
+    let pair = Pair::new(|t| t.replace("store = \"AGG_P\"", "store = \"AGG_P\"\nmax_probes = 2"));
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let http = pair.file.proxy("PROXY_P").unwrap().http.unwrap().0;
+    wait_http_ok(http, "/readyz", Duration::from_secs(30));
+    let listen = pair.file.proxy("PROXY_P").unwrap().listen.0;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let connect = || {
+            tandem_probe::Connection::connect(
+                listen,
+                tandem_protocol::ClientKind::Probe,
+                "p",
+                tandem_protocol::DEFAULT_MAX_FRAME,
+                Duration::from_secs(5),
+            )
+        };
+        let _a = connect().await.unwrap();
+        let _b = connect().await.unwrap();
+        match connect().await {
+            Err(tandem_probe::ClientError::Rejected {
+                reason, message, ..
+            }) => {
+                assert_eq!(reason, tandem_protocol::RejectReason::Overloaded);
+                assert!(
+                    message.contains("maximum of 2 probe connections"),
+                    "{message}"
+                );
+            }
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("a third probe was let in past max_probes = 2"),
+        }
+    });
+}
