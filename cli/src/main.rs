@@ -7,6 +7,7 @@
 
 mod alert_json;
 mod args;
+mod gateway_cmd;
 mod logging;
 mod operator;
 mod ops;
@@ -77,11 +78,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up => up_cmd::run(&load(global)?, global),
         Command::Store(args) => store_cmd::run(&load(global)?, global, args.name.as_deref()),
         Command::Proxy(args) => proxy_cmd::run(&load(global)?, args.name.as_deref()),
-        Command::Gateway(args) => {
-            let pair = load(global)?;
-            pair.select_gateway(args.name.as_deref())?;
-            not_built("gateway")
-        }
+        Command::Gateway(args) => gateway_cmd::run(&load(global)?, args.name.as_deref()),
         Command::Probe(probe) => {
             let pair = load(global)?;
             pair.probe_section()?;

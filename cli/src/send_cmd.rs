@@ -122,6 +122,11 @@ async fn feed(
     let mut sent = 0u64;
     let mut line_no = 0u64;
     let mut lines = input.lines();
+    // With a rate, hand over 10 ms worth at a time: sleeping per line would cost a timer tick
+    // (a millisecond) each and never reach the rate.
+    let chunk = rate
+        .filter(|r| *r > 0)
+        .map_or(CHUNK, |r| (r / 100).clamp(1, CHUNK as u64) as usize);
     loop {
         let line = match tokio::task::block_in_place(|| lines.next()) {
             Some(Ok(line)) => Some(line),
@@ -157,10 +162,7 @@ async fn feed(
                 }
             }
         }
-        if bodies.len() >= CHUNK
-            || (end && !bodies.is_empty())
-            || (rate.is_some() && !bodies.is_empty())
-        {
+        if bodies.len() >= chunk || (end && !bodies.is_empty()) {
             sent += bodies.len() as u64;
             flush(client, &mut bodies, time, line_no).await?;
             time = now_ms();

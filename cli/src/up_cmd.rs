@@ -107,6 +107,9 @@ pub fn run(pair: &PairFile, global: &Global) -> Result<()> {
         for proxy in &pair.proxies {
             start("proxy", &proxy.name)?;
         }
+        for gateway in &pair.gateways {
+            start("gateway", &gateway.name)?;
+        }
         Ok(())
     })();
     if let Err(e) = started {
@@ -165,6 +168,15 @@ fn print_map(pair: &PairFile, data_dir: &Path) {
             p.name,
             p.store,
             p.listen.to_string()
+        );
+    }
+    for g in &pair.gateways {
+        let http = g.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "  gateway {:<6} {} <-> {}  http {http}",
+            g.name,
+            pair.primary_store().name,
+            pair.backup_store().name
         );
     }
     println!();

@@ -207,6 +207,9 @@ pub enum Message {
     },
     LogEntries {
         entries: Vec<LogEntry>,
+        /// The highest LSN this page covers, entries left out included: the subscriber's new
+        /// position even when every entry was filtered away.
+        last_lsn: u64,
         head_lsn: u64,
     },
     /// The requested LSN is no longer retained: a full resync is needed.

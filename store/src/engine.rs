@@ -87,6 +87,8 @@ pub struct Shared {
     pub epoch: u64,
     pub events_applied: AtomicU64,
     pub duplicates: AtomicU64,
+    /// How far the peer store has applied this store's log, as the gateway last reported.
+    pub peer_cursor: AtomicU64,
 }
 
 impl Shared {
@@ -143,6 +145,7 @@ pub fn start(
         epoch: meta.epoch,
         events_applied: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
+        peer_cursor: AtomicU64::new(0),
     });
     let (tx, rx) = mpsc::channel(queue);
     let thread_shared = shared.clone();

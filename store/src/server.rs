@@ -165,8 +165,22 @@ impl Handler {
                             self.submit(Request::Replicate { peer, cursor, entries, reply }).await?;
                             pending.push(answer_of(batch, rx));
                         }
+                        Message::CursorReport { peer, lsn } => {
+                            // How far the peer has applied this store's log; answered with
+                            // nothing, as it comes on a subscription's stream.
+                            self.shared.peer_cursor.store(lsn, Ordering::Relaxed);
+                            tracing::trace!(peer, lsn, "peer cursor");
+                        }
                         Message::Subscribe { from_lsn, skip_source } => {
                             subscription = Some(Subscription { next: from_lsn.max(1), skip_source });
+                            let head = self.shared.head_lsn();
+                            if from_lsn.max(1) > head && from_lsn.max(1) >= self.shared.first_lsn.load(Ordering::Relaxed) {
+                                // Nothing to send yet: say where the head is, so the subscriber
+                                // knows it has caught up.
+                                conn.send(&Message::LogEntries { entries: Vec::new(), last_lsn: head, head_lsn: head })
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                            }
                             self.push_log(conn, &mut subscription).await?;
                         }
                         other => {
@@ -248,6 +262,7 @@ impl Handler {
             };
             conn.send(&Message::LogEntries {
                 entries,
+                last_lsn: last,
                 head_lsn: head,
             })
             .await

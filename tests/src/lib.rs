@@ -386,3 +386,10 @@ pub fn repeated_alerts_file(dir: &Path, name: &str, n: u64, ids: u64) -> PathBuf
     out.flush().expect("input flushed");
     path
 }
+
+/// Serialises the tests of one test binary that measure timing under load (failover gaps):
+/// two whole pairs sharing two cores would measure each other, not tandem.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

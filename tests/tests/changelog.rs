@@ -93,8 +93,13 @@ async fn subscribers_get_every_entry_in_order_and_then_live_ones() {
     .await
     .unwrap();
     match tokio::time::timeout(Duration::from_secs(10), skip.recv()).await {
-        Ok(Ok(Message::LogEntries { entries, head_lsn })) => {
+        Ok(Ok(Message::LogEntries {
+            entries,
+            last_lsn,
+            head_lsn,
+        })) => {
             assert!(entries.is_empty());
+            assert_eq!(last_lsn, 60, "the page covers what it left out");
             assert_eq!(head_lsn, 60);
         }
         other => panic!("expected an empty page, got {other:?}"),

@@ -59,6 +59,7 @@ async fn identifiers(r: &Running, stores: &[&str]) -> HashSet<String> {
 
 /// Sends 40,000 events at 20,000/s and SIGKILLs `victim` after 0.7 s.
 async fn send_through_a_kill(kill_store: bool) {
+    let _alone = tandem_tests::one_at_a_time().await;
     let mut r = start_pair();
     let input = alerts_file(r.pair.dir.path(), 40_000);
     let send = r
@@ -114,6 +115,7 @@ async fn send_survives_the_primary_store_being_killed_behind_its_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_killed_mid_send_delivers_every_event_once_after_restart() {
+    let _alone = tandem_tests::one_at_a_time().await;
     let r = start_pair();
     let input = alerts_file(r.pair.dir.path(), 20_000);
     let args = ["send", input.to_str().unwrap(), "--rate", "10000", "--json"];
@@ -157,6 +159,7 @@ fn json_summary_ok(out: &std::process::Output) -> serde_json::Value {
 /// probe waits for the store to come back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_counts_exactly_through_a_store_kill_and_restart() {
+    let _alone = tandem_tests::one_at_a_time().await;
     let pair = Pair::new(|t| t);
     let mut agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
     let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");

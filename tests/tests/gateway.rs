@@ -1,0 +1,88 @@
+//! The gateway with real processes: after the primary store dies mid-send and comes back, both
+//! stores converge to exactly what was sent, field by field.
+
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tandem_protocol::Alert;
+use tandem_tests::client::alerts;
+use tandem_tests::{Pair, http_get, repeated_alerts_file, wait_http_ok, wait_output};
+
+fn by_identifier(mut list: Vec<Alert>) -> BTreeMap<String, Alert> {
+    list.iter_mut().for_each(|a| a.serial = 0);
+    list.into_iter()
+        .map(|a| (a.identifier.clone(), a))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stores_converge_after_the_primary_dies_mid_send() {
+    let pair = Pair::new(|t| t);
+    let mut agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _agg_b = pair.spawn(&["store", "--name", "AGG_B"], "agg_b");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
+    let _gw = pair.spawn(&["gateway"], "gw");
+    for proxy in ["PROXY_P", "PROXY_B"] {
+        wait_http_ok(
+            pair.file.proxy(proxy).unwrap().http.unwrap().0,
+            "/readyz",
+            Duration::from_secs(30),
+        );
+    }
+    let gw_http = pair.file.gateways[0].http.unwrap().0;
+    wait_http_ok(gw_http, "/readyz", Duration::from_secs(30));
+
+    let input = repeated_alerts_file(pair.dir.path(), "load.jsonl", 30_000, 800);
+    let send = pair.spawn_piped(&["send", input.to_str().unwrap(), "--rate", "15000", "--json"]);
+    std::thread::sleep(Duration::from_millis(800));
+    agg_p.kill();
+    let out = wait_output(send, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "send failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("send: {}", String::from_utf8_lossy(&out.stdout));
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p2");
+
+    let p_addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (p, b) = loop {
+        let (code, body) = http_get(gw_http, "/status");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let lags_zero = status["directions"]
+            .as_array()
+            .is_some_and(|d| d.iter().all(|d| d["lag"] == 0));
+        if code == 200 && status["resynced"] == true && lags_zero {
+            let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+            if p.iter().map(|a| a.tally).sum::<u64>() == 30_000
+                && b.iter().map(|a| a.tally).sum::<u64>() == 30_000
+            {
+                break (p, b);
+            }
+        }
+        if Instant::now() > deadline {
+            let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+            panic!(
+                "not converged within 30 s; gateway: {body}\nAGG_P {} alerts, tally {}; AGG_B {} alerts, tally {}\n{}",
+                p.len(),
+                p.iter().map(|a| a.tally).sum::<u64>(),
+                b.len(),
+                b.iter().map(|a| a.tally).sum::<u64>(),
+                http_get(pair.file.store("AGG_B").unwrap().http.unwrap().0, "/status").1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(p.len(), 800);
+    assert_eq!(b.len(), 800);
+    let (p, b) = (by_identifier(p), by_identifier(b));
+    for (id, alert) in &p {
+        assert_eq!(Some(alert), b.get(id), "{id} differs between the stores");
+    }
+}
