@@ -360,6 +360,28 @@ impl Driver {
                 if attempt != self.attempt {
                     return true;
                 }
+                let expected = match member {
+                    Member::Primary => &self.config.primary.0,
+                    Member::Backup => &self.config.backup.0,
+                };
+                let result = result.and_then(|conn| {
+                    if conn.welcome.name == *expected {
+                        Ok(conn)
+                    } else {
+                        // Another server on that address (a stale pair file, a port reused):
+                        // sending there would put events where nobody looks for them.
+                        tracing::warn!(
+                            expected = %expected,
+                            answered = %conn.welcome.name,
+                            addr = %conn.addr(),
+                            "the wrong server answered; check the pair file"
+                        );
+                        Err(ClientError::Handshake {
+                            addr: conn.addr(),
+                            got: "a Welcome from another server",
+                        })
+                    }
+                });
                 match result {
                     Ok(conn) => {
                         self.open_link(member, conn);

@@ -44,11 +44,24 @@ pub fn tandem_bin() -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Never the same port twice in one test process, so two pairs of concurrent tests cannot be
+/// handed the same port between choosing it and binding it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("an ephemeral port on 127.0.0.1");
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A pair file with ephemeral ports and a data directory, both in a temporary directory.

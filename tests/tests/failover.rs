@@ -308,3 +308,37 @@ fn a_full_proxy_refuses_with_a_reason() {
         }
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_does_not_send_to_a_server_that_is_not_its_proxy() {
+    // Pair A runs its stores; pair B's proxies are (wrongly) given pair A's store addresses.
+    let a = Pair::new(|t| t);
+    let _agg_p = a.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _agg_b = a.spawn(&["store", "--name", "AGG_B"], "agg_b");
+    let p_addr = a.file.store("AGG_P").unwrap().listen.0;
+    let b_addr = a.file.store("AGG_B").unwrap().listen.0;
+    tandem_tests::client::connect(p_addr, Duration::from_secs(30)).await;
+    tandem_tests::client::connect(b_addr, Duration::from_secs(30)).await;
+    let b = Pair::new(|t| {
+        let file = tandem_config::PairFile::parse(&t, "b").unwrap();
+        let (pp, pb) = (file.proxies[0].listen.0, file.proxies[1].listen.0);
+        t.replace(&format!("\"{pp}\""), &format!("\"{p_addr}\""))
+            .replace(&format!("\"{pb}\""), &format!("\"{b_addr}\""))
+    });
+    let input = alerts_file(b.dir.path(), 5);
+    let out = wait_output(
+        b.spawn_piped(&["send", input.to_str().unwrap(), "--timeout", "2"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        alerts(p_addr).await.is_empty(),
+        "nothing went to a store posing as a proxy"
+    );
+    assert!(alerts(b_addr).await.is_empty());
+}
