@@ -15,6 +15,7 @@ mod probe_config;
 mod proxy_cmd;
 mod runtime;
 mod send_cmd;
+mod status_cmd;
 mod store_cmd;
 mod up_cmd;
 
@@ -101,13 +102,17 @@ fn run(cli: Cli) -> Result<()> {
             ))?;
             operator::print_alerts(&alerts, total, args.json)
         }
-        Command::Status(_) => {
-            load(global)?;
-            not_built("status")
+        Command::Status(args) => {
+            let pair = load(global)?;
+            let status = runtime::runtime()?.block_on(status_cmd::collect(&pair));
+            status_cmd::print(&status, args.json);
+            Ok(())
         }
-        Command::Failback(_) => {
-            load(global)?;
-            not_built("failback")
+        Command::Failback(args) => {
+            let pair = load(global)?;
+            let done = runtime::runtime()?.block_on(status_cmd::failback(&pair, args.force))?;
+            println!("{done}");
+            Ok(())
         }
         Command::Ack(args) => {
             let body = EventBody::Acknowledge {

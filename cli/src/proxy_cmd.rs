@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
-use tandem_config::PairFile;
+use tandem_config::{PairFile, StoreRole};
 use tandem_proxy::{ProxyOptions, ProxyState};
 
 use crate::ops::{self, OpsView};
@@ -27,6 +27,10 @@ pub fn options(pair: &PairFile, name: Option<&str>) -> Result<ProxyOptions> {
         // the probes to move.
         heartbeat: deadline / 5,
         dead_after: deadline / 2,
+        redirect_to: match store.role {
+            StoreRole::Backup => pair.probe.as_ref().map(|p| p.primary.clone()),
+            StoreRole::Primary => None,
+        },
     })
 }
 

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Result;
-use tandem_config::{PairFile, StoreRole, resolve};
+use tandem_config::{Failback, PairFile, StoreRole, resolve};
 use tandem_protocol::Role;
 use tandem_store::StoreOptions;
 use tandem_store::engine::Shared;
+use tandem_store::peer::PeerOptions;
+use tandem_store::role::RoleSettings;
 
 use crate::args::Global;
 use crate::ops::{self, OpsView};
@@ -17,6 +19,7 @@ use crate::runtime;
 
 pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<StoreOptions> {
     let store = pair.select_store(name)?;
+    let peer = pair.peer_of(store);
     Ok(StoreOptions {
         name: store.name.clone(),
         role: match store.role {
@@ -31,6 +34,21 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         housekeeping: store.housekeeping,
         housekeeping_interval: Duration::from_secs(1),
         log_retention: store.log_retention_entries.max(1),
+        peer: Some(PeerOptions {
+            name: peer.name.clone(),
+            addr: peer.listen.0,
+            // A quarter of the failover deadline: three misses in a row (the backup's threshold)
+            // still fit inside it.
+            heartbeat: Duration::from_millis((pair.pair.failover_deadline_ms / 4).max(10)),
+            max_frame: pair.pair.max_frame_bytes,
+            on_role_change: store.on_role_change.clone(),
+        }),
+        role_settings: RoleSettings {
+            misses_down: 3,
+            successes_up: 2,
+            hold_down: Duration::from_millis(pair.pair.failback_hold_down_ms),
+            auto_failback: pair.pair.failback == Failback::Auto,
+        },
     })
 }
 
@@ -55,6 +73,7 @@ impl OpsView for StoreView {
             "name": s.name,
             "role": self.role,
             "acting_primary": s.acting_primary.load(Ordering::Relaxed),
+            "peer_up": s.peer_up.load(Ordering::Relaxed),
             "resynced": s.resynced.load(Ordering::Relaxed),
             "alerts": s.alert_count(),
             "lsn": s.head_lsn(),

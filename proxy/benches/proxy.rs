@@ -42,6 +42,8 @@ async fn child() {
             housekeeping: false,
             housekeeping_interval: Duration::from_secs(3600),
             log_retention: tandem_store::engine::DEFAULT_LOG_RETENTION,
+            peer: None,
+            role_settings: tandem_store::role::RoleSettings::default(),
         },
         shutdown.clone(),
         |_, addr| {
@@ -61,6 +63,7 @@ async fn child() {
             max_in_flight_per_probe: 10_000,
             heartbeat: Duration::from_millis(200),
             dead_after: Duration::from_millis(500),
+            redirect_to: None,
         },
         shutdown.clone(),
         |_, addr| {

@@ -35,6 +35,9 @@ pub struct ProxyOptions {
     /// How often the store link is pinged; silence for `dead_after` drops it.
     pub heartbeat: Duration,
     pub dead_after: Duration,
+    /// The primary member's name, when this proxy fronts the backup store: after a fail-back
+    /// new probes are sent there.
+    pub redirect_to: Option<String>,
 }
 
 /// What the store said about itself when the link came up.
@@ -44,6 +47,8 @@ pub struct StoreLink {
     pub role: Role,
     pub acting_primary: bool,
     pub resynced: bool,
+    /// The store has failed back and not become acting primary again since.
+    pub failed_back: bool,
 }
 
 /// State the ops endpoints read.
@@ -97,6 +102,7 @@ pub async fn run(
         role: Role::Primary,
         acting_primary: false,
         resynced: false,
+        failed_back: false,
     });
     let state = Arc::new(ProxyState {
         name: options.name.clone(),

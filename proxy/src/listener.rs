@@ -152,7 +152,19 @@ impl Handler {
         let answer = match check_hello(first, &self.options.name) {
             Ok(hello) => {
                 let link = self.state.link();
-                if link.up {
+                let redirect = self
+                    .options
+                    .redirect_to
+                    .as_ref()
+                    .filter(|_| link.up && link.failed_back && !link.acting_primary);
+                if let Some(to) = redirect {
+                    Message::Reject {
+                        reason: RejectReason::Redirect { to: to.clone() },
+                        message: format!(
+                            "the pair has failed back to its primary: connect to {to}"
+                        ),
+                    }
+                } else if link.up {
                     let welcome = Message::Welcome(Welcome {
                         version: PROTOCOL_VERSION,
                         name: self.options.name.clone(),
@@ -162,18 +174,19 @@ impl Handler {
                     });
                     tracing::debug!(peer = %self.peer, probe = %hello.name, "probe connected");
                     return conn.send(&welcome).await.is_ok();
-                }
-                self.state
-                    .refused_store_down
-                    .fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("tandem_proxy_refusals_total", "reason" => "store_unavailable")
-                    .increment(1);
-                Message::Reject {
-                    reason: RejectReason::StoreUnavailable,
-                    message: format!(
-                        "{} cannot reach its store {}; use the other member of the pair",
-                        self.options.name, self.options.store_name
-                    ),
+                } else {
+                    self.state
+                        .refused_store_down
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("tandem_proxy_refusals_total", "reason" => "store_unavailable")
+                        .increment(1);
+                    Message::Reject {
+                        reason: RejectReason::StoreUnavailable,
+                        message: format!(
+                            "{} cannot reach its store {}; use the other member of the pair",
+                            self.options.name, self.options.store_name
+                        ),
+                    }
                 }
             }
             Err(Some(reject)) => reject,

@@ -166,6 +166,7 @@ async fn session(
         role: welcome.role,
         acting_primary: welcome.acting_primary,
         resynced: welcome.resynced,
+        failed_back: false,
     });
     let mut pending: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut next_batch = 0u64;
@@ -219,7 +220,22 @@ async fn session(
                     }
                     Message::Directive(d) => {
                         tracing::info!(directive = ?d, "passing the store's directive to every probe");
+                        if d == Directive::Failback {
+                            state.link.send_modify(|l| {
+                                l.failed_back = true;
+                                l.acting_primary = false;
+                            });
+                        }
                         let _ = directives.send(d);
+                    }
+                    Message::Status(status) => {
+                        state.link.send_modify(|l| {
+                            l.acting_primary = status.acting_primary;
+                            l.resynced = status.resynced;
+                            if status.acting_primary {
+                                l.failed_back = false;
+                            }
+                        });
                     }
                     Message::Pong { .. } => {}
                     Message::Error { message } => tracing::warn!(store = %options.store_name, "store error: {message}"),

@@ -89,6 +89,12 @@ pub struct Shared {
     pub duplicates: AtomicU64,
     /// How far the peer store has applied this store's log, as the gateway last reported.
     pub peer_cursor: AtomicU64,
+    pub peer_up: AtomicBool,
+    pub role: std::sync::Mutex<crate::role::Role>,
+    /// Directives for every connected probe and proxy (fail-back).
+    pub directives: tokio::sync::broadcast::Sender<tandem_protocol::Directive>,
+    /// Every change of the acting flag, for connected proxies to hear at once.
+    pub role_changes: tokio::sync::broadcast::Sender<bool>,
 }
 
 impl Shared {
@@ -146,6 +152,10 @@ pub fn start(
         events_applied: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
         peer_cursor: AtomicU64::new(0),
+        peer_up: AtomicBool::new(false),
+        role: std::sync::Mutex::new(crate::role::Role::primary()),
+        directives: tokio::sync::broadcast::channel(16).0,
+        role_changes: tokio::sync::broadcast::channel(16).0,
     });
     let (tx, rx) = mpsc::channel(queue);
     let thread_shared = shared.clone();

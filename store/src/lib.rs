@@ -27,7 +27,9 @@ pub mod db;
 pub mod engine;
 pub mod fold;
 pub mod housekeeping;
+pub mod peer;
 pub mod query;
+pub mod role;
 pub mod server;
 pub mod table;
 
@@ -79,6 +81,9 @@ pub struct StoreOptions {
     pub housekeeping: bool,
     pub housekeeping_interval: Duration,
     pub log_retention: u64,
+    /// The primary, watched by the backup (`None`: no watch; the primary never needs one).
+    pub peer: Option<peer::PeerOptions>,
+    pub role_settings: role::RoleSettings,
 }
 
 /// Runs a store until `shutdown` is cancelled. `ready` is called once the table is loaded and
@@ -110,7 +115,13 @@ pub async fn run(
                 source,
             })?;
 
-    // Until the pair's heartbeat exists, the primary is acting primary and the backup is not.
+    // The primary acts whenever it runs; the backup only once it has seen the primary gone.
+    if let Ok(mut role) = shared.role.lock() {
+        *role = match options.role {
+            Role::Primary => role::Role::primary(),
+            Role::Backup => role::Role::backup(options.role_settings.clone()),
+        };
+    }
     shared
         .acting_primary
         .store(options.role == Role::Primary, Ordering::Relaxed);
@@ -129,8 +140,12 @@ pub async fn run(
         );
         tasks.spawn(housekeeping::run(s, t, every, after, stop));
     }
+    if let (Role::Backup, Some(peer)) = (options.role, options.peer.clone()) {
+        tasks.spawn(peer::watch(shared.clone(), peer, shutdown.child_token()));
+    }
     let server_options = server::ServerOptions {
         role: options.role,
+        on_role_change: options.peer.as_ref().and_then(|p| p.on_role_change.clone()),
         max_frame: options.max_frame,
         max_connections: options.max_connections,
     };

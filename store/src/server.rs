@@ -13,7 +13,9 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::message::LogEntry;
-use tandem_protocol::{Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome};
+use tandem_protocol::{
+    ClientKind, Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -33,6 +35,7 @@ const LOG_CHUNK: usize = 1_000;
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub role: Role,
+    pub on_role_change: Option<String>,
     pub max_frame: usize,
     pub max_connections: usize,
 }
@@ -95,17 +98,16 @@ async fn answer_of(
 impl Handler {
     async fn run(self, stream: TcpStream) {
         let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
-        let client = match self.handshake(&mut conn).await {
-            Some(client) => client,
-            None => return,
+        let Some((kind, client)) = self.handshake(&mut conn).await else {
+            return;
         };
-        tracing::debug!(peer = %self.peer, client = %client, "connected");
-        if let Err(e) = self.serve(&mut conn).await {
+        tracing::debug!(peer = %self.peer, client = %client, ?kind, "connected");
+        if let Err(e) = self.serve(&mut conn, kind).await {
             tracing::info!(peer = %self.peer, client = %client, error = %e, "connection closed");
         }
     }
 
-    async fn handshake(&self, conn: &mut Conn) -> Option<String> {
+    async fn handshake(&self, conn: &mut Conn) -> Option<(ClientKind, String)> {
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await;
         match check_hello(first, &self.shared.name) {
             Ok(hello) => {
@@ -117,7 +119,7 @@ impl Handler {
                     resynced: self.shared.resynced.load(Ordering::Relaxed),
                 });
                 conn.send(&welcome).await.ok()?;
-                Some(format!("{:?} {}", hello.kind, hello.name))
+                Some((hello.kind, hello.name))
             }
             Err(Some(reject)) => {
                 if let Message::Reject { message, .. } = &reject {
@@ -130,12 +132,28 @@ impl Handler {
         }
     }
 
-    async fn serve(&self, conn: &mut Conn) -> Result<(), String> {
+    async fn serve(&self, conn: &mut Conn, kind: ClientKind) -> Result<(), String> {
         let mut pending = FuturesUnordered::new();
         let mut subscription: Option<Subscription> = None;
         let mut head = self.shared.head.subscribe();
+        // Directives move probes (directly or through their proxy); the gateway's and
+        // operators' own links stay where they are.
+        let moved = matches!(kind, ClientKind::Probe | ClientKind::Proxy);
+        let mut directives = self.shared.directives.subscribe();
+        let mut role_changes = self.shared.role_changes.subscribe();
         loop {
             tokio::select! {
+                directive = directives.recv(), if moved => {
+                    if let Ok(d) = directive {
+                        conn.send(&Message::Directive(d)).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                change = role_changes.recv(), if kind == ClientKind::Proxy => {
+                    if change.is_ok() {
+                        // Proxies show the store's role in their handshakes and /active.
+                        conn.send(&Message::Status(self.status())).await.map_err(|e| e.to_string())?;
+                    }
+                }
                 frame = conn.next(), if pending.len() < MAX_PENDING_BATCHES => {
                     let msg = match frame {
                         None => return Ok(()),
@@ -296,6 +314,17 @@ impl Handler {
                     message: e.to_string(),
                 },
             },
+            Message::Failback { force } => {
+                let input = crate::role::RoleInput::Failback { force };
+                match crate::peer::role_input(
+                    &self.shared,
+                    input,
+                    self.options.on_role_change.as_deref(),
+                ) {
+                    Ok(message) => Message::Done { message },
+                    Err(message) => Message::Error { message },
+                }
+            }
             Message::ResyncFinished { gateway } => {
                 self.shared.resynced.store(true, Ordering::Relaxed);
                 tracing::info!(gateway, "resync finished");
@@ -315,7 +344,7 @@ impl Handler {
             role: Some(self.options.role),
             acting_primary: self.shared.acting_primary.load(Ordering::Relaxed),
             resynced: self.shared.resynced.load(Ordering::Relaxed),
-            peer_up: false,
+            peer_up: self.shared.peer_up.load(Ordering::Relaxed),
             alerts: self.shared.alert_count(),
             lsn: self.shared.head_lsn(),
             first_lsn: self.shared.first_lsn.load(Ordering::Relaxed),

@@ -1,0 +1,194 @@
+//! `tandem status` and `tandem failback`: the pair at a glance, and the operator's fail-back.
+//!
+//! Stores are asked over the tandem protocol, proxies and gateways through their `/status`
+//! endpoints. A component that does not answer shows as down: status is what an operator runs
+//! when something is wrong, so it never fails because a component did.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use tandem_config::PairFile;
+use tandem_probe::Connection;
+use tandem_protocol::{ClientKind, Message};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn store_status(pair: &PairFile, name: &str, addr: SocketAddr) -> Value {
+    let asked = async {
+        let mut conn = Connection::connect(
+            addr,
+            ClientKind::Operator,
+            "status",
+            pair.pair.max_frame_bytes,
+            TIMEOUT,
+        )
+        .await
+        .ok()?;
+        match conn.request(&Message::StatusRequest, TIMEOUT).await.ok()? {
+            Message::Status(s) => Some(s),
+            _ => None,
+        }
+    };
+    let role = pair
+        .store(name)
+        .map(|s| format!("{:?}", s.role).to_lowercase())
+        .unwrap_or_default();
+    match asked.await {
+        Some(s) => json!({
+            "name": name, "up": true, "role": role, "acting_primary": s.acting_primary,
+            "alerts": s.alerts, "lsn": s.lsn, "first_lsn": s.first_lsn,
+            "resynced": s.resynced, "peer_up": s.peer_up,
+        }),
+        None => {
+            json!({"name": name, "up": false, "role": role, "acting_primary": false, "alerts": null, "lsn": null})
+        }
+    }
+}
+
+fn http_status(addr: Option<SocketAddr>) -> Option<Value> {
+    let addr = addr?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let body = agent
+        .get(&format!("http://{addr}/status"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+pub async fn collect(pair: &PairFile) -> Value {
+    let mut stores = Vec::new();
+    for s in &pair.stores {
+        stores.push(store_status(pair, &s.name, s.listen.0).await);
+    }
+    let proxies: Vec<Value> = pair
+        .proxies
+        .iter()
+        .map(|p| match http_status(p.http.map(|a| a.0)) {
+            Some(s) => json!({
+                "name": p.name, "up": true, "store": p.store, "probes": s["probes"],
+                "store_up": s["store_up"], "events_forwarded": s["events_forwarded"],
+            }),
+            None => json!({"name": p.name, "up": false, "store": p.store, "probes": null}),
+        })
+        .collect();
+    let gateways: Vec<Value> = pair
+        .gateways
+        .iter()
+        .map(|g| match http_status(g.http.map(|a| a.0)) {
+            Some(s) => json!({
+                "name": g.name, "up": true, "state": s["state"], "resynced": s["resynced"],
+                "directions": s["directions"],
+            }),
+            None => json!({"name": g.name, "up": false, "state": null, "resynced": false}),
+        })
+        .collect();
+    let acting: Vec<&str> = stores
+        .iter()
+        .filter(|s| s["up"] == true && s["acting_primary"] == true)
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    json!({
+        "pair": pair.pair.name,
+        "acting_primary": acting,
+        "stores": stores,
+        "proxies": proxies,
+        "gateways": gateways,
+    })
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn print(status: &Value, as_json: bool) {
+    if as_json {
+        println!("{status}");
+        return;
+    }
+    let updown = |v: &Value| if v["up"] == true { "up" } else { "DOWN" };
+    println!(
+        "pair {}: acting primary {}",
+        show(&status["pair"]),
+        show(&status["acting_primary"])
+    );
+    for s in status["stores"].as_array().into_iter().flatten() {
+        println!(
+            "  store   {:<8} {:<4} {:<8} acting {:<5} alerts {:>8} lsn {:>10} resynced {}",
+            show(&s["name"]),
+            updown(s),
+            show(&s["role"]),
+            show(&s["acting_primary"]),
+            show(&s["alerts"]),
+            show(&s["lsn"]),
+            show(&s["resynced"]),
+        );
+    }
+    for p in status["proxies"].as_array().into_iter().flatten() {
+        println!(
+            "  proxy   {:<8} {:<4} -> {:<6} probes {:>6} store link {}",
+            show(&p["name"]),
+            updown(p),
+            show(&p["store"]),
+            show(&p["probes"]),
+            show(&p["store_up"]),
+        );
+    }
+    for g in status["gateways"].as_array().into_iter().flatten() {
+        let lag: Vec<String> = g["directions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{}->{} lag {}",
+                    show(&d["from"]),
+                    show(&d["to"]),
+                    show(&d["lag"])
+                )
+            })
+            .collect();
+        println!(
+            "  gateway {:<8} {:<4} {:<10} resynced {:<5} {}",
+            show(&g["name"]),
+            updown(g),
+            show(&g["state"]),
+            show(&g["resynced"]),
+            lag.join(", "),
+        );
+    }
+}
+
+/// Asks the backup to send its clients back to the primary.
+pub async fn failback(pair: &PairFile, force: bool) -> Result<String> {
+    let backup = pair.backup_store();
+    let mut conn = Connection::connect(
+        backup.listen.0,
+        ClientKind::Operator,
+        "failback",
+        pair.pair.max_frame_bytes,
+        TIMEOUT * 2,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the backup store {} is not reachable: {e}", backup.name))?;
+    match conn
+        .request(&Message::Failback { force }, TIMEOUT * 2)
+        .await?
+    {
+        Message::Done { message } => Ok(format!("{}: {message}", backup.name)),
+        Message::Error { message } => bail!("{} refused: {message}", backup.name),
+        other => bail!("{} answered {}", backup.name, other.name()),
+    }
+}
