@@ -12,6 +12,7 @@ mod logging;
 mod operator;
 mod ops;
 mod probe_config;
+mod probe_json;
 mod proxy_cmd;
 mod runtime;
 mod send_cmd;
@@ -84,7 +85,9 @@ fn run(cli: Cli) -> Result<()> {
             let pair = load(global)?;
             pair.probe_section()?;
             match probe {
-                ProbeCommand::Json { .. } => not_built("probe json"),
+                ProbeCommand::Json { follow, file } => {
+                    probe_json::run(&pair, &global.data_dir, *follow, file.as_deref())
+                }
                 ProbeCommand::Syslog { .. } => not_built("probe syslog"),
                 ProbeCommand::Webhook { .. } => not_built("probe webhook"),
             }
