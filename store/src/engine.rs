@@ -95,9 +95,47 @@ pub struct Shared {
     pub directives: tokio::sync::broadcast::Sender<tandem_protocol::Directive>,
     /// Every change of the acting flag, for connected proxies to hear at once.
     pub role_changes: tokio::sync::broadcast::Sender<bool>,
+    /// The commit queue, weakly: the store's own notices go through it, without keeping the
+    /// commit thread alive past shutdown.
+    requests: std::sync::OnceLock<mpsc::WeakSender<Request>>,
 }
 
 impl Shared {
+    /// Records what happened to the pair as an alert of its own (manager `tandem`, expiring
+    /// after a day), so operators watching alerts see failovers, fail-backs and resyncs. It is
+    /// an event like any other: logged, replicated, deduplicated.
+    pub fn notice(
+        &self,
+        key: &str,
+        kind: tandem_protocol::Kind,
+        severity: tandem_protocol::Severity,
+        summary: String,
+    ) {
+        let Some(tx) = self.requests.get().and_then(mpsc::WeakSender::upgrade) else {
+            return;
+        };
+        let fields = tandem_protocol::AlertFields {
+            identifier: format!("tandem:{}:{key}", self.name),
+            node: self.name.clone(),
+            manager: "tandem".into(),
+            agent: "tandem".into(),
+            alert_group: "pair".into(),
+            alert_key: key.into(),
+            summary,
+            class: "tandem".into(),
+            kind,
+            severity,
+            expire_seconds: 86_400,
+            ..tandem_protocol::AlertFields::default()
+        };
+        let request = Request::Housekeeping {
+            bodies: vec![EventBody::Occurrence(fields)],
+        };
+        if tx.try_send(request).is_err() {
+            tracing::warn!(key, "the commit queue is full; the notice alert is dropped");
+        }
+    }
+
     /// The alerts that exist now.
     pub fn alert_count(&self) -> u64 {
         self.table.read().map(|t| t.alive()).unwrap_or(0)
@@ -156,8 +194,10 @@ pub fn start(
         role: std::sync::Mutex::new(crate::role::Role::primary()),
         directives: tokio::sync::broadcast::channel(16).0,
         role_changes: tokio::sync::broadcast::channel(16).0,
+        requests: std::sync::OnceLock::new(),
     });
     let (tx, rx) = mpsc::channel(queue);
+    let _ = shared.requests.set(tx.downgrade());
     let thread_shared = shared.clone();
     let handle = std::thread::Builder::new()
         .name(format!("{name}-commit"))

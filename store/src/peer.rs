@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tandem_probe::Connection;
-use tandem_protocol::{ClientKind, Directive, Message};
+use tandem_protocol::{ClientKind, Directive, Kind, Message, Severity};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Shared;
@@ -43,11 +43,30 @@ pub fn role_input(
         match action {
             RoleAction::BecomeActing => {
                 set_acting(shared, true, on_role_change);
+                shared.notice(
+                    "failover",
+                    Kind::Problem,
+                    Severity::MAJOR,
+                    format!(
+                        "{} is acting primary: the primary does not answer",
+                        shared.name
+                    ),
+                );
                 outcome = Ok("acting primary".into());
             }
             RoleAction::FailBack => {
                 set_acting(shared, false, on_role_change);
                 let _ = shared.directives.send(Directive::Failback);
+                // A resolution with the failover notice's key: it clears that notice.
+                shared.notice(
+                    "failover",
+                    Kind::Resolution,
+                    Severity::CLEAR,
+                    format!(
+                        "{} failed back: its clients went back to the primary",
+                        shared.name
+                    ),
+                );
                 tracing::info!(store = %shared.name, "failing back: every client is sent to the primary");
                 metrics::counter!("tandem_store_failbacks_total").increment(1);
                 outcome = Ok("clients sent back to the primary".into());

@@ -326,7 +326,18 @@ impl Handler {
                 }
             }
             Message::ResyncFinished { gateway } => {
-                self.shared.resynced.store(true, Ordering::Relaxed);
+                let first = !self.shared.resynced.swap(true, Ordering::Relaxed);
+                if first {
+                    self.shared.notice(
+                        "resync",
+                        tandem_protocol::Kind::Information,
+                        tandem_protocol::Severity::INDETERMINATE,
+                        format!(
+                            "{} is resynced with its peer (gateway {gateway})",
+                            self.shared.name
+                        ),
+                    );
+                }
                 tracing::info!(gateway, "resync finished");
                 Message::Done {
                     message: "resync recorded".into(),

@@ -316,6 +316,20 @@ pub mod client {
         }
     }
 
+    /// The alerts the probes sent: without the pair's own notices (manager `tandem`).
+    pub async fn probe_alerts(addr: SocketAddr) -> Vec<Alert> {
+        let mut all = alerts(addr).await;
+        all.retain(|a| a.manager != "tandem");
+        all
+    }
+
+    /// The pair's own notices (failover, fail-back, resync), by identifier.
+    pub async fn notices(addr: SocketAddr) -> Vec<Alert> {
+        let mut all = alerts(addr).await;
+        all.retain(|a| a.manager == "tandem");
+        all
+    }
+
     /// identifier → tally.
     pub fn tallies(alerts: &[Alert]) -> HashMap<String, u64> {
         alerts

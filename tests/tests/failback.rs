@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tandem_protocol::Alert;
-use tandem_tests::client::alerts;
+use tandem_tests::client::{notices, probe_alerts};
 use tandem_tests::{Pair, repeated_alerts_file, wait_http_ok, wait_output};
 
 fn status(pair: &Pair) -> serde_json::Value {
@@ -111,7 +111,7 @@ async fn a_probe_returns_to_the_primary_after_resync_and_hold_down() {
     let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
     let deadline = Instant::now() + Duration::from_secs(30);
     let (p, b) = loop {
-        let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+        let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
         let sum = |v: &Vec<Alert>| v.iter().map(|a| a.tally).sum::<u64>();
         if sum(&p) == 24_000 && sum(&b) == 24_000 {
             break (p, b);
@@ -125,6 +125,23 @@ async fn a_probe_returns_to_the_primary_after_resync_and_hold_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(by_identifier(p), by_identifier(b), "the stores differ");
+    // Operators see it happen: the backup's failover notice, cleared by its fail-back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = notices(p_addr).await;
+        let failover = found
+            .iter()
+            .find(|a| a.identifier == "tandem:AGG_B:failover");
+        if let Some(n) = failover.filter(|n| n.severity.is_clear()) {
+            assert_eq!(n.tally, 2, "raised once, cleared once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cleared failover notice on AGG_P: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(agg_p);
 }
 
@@ -249,7 +266,7 @@ async fn a_following_json_probe_fails_over_and_back_and_counts_exactly() {
     let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+        let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
         let sum = |v: &Vec<Alert>| v.iter().map(|a| a.tally).sum::<u64>();
         if sum(&p) == total && sum(&b) == total {
             assert_eq!(by_identifier(p), by_identifier(b), "the stores differ");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tandem_protocol::Alert;
-use tandem_tests::client::alerts;
+use tandem_tests::client::{notices, probe_alerts};
 use tandem_tests::{Pair, http_get, repeated_alerts_file, wait_http_ok, wait_output};
 
 fn by_identifier(mut list: Vec<Alert>) -> BTreeMap<String, Alert> {
@@ -59,7 +59,7 @@ async fn both_stores_converge_after_the_primary_dies_mid_send() {
             .as_array()
             .is_some_and(|d| d.iter().all(|d| d["lag"] == 0));
         if code == 200 && status["resynced"] == true && lags_zero {
-            let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+            let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
             if p.iter().map(|a| a.tally).sum::<u64>() == 30_000
                 && b.iter().map(|a| a.tally).sum::<u64>() == 30_000
             {
@@ -67,7 +67,7 @@ async fn both_stores_converge_after_the_primary_dies_mid_send() {
             }
         }
         if Instant::now() > deadline {
-            let (p, b) = (alerts(p_addr).await, alerts(b_addr).await);
+            let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
             panic!(
                 "not converged within 30 s; gateway: {body}\nAGG_P {} alerts, tally {}; AGG_B {} alerts, tally {}\n{}",
                 p.len(),
@@ -84,5 +84,24 @@ async fn both_stores_converge_after_the_primary_dies_mid_send() {
     let (p, b) = (by_identifier(p), by_identifier(b));
     for (id, alert) in &p {
         assert_eq!(Some(alert), b.get(id), "{id} differs between the stores");
+    }
+    // The pair's own notices replicate too: the backup's failover notice is on both stores.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (np, nb) = (
+            by_identifier(notices(p_addr).await),
+            by_identifier(notices(b_addr).await),
+        );
+        if np.contains_key("tandem:AGG_B:failover") && np == nb {
+            assert_eq!(np["tandem:AGG_B:failover"].manager, "tandem");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "notices differ: {:?} vs {:?}",
+            np.keys(),
+            nb.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
