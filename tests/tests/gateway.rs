@@ -105,3 +105,68 @@ async fn both_stores_converge_after_the_primary_dies_mid_send() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_at_once_apply_nothing_twice_and_lose_nothing() {
+    let pair = Pair::new(|t| {
+        t.replace(
+            "[probe]",
+            &format!(
+                "[[gateway]]\nname = \"GW2\"\nhttp = \"127.0.0.1:{}\"\n\n[probe]",
+                tandem_tests::free_port()
+            ),
+        )
+    });
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _agg_b = pair.spawn(&["store", "--name", "AGG_B"], "agg_b");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let mut proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
+    let mut gw = pair.spawn(&["gateway", "--name", "GW"], "gw");
+    let _gw2 = pair.spawn(&["gateway", "--name", "GW2"], "gw2");
+    for proxy in ["PROXY_P", "PROXY_B"] {
+        wait_http_ok(
+            pair.file.proxy(proxy).unwrap().http.unwrap().0,
+            "/readyz",
+            Duration::from_secs(30),
+        );
+    }
+    for g in &pair.file.gateways {
+        wait_http_ok(g.http.unwrap().0, "/readyz", Duration::from_secs(30));
+    }
+    let input = repeated_alerts_file(pair.dir.path(), "twin.jsonl", 20_000, 400);
+    let send = pair.spawn_piped(&["send", input.to_str().unwrap(), "--rate", "10000", "--json"]);
+    std::thread::sleep(Duration::from_millis(700));
+    // One gateway dies mid-stream; the other carries on.
+    gw.kill();
+    let out = wait_output(send, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    proxy_b.kill();
+
+    let p_addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
+        let sum = |v: &Vec<Alert>| v.iter().map(|a| a.tally).sum::<u64>();
+        assert!(
+            sum(&b) <= 20_000,
+            "the backup counted {} of 20,000: applied twice",
+            sum(&b)
+        );
+        if sum(&p) == 20_000 && sum(&b) == 20_000 {
+            assert_eq!(by_identifier(p), by_identifier(b));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tallies {} and {} after 30 s",
+            sum(&p),
+            sum(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
