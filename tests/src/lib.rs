@@ -146,6 +146,26 @@ impl Pair {
         Proc::from(child)
     }
 
+    /// Starts a component with another pair file (`config`), same data directory.
+    pub fn spawn_with_config(&self, config: &Path, args: &[&str], log_name: &str) -> Proc {
+        let log = std::fs::File::create(self.dir.path().join(format!("{log_name}.log")))
+            .expect("log file");
+        let err = log.try_clone().expect("log file handle");
+        let child = Command::new(tandem_bin())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("tandem starts");
+        Proc::from(child)
+    }
+
     /// The log a spawned component wrote so far.
     pub fn log(&self, log_name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{log_name}.log"))).unwrap_or_default()
@@ -419,4 +439,80 @@ pub fn repeated_alerts_file(dir: &Path, name: &str, n: u64, ids: u64) -> PathBuf
 pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// A TCP relay on 127.0.0.1 that a test can cut and heal, to break links without killing
+/// processes: while cut, it closes every connection it carries and every new one at once.
+pub mod relay {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+    use tokio::task::JoinSet;
+
+    pub struct Relay {
+        pub addr: SocketAddr,
+        cut: Arc<AtomicBool>,
+        generation: watch::Sender<u64>,
+        counter: Arc<AtomicU64>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Relay {
+        /// Relays connections to `target`.
+        pub async fn start(target: SocketAddr) -> Relay {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay binds");
+            let addr = listener.local_addr().expect("relay address");
+            let cut = Arc::new(AtomicBool::new(false));
+            let (generation, _) = watch::channel(0u64);
+            let counter = Arc::new(AtomicU64::new(0));
+            let (c, g) = (cut.clone(), generation.clone());
+            let task = tokio::spawn(async move {
+                let mut links = JoinSet::new();
+                while let Ok((inbound, _)) = listener.accept().await {
+                    if c.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let mut cut_signal = g.subscribe();
+                    links.spawn(async move {
+                        let Ok(outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (mut a, mut b) = (inbound, outbound);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = cut_signal.changed() => {}
+                        }
+                    });
+                    while links.try_join_next().is_some() {}
+                }
+            });
+            Relay {
+                addr,
+                cut,
+                generation,
+                counter,
+                task,
+            }
+        }
+
+        /// Breaks every carried connection and refuses new ones until [`Relay::heal`].
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+            let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+            self.generation.send_replace(n);
+        }
+
+        pub fn heal(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
 }

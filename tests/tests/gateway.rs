@@ -170,3 +170,119 @@ async fn two_gateways_at_once_apply_nothing_twice_and_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Split brain: the link between the two sides (the backup's heartbeat and the gateway's link
+/// to the primary) goes through a relay that is cut, so both stores act as primary and both
+/// take events; after healing, they converge to everything that was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_brain_heals_into_one_table() {
+    use tandem_protocol::Origin;
+    use tandem_tests::client::{occurrence, send_reliably};
+    use tandem_tests::relay::Relay;
+
+    let pair = Pair::new(|t| {
+        t.replace(
+            "failback_hold_down_ms = 2000",
+            "failback_hold_down_ms = 500",
+        )
+    });
+    let p_addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
+    let relay = Relay::start(p_addr).await;
+    // The backup and the gateway reach AGG_P only through the relay.
+    let text = std::fs::read_to_string(&pair.config).unwrap();
+    let far_side = pair.dir.path().join("through-relay.toml");
+    std::fs::write(
+        &far_side,
+        text.replace(&format!("\"{p_addr}\""), &format!("\"{}\"", relay.addr)),
+    )
+    .unwrap();
+
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _agg_b = pair.spawn_with_config(&far_side, &["store", "--name", "AGG_B"], "agg_b");
+    let _gw = pair.spawn_with_config(&far_side, &["gateway"], "gw");
+    let gw_http = pair.file.gateways[0].http.unwrap().0;
+    wait_http_ok(gw_http, "/readyz", Duration::from_secs(30));
+    let b_http = pair.file.store("AGG_B").unwrap().http.unwrap().0;
+    let p_http = pair.file.store("AGG_P").unwrap().http.unwrap().0;
+    assert_eq!(
+        http_get(b_http, "/active").0,
+        503,
+        "the backup stands by while the primary answers"
+    );
+
+    relay.cut();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(b_http, "/active").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never took over:\n{}",
+            pair.log("agg_b")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        http_get(p_http, "/active").0,
+        200,
+        "both sides act as primary: split brain"
+    );
+
+    // Each side takes its own probes' events, on the same identifiers.
+    let (left, right) = (Origin::new("left", 1), Origin::new("right", 1));
+    let on_p: Vec<_> = (1..=3_000)
+        .map(|s| occurrence(&left, s, format!("sb-{}", s % 100)))
+        .collect();
+    let on_b: Vec<_> = (1..=3_000)
+        .map(|s| occurrence(&right, s, format!("sb-{}", s % 100)))
+        .collect();
+    send_reliably(
+        p_addr,
+        &on_p,
+        200,
+        Duration::ZERO,
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await;
+    send_reliably(
+        b_addr,
+        &on_b,
+        200,
+        Duration::ZERO,
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await;
+
+    relay.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
+        let sum = |v: &Vec<Alert>| v.iter().map(|a| a.tally).sum::<u64>();
+        if sum(&p) == 6_000 && sum(&b) == 6_000 {
+            assert_eq!(p.len(), 100);
+            assert_eq!(
+                by_identifier(p),
+                by_identifier(b),
+                "the healed stores differ"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tallies {} and {} of 6,000 after healing:\n{}",
+            sum(&p),
+            sum(&b),
+            pair.log("gw")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(b_http, "/active").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "the backup did not hand the role back after healing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
