@@ -291,6 +291,10 @@ impl Driver {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Push { time, bodies, cursor, done }) => {
                         let result = self.push(time, bodies, cursor.as_deref());
+                        // Published before the caller hears back: once `push` returns, `stats`
+                        // and `wait_acked` must count these events as pending, or a caller
+                        // could see "nothing pending" and stop before they were delivered.
+                        self.publish();
                         let _ = done.send(result);
                         self.send_more();
                     }
@@ -634,6 +638,47 @@ impl Driver {
             self.sent_upto = last;
             self.in_flight_events += seqs.len();
             self.in_flight.insert(batch, seqs);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_pair() -> PairConfig {
+        // Ports nothing listens on: bound, read, and released again.
+        let closed = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        PairConfig {
+            client_name: "t".into(),
+            primary: ("P".into(), closed()),
+            backup: ("B".into(), closed()),
+            max_frame: tandem_protocol::DEFAULT_MAX_FRAME,
+            failover: Settings::default(),
+            require_resync: false,
+            batch_events: 10,
+            max_in_flight: 100,
+            connect_timeout: Duration::from_millis(100),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pushed_event_is_pending_as_soon_as_push_returns() {
+        for _ in 0..50 {
+            let mut client = PairClient::start(unreachable_pair(), Spool::open(None, "t").unwrap());
+            let body = EventBody::Expire {
+                identifier: "x".into(),
+            };
+            client.push(1, vec![body], None).await.unwrap();
+            assert_eq!(client.stats().pending, 1);
+            match client.wait_acked(Duration::from_millis(50)).await {
+                Err(PairError::Timeout { pending: 1, .. }) => {}
+                other => panic!("an undelivered event must not count as acknowledged: {other:?}"),
+            }
+            client.close().await;
         }
     }
 }

@@ -140,7 +140,9 @@ pub async fn run(
         );
         tasks.spawn(housekeeping::run(s, t, every, after, stop));
     }
-    if let (Role::Backup, Some(peer)) = (options.role, options.peer.clone()) {
+    // Both sides watch each other: the backup to know when to act, the primary so that its
+    // status can say whether its peer is up (its role never changes).
+    if let Some(peer) = options.peer.clone() {
         tasks.spawn(peer::watch(shared.clone(), peer, shutdown.child_token()));
     }
     let server_options = server::ServerOptions {
