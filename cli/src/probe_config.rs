@@ -54,3 +54,27 @@ pub fn open_spool(pair: &PairFile, data_dir: &Path, name: &str) -> Result<Spool>
     Spool::open(dir.as_deref(), name)
         .with_context(|| format!("probe {name}: cannot open its spool"))
 }
+
+/// A probe instance's name: its kind and its input, so a rerun on the same input finds its own
+/// spool (and two probes on different inputs never share one).
+pub fn instance_name(kind: &str, file: Option<&Path>) -> String {
+    let source = match file {
+        Some(path) => path
+            .canonicalize()
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string(),
+        None => "stdin".to_string(),
+    };
+    let clean: String = source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{kind}-{}", clean.trim_matches('_'))
+}

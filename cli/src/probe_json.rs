@@ -104,30 +104,8 @@ fn follow(
     Ok(())
 }
 
-fn instance_name(file: Option<&Path>) -> String {
-    let source = file
-        .map(|p| {
-            p.canonicalize()
-                .unwrap_or_else(|_| p.to_path_buf())
-                .display()
-                .to_string()
-        })
-        .unwrap_or_else(|| "stdin".into());
-    let clean: String = source
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("json-{}", clean.trim_matches('_'))
-}
-
 pub fn run(pair: &PairFile, data_dir: &Path, follow_file: bool, file: Option<&Path>) -> Result<()> {
-    let name = instance_name(file);
+    let name = probe_config::instance_name("json", file);
     let config = probe_config::pair_config(pair, &name)?;
     let spool = probe_config::open_spool(pair, data_dir, &name)?;
     let start = spool.source_cursor().and_then(parse_cursor);

@@ -32,31 +32,8 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The probe instance name: one per input, so a rerun finds its own spool.
-fn instance_name(file: Option<&Path>) -> String {
-    let source = match file {
-        Some(path) => path
-            .canonicalize()
-            .unwrap_or_else(|_| path.to_path_buf())
-            .display()
-            .to_string(),
-        None => "stdin".to_string(),
-    };
-    let clean: String = source
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("send-{}", clean.trim_matches('_'))
-}
-
 pub fn run(pair: &PairFile, data_dir: &Path, args: &SendArgs) -> Result<()> {
-    let name = instance_name(args.file.as_deref());
+    let name = probe_config::instance_name("send", args.file.as_deref());
     let config = probe_config::pair_config(pair, &name)?;
     let spool = probe_config::open_spool(pair, data_dir, &name)?;
     let input: Box<dyn BufRead> = match &args.file {

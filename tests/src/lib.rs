@@ -516,3 +516,40 @@ pub mod relay {
         }
     }
 }
+
+/// Randomness for schedules, with a printed seed: `TANDEM_SEED` replays one.
+pub mod random {
+    /// A seed from `TANDEM_SEED`, or one from the clock; printed so a failure can be replayed.
+    pub fn seed() -> u64 {
+        let seed = std::env::var("TANDEM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("TANDEM_SEED={seed}");
+        seed
+    }
+
+    /// xorshift: enough randomness for kill timings.
+    pub fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+}
+
+/// Alerts keyed by identifier with the store-local serial zeroed: two stores' tables compare
+/// equal exactly when they converged.
+pub fn by_identifier(
+    mut list: Vec<tandem_protocol::Alert>,
+) -> std::collections::BTreeMap<String, tandem_protocol::Alert> {
+    list.iter_mut().for_each(|a| a.serial = 0);
+    list.into_iter()
+        .map(|a| (a.identifier.clone(), a))
+        .collect()
+}

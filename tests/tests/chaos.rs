@@ -7,37 +7,17 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::Alert;
+use tandem_tests::by_identifier;
 use tandem_tests::client::probe_alerts;
+use tandem_tests::random::{next, seed};
 use tandem_tests::relay::Relay;
 use tandem_tests::{Pair, Proc};
-
-fn seed() -> u64 {
-    let seed = std::env::var("TANDEM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("TANDEM_SEED={seed}");
-    seed
-}
-
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Part {
@@ -98,13 +78,6 @@ impl World {
             proc.kill();
         }
     }
-}
-
-fn by_identifier(mut list: Vec<Alert>) -> BTreeMap<String, Alert> {
-    list.iter_mut().for_each(|a| a.serial = 0);
-    list.into_iter()
-        .map(|a| (a.identifier.clone(), a))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tandem_protocol::Alert;
+use tandem_tests::by_identifier;
 use tandem_tests::client::{notices, probe_alerts};
 use tandem_tests::{Pair, repeated_alerts_file, wait_http_ok, wait_output};
 
@@ -27,13 +27,6 @@ fn probes(status: &serde_json::Value, proxy: &str) -> Option<u64> {
         .iter()
         .find(|p| p["name"] == proxy)?["probes"]
         .as_u64()
-}
-
-fn by_identifier(mut list: Vec<Alert>) -> BTreeMap<String, Alert> {
-    list.iter_mut().for_each(|a| a.serial = 0);
-    list.into_iter()
-        .map(|a| (a.identifier.clone(), a))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

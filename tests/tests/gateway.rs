@@ -3,19 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tandem_protocol::Alert;
+use tandem_tests::by_identifier;
 use tandem_tests::client::{notices, probe_alerts};
 use tandem_tests::{Pair, http_get, repeated_alerts_file, wait_http_ok, wait_output};
-
-fn by_identifier(mut list: Vec<Alert>) -> BTreeMap<String, Alert> {
-    list.iter_mut().for_each(|a| a.serial = 0);
-    list.into_iter()
-        .map(|a| (a.identifier.clone(), a))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_stores_converge_after_the_primary_dies_mid_send() {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tandem_protocol::Origin;
 use tandem_tests::client::{alerts, occurrence, send_reliably, tallies};
+use tandem_tests::random::{next, seed};
 use tandem_tests::{Pair, Proc};
 
 fn store_addr(pair: &Pair) -> SocketAddr {
@@ -19,29 +20,6 @@ fn store_addr(pair: &Pair) -> SocketAddr {
 
 fn start(pair: &Pair) -> Proc {
     pair.spawn(&["store", "--name", "AGG_P"], "agg_p")
-}
-
-/// A seed from TANDEM_SEED, or one from the clock; printed so a failure can be replayed.
-fn seed() -> u64 {
-    let seed = std::env::var("TANDEM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("TANDEM_SEED={seed}");
-    seed
-}
-
-/// xorshift: enough randomness for kill timings, with a printed seed.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
