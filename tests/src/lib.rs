@@ -45,23 +45,30 @@ pub fn tandem_bin() -> PathBuf {
 
 /// A port that was free a moment ago on 127.0.0.1.
 ///
-/// Never the same port twice in one test process, so two pairs of concurrent tests cannot be
-/// handed the same port between choosing it and binding it.
+/// Taken below the kernel's ephemeral range (32768 and up here), so that a component restarted
+/// on its port never finds it taken as the source port of some other connection; and never the
+/// same port twice in one test process, so two concurrent tests cannot be handed the same one.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("an ephemeral port on 127.0.0.1");
-        let mut given = GIVEN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !given.contains(&port) {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Each test process starts at its own place in the range, so concurrent test binaries
+    // rarely try the same ports.
+    let start = (std::process::id().wrapping_mul(7_919)) % SPAN;
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for step in 0..SPAN {
+        let port = (LOW + (start + given.len() as u32 * 13 + step) % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
 
 /// A pair file with ephemeral ports and a data directory, both in a temporary directory.
