@@ -20,6 +20,8 @@ pub fn options(pair: &PairFile, name: Option<&str>) -> Result<GatewayOptions> {
         backup: (b.name.clone(), b.listen.0),
         max_frame: pair.pair.max_frame_bytes,
         dead_after: Duration::from_millis(pair.pair.failover_deadline_ms),
+        resync_page: gateway.resync_page.clamp(1, 10_000),
+        resync_rate: gateway.resync_rate,
     })
 }
 
@@ -40,9 +42,12 @@ impl OpsView for GatewayView {
             .progress()
             .iter()
             .map(|p| {
+                let resync = p.full_resync.map(|(merged, total)| {
+                    serde_json::json!({"merged": merged, "total": total, "left": total.saturating_sub(merged)})
+                });
                 serde_json::json!({
                     "from": p.from, "to": p.to, "cursor": p.cursor, "head": p.head,
-                    "lag": p.lag(), "applied": p.applied,
+                    "lag": p.lag(), "applied": p.applied, "full_resync": resync,
                 })
             })
             .collect();

@@ -152,12 +152,23 @@ pub fn print(status: &Value, as_json: bool) {
             .into_iter()
             .flatten()
             .map(|d| {
-                format!(
-                    "{}->{} lag {}",
-                    show(&d["from"]),
-                    show(&d["to"]),
-                    show(&d["lag"])
-                )
+                let resync = &d["full_resync"];
+                if resync.is_object() {
+                    format!(
+                        "{}->{} full resync {} of {} records",
+                        show(&d["from"]),
+                        show(&d["to"]),
+                        show(&resync["merged"]),
+                        show(&resync["total"])
+                    )
+                } else {
+                    format!(
+                        "{}->{} lag {}",
+                        show(&d["from"]),
+                        show(&d["to"]),
+                        show(&d["lag"])
+                    )
+                }
             })
             .collect();
         println!(

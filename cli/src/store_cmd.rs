@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Result;
-use tandem_config::{Failback, PairFile, StoreRole, resolve};
+use tandem_config::{Failback, PairFile, Replication, StoreRole, resolve};
 use tandem_protocol::Role;
 use tandem_store::StoreOptions;
 use tandem_store::engine::Shared;
@@ -34,6 +34,8 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         housekeeping: store.housekeeping,
         housekeeping_interval: Duration::from_secs(1),
         log_retention: store.log_retention_entries.max(1),
+        sync_replication: (pair.pair.replication == Replication::Sync)
+            .then(|| Duration::from_millis(pair.pair.sync_timeout_ms.max(1))),
         peer: Some(PeerOptions {
             name: peer.name.clone(),
             addr: peer.listen.0,
@@ -56,6 +58,7 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
 struct StoreView {
     shared: Arc<Shared>,
     role: &'static str,
+    sync: bool,
 }
 
 impl OpsView for StoreView {
@@ -80,6 +83,12 @@ impl OpsView for StoreView {
             "first_lsn": s.first_lsn.load(Ordering::Relaxed),
             "events_applied": s.events_applied.load(Ordering::Relaxed),
             "duplicates": s.duplicates.load(Ordering::Relaxed),
+            "replication": match (self.sync, s.sync_degraded.load(Ordering::Relaxed)) {
+                (false, _) => "async",
+                (true, false) => "sync",
+                (true, true) => "degraded",
+            },
+            "peer_cursor": *s.peer_cursor.borrow(),
         })
     }
 
@@ -96,6 +105,7 @@ pub fn run(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<()> {
         let metrics = runtime::metrics();
         let http = ops::bind(http, &options.name).await?;
         let role = options.role.name();
+        let sync = options.sync_replication.is_some();
         let store = options.name.clone();
         let data = options.data_path.display().to_string();
         let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
@@ -107,7 +117,7 @@ pub fn run(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<()> {
             let (Some(listener), Ok(shared)) = (http, shared_rx.await) else {
                 return Ok(());
             };
-            let view = Arc::new(StoreView { shared, role });
+            let view = Arc::new(StoreView { shared, role, sync });
             ops::serve(listener, view, metrics, shutdown.clone()).await
         };
         let (ran, served) = tokio::join!(run, serve_ops);

@@ -209,6 +209,21 @@ pub struct ProxySection {
 pub struct GatewaySection {
     pub name: String,
     pub http: Option<Addr>,
+    /// Records per snapshot page in a full resync; bounds the gateway's memory.
+    #[serde(default = "default_resync_page")]
+    pub resync_page: u32,
+    /// Most snapshot records merged per second in a full resync (0: no limit), so a resync
+    /// leaves the stores room for live traffic.
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate: u64,
+}
+
+fn default_resync_page() -> u32 {
+    1_000
+}
+
+fn default_resync_rate() -> u64 {
+    1_000_000
 }
 
 /// `[probe]`: how probes reach the virtual pair.

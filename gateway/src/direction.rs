@@ -1,12 +1,28 @@
 //! One direction of the gateway: the sender's log, from the receiver's cursor, into the
-//! receiver.
+//! receiver; or, when the receiver is further behind than the sender's retained log, a full
+//! resync from a snapshot first.
+//!
+//! Log pages are pipelined: up to [`MAX_IN_FLIGHT`] `Replicate` batches wait for the
+//! receiver's commit at once, each naming the cursor it follows on from, so the receiver
+//! refuses any batch that would leave a gap and a failure never skips entries. Snapshot pages
+//! are pipelined the same way, bounded by [`MAX_PAGES_IN_FLIGHT`] pages of at most the
+//! configured page size, so a full resync holds a few pages in memory whatever the size of the
+//! store, and runs no faster than the configured rate, leaving room for live traffic.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use tandem_probe::Connection;
 use tandem_protocol::Message;
+use tandem_protocol::message::ResyncPoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// `Replicate` batches waiting for the receiver at once.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// Snapshot pages waiting for the receiver at once.
+pub const MAX_PAGES_IN_FLIGHT: usize = 3;
 
 /// Where one direction stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -19,6 +35,8 @@ pub struct Progress {
     pub head: u64,
     /// Entries applied by this gateway in this session.
     pub applied: u64,
+    /// A full resync under way: records merged and in the snapshot (approximate).
+    pub full_resync: Option<(u64, u64)>,
 }
 
 impl Progress {
@@ -28,109 +46,337 @@ impl Progress {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the two ends, their names, and where to report
-pub async fn run(
-    from: String,
-    to: String,
-    mut sender: Connection,
-    mut receiver: Connection,
-    dead_after: Duration,
-    progress: watch::Sender<Progress>,
-    caught_up: watch::Sender<bool>,
-    session: CancellationToken,
-) -> Result<(), String> {
-    let wait = dead_after.max(Duration::from_secs(5));
-    let cursor = match receiver
-        .request(&Message::GetCursor { peer: from.clone() }, wait)
-        .await
-        .map_err(|e| format!("{to}: {e}"))?
-    {
-        Message::Cursor { lsn, .. } => lsn,
-        other => return Err(format!("{to} answered GetCursor with {}", other.name())),
-    };
-    progress.send_modify(|p| p.cursor = cursor);
-    sender
-        .send(&Message::Subscribe {
-            from_lsn: cursor + 1,
-            skip_source: Some(to.clone()),
-        })
-        .await
-        .map_err(|e| format!("{from}: {e}"))?;
-    tracing::info!(%from, %to, cursor, "replicating");
-    let mut cursor = cursor;
-    let mut batch = 0u64;
-    let mut ping = tokio::time::interval(dead_after / 2);
-    let mut last_heard = tokio::time::Instant::now();
-    loop {
-        let msg = tokio::select! {
-            msg = sender.recv() => msg.map_err(|e| format!("{from}: {e}"))?,
-            _ = ping.tick() => {
-                if last_heard.elapsed() > dead_after.max(Duration::from_secs(2)) {
-                    return Err(format!("{from} went silent"));
-                }
-                sender.send(&Message::Ping { nonce: cursor }).await.map_err(|e| format!("{from}: {e}"))?;
-                continue;
-            }
-            _ = session.cancelled() => return Ok(()),
+/// How a direction runs.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    pub dead_after: Duration,
+    /// Records per snapshot page.
+    pub page: u32,
+    /// Most snapshot records merged per second (0: no limit).
+    pub resync_rate: u64,
+}
+
+/// The two links of one direction and what it reports.
+pub struct Direction {
+    pub from: String,
+    pub to: String,
+    pub sender: Connection,
+    pub receiver: Connection,
+    pub tuning: Tuning,
+    pub progress: watch::Sender<Progress>,
+    pub caught_up: watch::Sender<bool>,
+    pub session: CancellationToken,
+}
+
+/// Why streaming the log stopped.
+enum Stopped {
+    Cancelled,
+    /// The receiver needs a full resync.
+    Trimmed {
+        first_lsn: u64,
+    },
+}
+
+impl Direction {
+    fn wait(&self) -> Duration {
+        self.tuning.dead_after.max(Duration::from_secs(5))
+    }
+
+    pub async fn run(mut self) -> Result<(), String> {
+        let (from, to) = (self.from.clone(), self.to.clone());
+        let asked = Message::GetCursor { peer: from.clone() };
+        let (mut cursor, resume) = match self
+            .receiver
+            .request(&asked, self.wait())
+            .await
+            .map_err(|e| format!("{to}: {e}"))?
+        {
+            Message::Cursor { lsn, resync, .. } => (lsn, resync),
+            other => return Err(format!("{to} answered GetCursor with {}", other.name())),
         };
-        last_heard = tokio::time::Instant::now();
-        match msg {
-            Message::LogEntries {
-                entries,
-                last_lsn,
-                head_lsn,
-            } => {
-                let n = entries.len() as u64;
-                if last_lsn > cursor {
-                    batch += 1;
-                    let replicate = Message::Replicate {
-                        batch,
-                        peer: from.clone(),
-                        cursor: last_lsn,
-                        entries,
-                    };
-                    match receiver
-                        .request(&replicate, wait)
-                        .await
-                        .map_err(|e| format!("{to}: {e}"))?
-                    {
-                        Message::Ack { .. } => {}
-                        Message::Refused { reason, index, .. } => {
-                            return Err(format!(
-                                "{to} refused entry {index} of {from}'s log: {reason}"
-                            ));
+        self.progress.send_modify(|p| p.cursor = cursor);
+        if let Some(point) = resume {
+            tracing::info!(%from, %to, snapshot = point.snapshot, merged = point.merged, "resuming a full resync");
+            cursor = self.full_resync(Some(point)).await?;
+        }
+        loop {
+            match self.stream(cursor).await? {
+                Stopped::Cancelled => return Ok(()),
+                Stopped::Trimmed { first_lsn } => {
+                    tracing::warn!(
+                        %from, %to, cursor, first_lsn,
+                        "{to} is behind what {from} retains of its log; starting a full resync"
+                    );
+                    cursor = self.full_resync(None).await?;
+                }
+            }
+        }
+    }
+
+    /// Streams the sender's log after `cursor` into the receiver until cancelled or trimmed.
+    async fn stream(&mut self, mut cursor: u64) -> Result<Stopped, String> {
+        let (from, to) = (self.from.clone(), self.to.clone());
+        let wait = self.wait();
+        self.sender
+            .send(&Message::Subscribe {
+                from_lsn: cursor + 1,
+                skip_source: Some(to.clone()),
+            })
+            .await
+            .map_err(|e| format!("{from}: {e}"))?;
+        // The sender learns at once how far the receiver is, for `sync` replication and
+        // log trimming, even before there is anything new to apply.
+        self.sender
+            .send(&Message::CursorReport {
+                peer: to.clone(),
+                lsn: cursor,
+            })
+            .await
+            .map_err(|e| format!("{from}: {e}"))?;
+        tracing::info!(%from, %to, cursor, "replicating");
+        // The head of this subscription, not of an earlier one: the sender may have lost its
+        // data and started its log again.
+        self.progress.send_modify(|p| {
+            p.cursor = cursor;
+            p.head = cursor;
+        });
+        // Batches sent and not yet acknowledged: (batch, cursor it brings, entries, sent at).
+        let mut in_flight: VecDeque<(u64, u64, u64, Instant)> = VecDeque::new();
+        let mut sent = cursor;
+        // The sender's head, once it has told it.
+        let mut head = None;
+        let mut batch = 0u64;
+        let dead_after = self.tuning.dead_after;
+        let mut ping = tokio::time::interval(dead_after / 2);
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                msg = self.sender.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                    let msg = msg.map_err(|e| format!("{from}: {e}"))?;
+                    last_heard = tokio::time::Instant::now();
+                    match msg {
+                        Message::LogEntries { entries, last_lsn, head_lsn } => {
+                            head = Some(head.unwrap_or(0).max(head_lsn));
+                            self.progress.send_modify(|p| p.head = head_lsn);
+                            if last_lsn > sent {
+                                batch += 1;
+                                let n = entries.len() as u64;
+                                let replicate = Message::Replicate {
+                                    batch,
+                                    peer: from.clone(),
+                                    after: sent,
+                                    cursor: last_lsn,
+                                    entries,
+                                };
+                                self.receiver.send(&replicate).await.map_err(|e| format!("{to}: {e}"))?;
+                                in_flight.push_back((batch, last_lsn, n, Instant::now()));
+                                sent = last_lsn;
+                            }
                         }
-                        other => {
-                            return Err(format!("{to} answered Replicate with {}", other.name()));
+                        Message::LogTrimmed { first_lsn } => {
+                            // Let what is in flight land first: its cursor is worth keeping.
+                            while let Some((b, lsn, n, _)) = in_flight.pop_front() {
+                                let answer = tokio::time::timeout(wait, self.receiver.recv())
+                                    .await
+                                    .map_err(|_| format!("{to} did not answer batch {b} within {wait:?}"))?
+                                    .map_err(|e| format!("{to}: {e}"))?;
+                                self.acked(answer, b, lsn, n).await?;
+                            }
+                            return Ok(Stopped::Trimmed { first_lsn });
+                        }
+                        Message::Pong { .. } => {}
+                        Message::Error { message } => tracing::warn!(%from, "{message}"),
+                        other => tracing::debug!(%from, message = other.name(), "unexpected message"),
+                    }
+                }
+                answer = self.receiver.recv(), if !in_flight.is_empty() => {
+                    let answer = answer.map_err(|e| format!("{to}: {e}"))?;
+                    let Some((b, lsn, n, _)) = in_flight.pop_front() else { continue };
+                    self.acked(answer, b, lsn, n).await?;
+                    cursor = lsn;
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > dead_after.max(Duration::from_secs(2)) {
+                        return Err(format!("{from} went silent"));
+                    }
+                    if let Some((b, _, _, at)) = in_flight.front() {
+                        if at.elapsed() > wait {
+                            return Err(format!("{to} did not answer batch {b} within {wait:?}"));
                         }
                     }
-                    cursor = last_lsn;
-                    metrics::counter!("tandem_gateway_entries_applied_total").increment(n);
-                    sender
-                        .send(&Message::CursorReport {
-                            peer: to.clone(),
-                            lsn: cursor,
-                        })
-                        .await
-                        .map_err(|e| format!("{from}: {e}"))?;
+                    self.sender.send(&Message::Ping { nonce: cursor }).await.map_err(|e| format!("{from}: {e}"))?;
                 }
-                progress.send_modify(|p| {
-                    p.cursor = cursor;
-                    p.head = p.head.max(head_lsn);
-                    p.applied += n;
-                });
-                if cursor >= head_lsn {
-                    caught_up.send_if_modified(|c| !std::mem::replace(c, true));
-                }
+                _ = self.session.cancelled() => return Ok(Stopped::Cancelled),
             }
-            Message::LogTrimmed { first_lsn } => {
+            if in_flight.is_empty() && head.is_some_and(|head| cursor >= head) {
+                self.caught_up
+                    .send_if_modified(|c| !std::mem::replace(c, true));
+            }
+        }
+    }
+
+    /// Handles the receiver's answer to batch `batch`, which brought the cursor to `lsn`.
+    async fn acked(&mut self, answer: Message, batch: u64, lsn: u64, n: u64) -> Result<(), String> {
+        let (from, to) = (&self.from, &self.to);
+        match answer {
+            Message::Ack { batch: b, .. } if b == batch => {}
+            Message::Refused { reason, index, .. } => {
                 return Err(format!(
-                    "{to} is behind {from}'s retained log (cursor {cursor}, oldest retained {first_lsn}): a full resync is needed, which this version cannot do yet; raise log_retention_entries"
+                    "{to} refused entry {index} of {from}'s log: {reason}"
                 ));
             }
-            Message::Pong { .. } => {}
-            Message::Error { message } => tracing::warn!(%from, "{message}"),
-            other => tracing::debug!(%from, message = other.name(), "unexpected message"),
+            other => {
+                return Err(format!(
+                    "{to} answered batch {batch} of Replicate with {}",
+                    other.name()
+                ));
+            }
+        }
+        metrics::counter!("tandem_gateway_entries_applied_total").increment(n);
+        self.sender
+            .send(&Message::CursorReport {
+                peer: to.clone(),
+                lsn,
+            })
+            .await
+            .map_err(|e| format!("{from}: {e}"))?;
+        self.progress.send_modify(|p| {
+            p.cursor = lsn;
+            p.applied += n;
+        });
+        Ok(())
+    }
+
+    /// Brings the receiver level with a snapshot of the sender, resuming `resume` if the
+    /// sender still holds that snapshot. Returns the sender's LSN the receiver now has.
+    async fn full_resync(&mut self, resume: Option<ResyncPoint>) -> Result<u64, String> {
+        let (from, to) = (self.from.clone(), self.to.clone());
+        let wait = self.wait();
+        let (mut snapshot, mut after, mut merged) = match &resume {
+            Some(p) => (p.snapshot, p.after.clone(), p.merged),
+            None => (0, None, 0),
+        };
+        let started = Instant::now();
+        let mut start_merged = merged;
+        // Records asked for since `started`, for the rate limit.
+        let mut requested = 0u64;
+        let mut last_line = Instant::now();
+        let mut total = resume.as_ref().map_or(0, |p| p.total);
+        self.progress
+            .send_modify(|p| p.full_resync = Some((merged, total)));
+        // Pages sent to the receiver and not yet acknowledged: (batch, records, done, lsn).
+        let mut in_flight: VecDeque<(u64, u64, bool, u64)> = VecDeque::new();
+        let mut batch = 0u64;
+        let mut requested_done = false;
+        loop {
+            // Ask for the next page while there is room; merges run meanwhile.
+            if !requested_done && in_flight.len() < MAX_PAGES_IN_FLIGHT {
+                let ask = Message::SnapshotRequest {
+                    peer: to.clone(),
+                    snapshot,
+                    after: after.clone(),
+                    limit: self.tuning.page,
+                };
+                let chunk = match self
+                    .sender
+                    .request(&ask, wait)
+                    .await
+                    .map_err(|e| format!("{from}: {e}"))?
+                {
+                    Message::SnapshotChunk(chunk) => chunk,
+                    Message::Error { message } => return Err(format!("{from}: {message}")),
+                    other => {
+                        return Err(format!(
+                            "{from} answered SnapshotRequest with {}",
+                            other.name()
+                        ));
+                    }
+                };
+                if chunk.snapshot != snapshot && snapshot != 0 {
+                    tracing::warn!(%from, %to, old = snapshot, new = chunk.snapshot, "the snapshot being resumed is no longer held; starting again from a new one");
+                    merged = 0;
+                    start_merged = 0;
+                }
+                snapshot = chunk.snapshot;
+                total = chunk.total;
+                after = chunk.next.clone();
+                requested_done = chunk.done;
+                let records = (chunk.alerts.len() + chunk.clears.len()) as u64;
+                let (done, lsn) = (chunk.done, chunk.lsn);
+                batch += 1;
+                let merge = Message::Merge {
+                    batch,
+                    peer: from.clone(),
+                    chunk,
+                };
+                self.receiver
+                    .send(&merge)
+                    .await
+                    .map_err(|e| format!("{to}: {e}"))?;
+                in_flight.push_back((batch, records, done, lsn));
+                requested += records;
+                self.pace(started, requested).await;
+                continue;
+            }
+            let Some((b, records, done, lsn)) = in_flight.pop_front() else {
+                return Err(format!(
+                    "the full resync from {from} to {to} ended without a last page"
+                ));
+            };
+            let answer = tokio::select! {
+                answer = tokio::time::timeout(wait, self.receiver.recv()) => answer
+                    .map_err(|_| format!("{to} did not answer page {b} of the snapshot within {wait:?}"))?
+                    .map_err(|e| format!("{to}: {e}"))?,
+                _ = self.session.cancelled() => return Err("the session ended".into()),
+            };
+            match answer {
+                Message::Ack { batch, .. } if batch == b => {}
+                Message::Refused { reason, .. } => {
+                    return Err(format!(
+                        "{to} refused a page of {from}'s snapshot: {reason}"
+                    ));
+                }
+                other => {
+                    return Err(format!("{to} answered Merge with {}", other.name()));
+                }
+            }
+            merged += records;
+            metrics::counter!("tandem_gateway_resync_records_total").increment(records);
+            self.progress
+                .send_modify(|p| p.full_resync = Some((merged, total.max(merged))));
+            if done {
+                tracing::info!(
+                    %from, %to, records = merged, lsn,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "full resync done; replicating the log from the snapshot on"
+                );
+                self.progress.send_modify(|p| {
+                    p.full_resync = None;
+                    p.cursor = lsn;
+                });
+                return Ok(lsn);
+            }
+            if last_line.elapsed() >= Duration::from_secs(2) {
+                last_line = Instant::now();
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                tracing::info!(
+                    %from, %to, merged, total,
+                    left = total.saturating_sub(merged),
+                    records_per_s = (merged.saturating_sub(start_merged) as f64 / secs) as u64,
+                    "full resync progress"
+                );
+            }
+        }
+    }
+
+    /// Sleeps while `records` asked for since `started` are ahead of the rate limit.
+    async fn pace(&self, started: Instant, records: u64) {
+        if self.tuning.resync_rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(records as f64 / self.tuning.resync_rate as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(ahead).await;
         }
     }
 }

@@ -11,8 +11,9 @@
 //! that the resync finished. A second gateway running at the same time is safe for the same
 //! reasons.
 //!
-//! Not yet built: the full resync for a receiver whose cursor is older than the sender's
-//! retained log (`LogTrimmed`); the gateway reports it and retries instead of skipping entries.
+//! A receiver whose cursor is older than the sender's retained log (`LogTrimmed`) gets a full
+//! resync from a consistent snapshot, page by page, resumable; see [`direction`] and the
+//! store's `resync` module.
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +40,10 @@ pub struct GatewayOptions {
     pub max_frame: usize,
     /// How long a store may stay silent before its links are dropped and remade.
     pub dead_after: Duration,
+    /// Records per snapshot page in a full resync.
+    pub resync_page: u32,
+    /// Most snapshot records merged per second (0: no limit).
+    pub resync_rate: u64,
 }
 
 /// What the ops endpoints and `tandem status` show.
@@ -159,26 +164,33 @@ async fn session_run(
     state.set_state("resyncing");
     let (caught_up_pb, mut rx_pb) = watch::channel(false);
     let (caught_up_bp, mut rx_bp) = watch::channel(false);
-    let to_backup = direction::run(
-        p.0.clone(),
-        b.0.clone(),
-        p_sub,
-        b_recv,
-        options.dead_after,
-        state.progress[0].clone(),
-        caught_up_pb,
-        session.clone(),
-    );
-    let to_primary = direction::run(
-        b.0.clone(),
-        p.0.clone(),
-        b_sub,
-        p_recv,
-        options.dead_after,
-        state.progress[1].clone(),
-        caught_up_bp,
-        session.clone(),
-    );
+    let tuning = direction::Tuning {
+        dead_after: options.dead_after,
+        page: options.resync_page.max(1),
+        resync_rate: options.resync_rate,
+    };
+    let to_backup = direction::Direction {
+        from: p.0.clone(),
+        to: b.0.clone(),
+        sender: p_sub,
+        receiver: b_recv,
+        tuning: tuning.clone(),
+        progress: state.progress[0].clone(),
+        caught_up: caught_up_pb,
+        session: session.clone(),
+    }
+    .run();
+    let to_primary = direction::Direction {
+        from: b.0.clone(),
+        to: p.0.clone(),
+        sender: b_sub,
+        receiver: p_recv,
+        tuning,
+        progress: state.progress[1].clone(),
+        caught_up: caught_up_bp,
+        session: session.clone(),
+    }
+    .run();
     let announce = async {
         loop {
             if *rx_pb.borrow_and_update() && *rx_bp.borrow_and_update() {

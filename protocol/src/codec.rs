@@ -131,15 +131,16 @@ impl Default for MessageCodec {
     }
 }
 
-/// Recovers the batch id of an `Events` or `Replicate` frame whose body does not decode, so
+/// Recovers the batch id of an `Events`, `Replicate` or `Merge` frame whose body does not decode, so
 /// the refusal can name the batch and the sender can stop waiting for it.
 pub fn peek_batch(frame: &[u8]) -> Option<u64> {
-    // Variant indices of Message::Events and Message::Replicate; both start with `batch`.
+    // Variant indices of Message::Events, Replicate and Merge; each starts with `batch`.
     const EVENTS: u32 = 3;
     const REPLICATE: u32 = 12;
+    const MERGE: u32 = 18;
     let ((variant, batch), _) =
         bincode::serde::decode_from_slice::<(u32, u64), _>(frame, config()).ok()?;
-    (variant == EVENTS || variant == REPLICATE).then_some(batch)
+    matches!(variant, EVENTS | REPLICATE | MERGE).then_some(batch)
 }
 
 /// A frame that arrived whole but could not be used.
@@ -147,7 +148,7 @@ pub fn peek_batch(frame: &[u8]) -> Option<u64> {
 #[error("{error}")]
 pub struct BadFrame {
     pub error: CodecError,
-    /// The batch id, when the frame was an `Events` or `Replicate` message.
+    /// The batch id, when the frame was an `Events`, `Replicate` or `Merge` message.
     pub batch: Option<u64>,
 }
 

@@ -10,7 +10,9 @@
 //! - change log: `Subscribe` → a stream of `LogEntries`, or `LogTrimmed` when the cursor is older
 //!   than the retained log; `Replicate` → `Ack` applies a peer's entries together with the new
 //!   cursor; `GetCursor` → `Cursor`; `CursorReport` tells a sender how far its peer has got;
-//! - full resync: `SnapshotRequest` → `SnapshotChunk`s, resumable by key;
+//! - full resync: `SnapshotRequest` → `SnapshotChunk` from the sender, page by page of one
+//!   consistent snapshot (resumable by key while the sender holds it); `Merge` → `Ack` folds a
+//!   chunk into the receiver, which records how far it got;
 //! - `ResyncFinished` from the gateway → `Done`;
 //! - operators: `Query` → `Alerts`, `StatusRequest` → `Status`, `Failback` → `Done`/`Error`.
 //!
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::Alert;
 use crate::event::Event;
+use crate::event::Version;
 use crate::state::{AlertState, AppliedRanges};
 
 /// The version of this protocol. A peer with another version is rejected in the handshake
@@ -133,6 +136,52 @@ pub struct LogEntryRef<'a> {
     pub event: &'a Event,
 }
 
+/// A position in a snapshot: its records are the generic-clear versions, then the alerts,
+/// each in key order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum SnapshotKey {
+    Clear(String),
+    Alert(String),
+}
+
+/// One page of a store's snapshot, consistent with its log at `lsn`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct SnapshotChunk {
+    /// The snapshot's id at the sender; pages of one id are one consistent view.
+    pub snapshot: u64,
+    /// The sender's log position the snapshot is consistent with.
+    pub lsn: u64,
+    /// How far the sender had applied the requester's log, in the same view.
+    pub peer_cursor: u64,
+    /// Where this page starts (after this key; None: at the beginning).
+    pub from: Option<SnapshotKey>,
+    /// Where it ends: the key to ask after next.
+    pub next: Option<SnapshotKey>,
+    /// Every origin's applied set; in the first page only.
+    pub applied: Vec<AppliedRanges>,
+    /// Generic-clear keys and their newest resolution versions.
+    pub clears: Vec<(String, Version)>,
+    pub alerts: Vec<(String, AlertState)>,
+    /// Records (clears and alerts) in the whole snapshot, for progress; approximate.
+    pub total: u64,
+    pub done: bool,
+}
+
+/// How far a receiver has merged a peer's snapshot, so that a resync resumes there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ResyncPoint {
+    pub snapshot: u64,
+    pub lsn: u64,
+    pub peer_cursor: u64,
+    pub after: Option<SnapshotKey>,
+    /// Records merged so far.
+    pub merged: u64,
+    pub total: u64,
+}
+
 /// Sort direction of a query key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -217,9 +266,12 @@ pub enum Message {
         first_lsn: u64,
     },
     /// Apply a peer's entries and store `cursor` (the peer's LSN reached) in the same commit.
+    /// `after` is the cursor the entries follow: a receiver whose cursor is below it would get
+    /// a gap, and refuses the batch.
     Replicate {
         batch: u64,
         peer: String,
+        after: u64,
         cursor: u64,
         entries: Vec<LogEntry>,
     },
@@ -229,22 +281,27 @@ pub enum Message {
     Cursor {
         peer: String,
         lsn: u64,
+        /// A full resync from `peer` that is under way, to be resumed.
+        resync: Option<ResyncPoint>,
     },
     CursorReport {
         peer: String,
         lsn: u64,
     },
-    /// Ask for snapshot records with identifiers after `after` (None: from the start).
+    /// Ask for the next page of a consistent snapshot for the store `peer`: of snapshot
+    /// `snapshot` after `after`, or of a new snapshot when `snapshot` is 0 or no longer held.
     SnapshotRequest {
-        after: Option<String>,
+        peer: String,
+        snapshot: u64,
+        after: Option<SnapshotKey>,
         limit: u32,
     },
-    SnapshotChunk {
-        /// The log position the snapshot is consistent with.
-        lsn: u64,
-        alerts: Vec<(String, AlertState)>,
-        applied: Vec<AppliedRanges>,
-        done: bool,
+    SnapshotChunk(Box<SnapshotChunk>),
+    /// Fold a chunk of `peer`'s snapshot into this store (answered `Ack` or `Refused`).
+    Merge {
+        batch: u64,
+        peer: String,
+        chunk: Box<SnapshotChunk>,
     },
     ResyncFinished {
         gateway: String,
@@ -289,7 +346,8 @@ impl Message {
             Message::Cursor { .. } => "Cursor",
             Message::CursorReport { .. } => "CursorReport",
             Message::SnapshotRequest { .. } => "SnapshotRequest",
-            Message::SnapshotChunk { .. } => "SnapshotChunk",
+            Message::SnapshotChunk(_) => "SnapshotChunk",
+            Message::Merge { .. } => "Merge",
             Message::ResyncFinished { .. } => "ResyncFinished",
             Message::Query(_) => "Query",
             Message::Alerts { .. } => "Alerts",

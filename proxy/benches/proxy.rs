@@ -42,6 +42,7 @@ async fn child() {
             housekeeping: false,
             housekeeping_interval: Duration::from_secs(3600),
             log_retention: tandem_store::engine::DEFAULT_LOG_RETENTION,
+            sync_replication: None,
             peer: None,
             role_settings: tandem_store::role::RoleSettings::default(),
         },

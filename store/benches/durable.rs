@@ -35,6 +35,7 @@ fn options(dir: &std::path::Path) -> StoreOptions {
         housekeeping: false,
         housekeeping_interval: Duration::from_secs(3600),
         log_retention: engine::DEFAULT_LOG_RETENTION,
+        sync_replication: None,
         peer: None,
         role_settings: tandem_store::role::RoleSettings::default(),
     }

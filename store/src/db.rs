@@ -8,9 +8,11 @@
 
 use std::path::Path;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
+use tandem_protocol::AlertState;
 use tandem_protocol::codec::{append_bytes, from_bytes, to_bytes};
-use tandem_protocol::message::LogEntry;
+use tandem_protocol::message::{LogEntry, ResyncPoint, SnapshotKey};
+use tandem_protocol::state::AppliedRanges;
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{CodecError, Origin, Version};
 
@@ -42,6 +44,32 @@ const NEXT_SERIAL: &str = "next_serial";
 const HOUSEKEEPING_SEQ: &str = "housekeeping_seq";
 const EPOCH: &str = "epoch";
 const CURSOR_PREFIX: &str = "cursor:";
+const RESYNC_PREFIX: &str = "resync:";
+
+/// What one commit records about peers: replication cursors, and full-resync progress
+/// (None: the resync finished, forget it).
+#[derive(Debug, Default)]
+pub struct PeerWrites {
+    pub cursors: Vec<(String, u64)>,
+    pub resync: Vec<(String, Option<ResyncPoint>)>,
+}
+
+impl PeerWrites {
+    pub fn clear(&mut self) {
+        self.cursors.clear();
+        self.resync.clear();
+    }
+
+    pub fn set_cursor(&mut self, peer: &str, lsn: u64) {
+        self.cursors.retain(|(p, _)| p != peer);
+        self.cursors.push((peer.to_string(), lsn));
+    }
+
+    pub fn set_resync(&mut self, peer: &str, point: Option<ResyncPoint>) {
+        self.resync.retain(|(p, _)| p != peer);
+        self.resync.push((peer.to_string(), point));
+    }
+}
 
 /// Counters kept in `meta`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -149,7 +177,7 @@ impl Db {
 
     /// Writes one group commit atomically and syncs it to disk.
     ///
-    /// `trim_below` removes log entries with smaller LSNs in the same batch.
+    /// `trim` removes those log entries in the same batch.
     #[allow(clippy::too_many_arguments)] // one commit's parts, each written once
     pub fn commit(
         &self,
@@ -157,7 +185,7 @@ impl Db {
         changes: &Changes,
         log: &LogBuf,
         meta: &Meta,
-        cursors: &[(String, u64)],
+        peers: &PeerWrites,
         trim: std::ops::Range<u64>,
         scratch: &mut Vec<u8>,
     ) -> Result<(), DbError> {
@@ -185,12 +213,19 @@ impl Db {
         for lsn in trim {
             batch.remove(&self.log, lsn.to_be_bytes());
         }
-        for (peer, lsn) in cursors {
+        for (peer, lsn) in &peers.cursors {
             batch.insert(
                 &self.meta,
                 format!("{CURSOR_PREFIX}{peer}"),
                 lsn.to_be_bytes(),
             );
+        }
+        for (peer, point) in &peers.resync {
+            let key = format!("{RESYNC_PREFIX}{peer}");
+            match point {
+                Some(point) => batch.insert(&self.meta, key, to_bytes(point)?),
+                None => batch.remove(&self.meta, key),
+            }
         }
         batch.insert(&self.meta, HEAD_LSN, meta.head_lsn.to_be_bytes());
         batch.insert(&self.meta, FIRST_LSN, meta.first_lsn.to_be_bytes());
@@ -234,6 +269,141 @@ impl Db {
             out.push(entry);
         }
         Ok(out)
+    }
+
+    /// One log entry, if retained.
+    pub fn log_entry(&self, lsn: u64) -> Result<Option<LogEntry>, DbError> {
+        let Some(value) = self.log.get(lsn.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let entry = from_bytes(&value).map_err(|source| DbError::Corrupt {
+            what: "log entry",
+            key: lsn.to_string(),
+            source,
+        })?;
+        Ok(Some(entry))
+    }
+
+    /// A full resync from `peer` that is under way here.
+    pub fn resync_point(&self, peer: &str) -> Result<Option<ResyncPoint>, DbError> {
+        let key = format!("{RESYNC_PREFIX}{peer}");
+        let Some(value) = self.meta.get(&key)? else {
+            return Ok(None);
+        };
+        let point = from_bytes(&value).map_err(|source| DbError::Corrupt {
+            what: "resync point",
+            key,
+            source,
+        })?;
+        Ok(Some(point))
+    }
+
+    /// A consistent view of everything stored, as of the last commit.
+    pub fn snapshot(&self) -> Snapshot {
+        self.db.snapshot()
+    }
+
+    /// What a snapshot is consistent with: the head LSN, and how far `peer`'s log had been
+    /// applied.
+    pub fn snapshot_position(&self, snap: &Snapshot, peer: &str) -> Result<(u64, u64), DbError> {
+        let read = |key: &str| -> Result<u64, DbError> {
+            Ok(snap
+                .get(&self.meta, key)?
+                .map(|v| u64_value(&v))
+                .unwrap_or(0))
+        };
+        Ok((read(HEAD_LSN)?, read(&format!("{CURSOR_PREFIX}{peer}"))?))
+    }
+
+    /// Records in a snapshot (clears and alerts), approximately: for progress only.
+    pub fn snapshot_size(&self) -> u64 {
+        (self.alerts.approximate_len() + self.clears.approximate_len()) as u64
+    }
+
+    /// Every origin's applied set in a snapshot.
+    pub fn snapshot_applied(&self, snap: &Snapshot) -> Result<Vec<AppliedRanges>, DbError> {
+        let mut out = Vec::new();
+        for item in snap.iter(&self.applied) {
+            let (key, value) = item.into_inner()?;
+            let origin: Origin = from_bytes(&key).map_err(|source| DbError::Corrupt {
+                what: "applied-set key",
+                key: format!("{key:?}"),
+                source,
+            })?;
+            let ranges: SeqRanges = from_bytes(&value).map_err(|source| DbError::Corrupt {
+                what: "applied set",
+                key: origin.to_string(),
+                source,
+            })?;
+            out.push(AppliedRanges { origin, ranges });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` records of a snapshot after `after`: clears first, then alerts, each in
+    /// key order. Returns them and the key of the last one (None when there were none).
+    #[allow(clippy::type_complexity)] // a page: clears, alerts, where it ended
+    pub fn snapshot_page(
+        &self,
+        snap: &Snapshot,
+        after: Option<&SnapshotKey>,
+        limit: usize,
+    ) -> Result<
+        (
+            Vec<(String, Version)>,
+            Vec<(String, AlertState)>,
+            Option<SnapshotKey>,
+        ),
+        DbError,
+    > {
+        use std::ops::Bound;
+        let mut clears = Vec::new();
+        let mut alerts = Vec::new();
+        let mut last = None;
+        let after_bound = |key: &str| Bound::Excluded(key.as_bytes().to_vec());
+        let clear_from = match after {
+            None => Some(Bound::Unbounded),
+            Some(SnapshotKey::Clear(key)) => Some(after_bound(key)),
+            Some(SnapshotKey::Alert(_)) => None,
+        };
+        if let Some(from) = clear_from {
+            for item in snap
+                .range(&self.clears, (from, Bound::Unbounded))
+                .take(limit)
+            {
+                let (key, value) = item.into_inner()?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let version: Version = from_bytes(&value).map_err(|source| DbError::Corrupt {
+                    what: "clear",
+                    key: key.clone(),
+                    source,
+                })?;
+                last = Some(SnapshotKey::Clear(key.clone()));
+                clears.push((key, version));
+            }
+        }
+        let room = limit - clears.len();
+        if room > 0 {
+            let from = match after {
+                Some(SnapshotKey::Alert(key)) => after_bound(key),
+                _ => Bound::Unbounded,
+            };
+            for item in snap
+                .range(&self.alerts, (from, Bound::Unbounded))
+                .take(room)
+            {
+                let (key, value) = item.into_inner()?;
+                let id = String::from_utf8_lossy(&key).into_owned();
+                let row: Row = from_bytes(&value).map_err(|source| DbError::Corrupt {
+                    what: "alert",
+                    key: id.clone(),
+                    source,
+                })?;
+                last = Some(SnapshotKey::Alert(id.clone()));
+                alerts.push((id, row.state));
+            }
+        }
+        Ok((clears, alerts, last))
     }
 
     /// How far this store has applied `peer`'s log.

@@ -18,11 +18,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tandem_protocol::codec::append_bytes;
-use tandem_protocol::message::{LogEntry, LogEntryRef};
+use tandem_protocol::message::{LogEntry, LogEntryRef, SnapshotChunk};
 use tandem_protocol::{Event, EventBody, Origin};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, DbError, Meta};
+use crate::db::{Db, DbError, Meta, PeerWrites};
+use crate::resync::{MergeIo, Receiving, Snapshots};
 use crate::table::{self, Changes, Outcome, Table};
 
 /// Most events applied in one group commit.
@@ -51,11 +52,19 @@ pub enum Request {
         events: Vec<Event>,
         reply: oneshot::Sender<Reply>,
     },
-    /// A peer's log entries, applied together with the new cursor for that peer.
+    /// A peer's log entries, applied together with the new cursor for that peer. `after` is
+    /// the cursor they follow on from.
     Replicate {
         peer: String,
+        after: u64,
         cursor: u64,
         entries: Vec<LogEntry>,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A page of a peer's snapshot, in a full resync.
+    Merge {
+        peer: String,
+        chunk: SnapshotChunk,
         reply: oneshot::Sender<Reply>,
     },
     /// Changes this store makes itself (expiry, deletion of clear alerts), numbered with its
@@ -68,6 +77,7 @@ impl Request {
         match self {
             Request::Events { events, .. } => events.len(),
             Request::Replicate { entries, .. } => entries.len(),
+            Request::Merge { chunk, .. } => chunk.alerts.len() + chunk.clears.len(),
             Request::Housekeeping { bodies } => bodies.len(),
         }
     }
@@ -88,13 +98,18 @@ pub struct Shared {
     pub events_applied: AtomicU64,
     pub duplicates: AtomicU64,
     /// How far the peer store has applied this store's log, as the gateway last reported.
-    pub peer_cursor: AtomicU64,
+    pub peer_cursor: watch::Sender<u64>,
+    /// In `sync` replication, whether acknowledgements have stopped waiting for the peer
+    /// because it did not confirm in time; cleared when it catches up.
+    pub sync_degraded: AtomicBool,
     pub peer_up: AtomicBool,
     pub role: std::sync::Mutex<crate::role::Role>,
     /// Directives for every connected probe and proxy (fail-back).
     pub directives: tokio::sync::broadcast::Sender<tandem_protocol::Directive>,
     /// Every change of the acting flag, for connected proxies to hear at once.
     pub role_changes: tokio::sync::broadcast::Sender<bool>,
+    /// Snapshots being read by a peer's full resync.
+    pub snapshots: Snapshots,
     /// The commit queue, weakly: the store's own notices go through it, without keeping the
     /// commit thread alive past shutdown.
     requests: std::sync::OnceLock<mpsc::WeakSender<Request>>,
@@ -189,11 +204,13 @@ pub fn start(
         epoch: meta.epoch,
         events_applied: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
-        peer_cursor: AtomicU64::new(0),
+        peer_cursor: watch::channel(0).0,
+        sync_degraded: AtomicBool::new(false),
         peer_up: AtomicBool::new(false),
         role: std::sync::Mutex::new(crate::role::Role::primary()),
         directives: tokio::sync::broadcast::channel(16).0,
         role_changes: tokio::sync::broadcast::channel(16).0,
+        snapshots: Snapshots::new(meta.epoch),
         requests: std::sync::OnceLock::new(),
     });
     let (tx, rx) = mpsc::channel(queue);
@@ -267,6 +284,7 @@ struct Group<'a> {
     meta: &'a mut Meta,
     changes: &'a mut Changes,
     log: &'a mut LogBuf,
+    receiving: &'a mut Receiving,
     applied: u64,
     duplicates: u64,
 }
@@ -281,6 +299,9 @@ impl Group<'_> {
         let (mut applied, mut duplicates) = (0u32, 0u32);
         for (mut event, source) in items {
             self.table.resolve_delete(&mut event);
+            // A full resync under way must replay what this store logs for itself meanwhile.
+            let noted = (source.is_none() && self.receiving.active())
+                .then(|| event.identifier().to_string());
             let source = source
                 .as_ref()
                 .map(|(name, serial)| (name.as_str(), *serial));
@@ -294,7 +315,12 @@ impl Group<'_> {
                 self.log,
             );
             match outcome {
-                Outcome::Applied => applied += 1,
+                Outcome::Applied => {
+                    applied += 1;
+                    if let Some(id) = noted {
+                        self.receiving.note_own(&id, self.meta.head_lsn);
+                    }
+                }
                 Outcome::Duplicate => duplicates += 1,
             }
         }
@@ -347,7 +373,10 @@ fn commit_loop(
     let mut scratch = Vec::new();
     let mut group: Vec<Request> = Vec::new();
     let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
-    let mut cursors: Vec<(String, u64)> = Vec::new();
+    let mut peers = PeerWrites::default();
+    let mut receiving = Receiving::default();
+    // Each peer's cursor as of the commit being built, read from disk once.
+    let mut known_cursors: std::collections::HashMap<String, u64> = Default::default();
 
     while let Some(first) = rx.blocking_recv() {
         let mut events = first.len();
@@ -375,6 +404,7 @@ fn commit_loop(
                 meta: &mut meta,
                 changes: &mut changes,
                 log: &mut log,
+                receiving: &mut receiving,
                 applied: 0,
                 duplicates: 0,
             };
@@ -386,19 +416,59 @@ fn commit_loop(
                     }
                     Request::Replicate {
                         peer,
+                        after,
                         cursor,
                         entries,
                         reply,
                     } => {
+                        let known = match known_cursors.get(&peer) {
+                            Some(&lsn) => lsn,
+                            None => shared.db.cursor(&peer).unwrap_or(0),
+                        };
+                        if after > known {
+                            // Applying these would skip the entries in between for good.
+                            let reason = format!(
+                                "these entries of {peer}'s log follow LSN {after}, but this store has applied it only up to {known}; resubscribe from the cursor"
+                            );
+                            replies.push((reply, Reply::Refused { index: 0, reason }));
+                            continue;
+                        }
                         let items = entries
                             .into_iter()
                             .map(|e| (e.event, Some((e.source, e.source_serial))))
                             .collect();
                         let answer = work.batch(items);
-                        if matches!(answer, Reply::Ack { .. }) {
-                            cursors.retain(|(p, _)| *p != peer);
-                            cursors.push((peer, cursor));
+                        if matches!(answer, Reply::Ack { .. }) && cursor > known {
+                            // Never backwards: a second gateway may replay older pages.
+                            known_cursors.insert(peer.clone(), cursor);
+                            peers.set_cursor(&peer, cursor);
                         }
+                        replies.push((reply, answer));
+                    }
+                    Request::Merge { peer, chunk, reply } => {
+                        let io = MergeIo {
+                            db: &shared.db,
+                            log: work.log,
+                            meta: work.meta,
+                            own_name: &own_name,
+                            changes: work.changes,
+                            writes: &mut peers,
+                        };
+                        let answer = match work.receiving.merge(&peer, chunk, work.table, io) {
+                            Ok((answer, finished)) => {
+                                if let Some(lsn) = finished {
+                                    // Exactly the snapshot's position, even if lower: the peer
+                                    // may have lost its data and started its log again.
+                                    known_cursors.insert(peer.clone(), lsn);
+                                    peers.set_cursor(&peer, lsn);
+                                }
+                                answer
+                            }
+                            Err(e) => Reply::Refused {
+                                index: 0,
+                                reason: format!("merging the snapshot failed: {e}"),
+                            },
+                        };
                         replies.push((reply, answer));
                     }
                     Request::Housekeeping { bodies } => {
@@ -429,7 +499,8 @@ fn commit_loop(
             meta.next_serial = table.next_serial();
             let retained = meta.head_lsn.saturating_sub(meta.first_lsn) + 1;
             let trim_start = meta.first_lsn;
-            if retained > log_retention {
+            // A resync being received replays this store's own entries: keep them till done.
+            if retained > log_retention && !receiving.active() {
                 let excess = (retained - log_retention).min(TRIM_PER_COMMIT);
                 meta.first_lsn += excess;
             }
@@ -437,7 +508,7 @@ fn commit_loop(
             let written =
                 shared
                     .db
-                    .commit(&table, &changes, &log, &meta, &cursors, trim, &mut scratch);
+                    .commit(&table, &changes, &log, &meta, &peers, trim, &mut scratch);
             if let Err(e) = written {
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
@@ -458,7 +529,7 @@ fn commit_loop(
             let _ = reply.send(answer);
         }
         log.clear();
-        cursors.clear();
+        peers.clear();
     }
     let started = Instant::now();
     match shared.db.flush() {

@@ -217,6 +217,54 @@ pub fn action(state: &mut AlertState, body: &EventBody, version: &Version) {
     touch(state, version.time);
 }
 
+/// Folds `other` into `state` when the events behind the two are not known: per field the
+/// newer version, per origin the larger count.
+///
+/// Exact when, for every origin, one side's events include the other's; where both sides
+/// hold occurrences of one origin that the other lacks, the tally is the larger side's, never
+/// more than the truth. A full resync uses it only when the receiver's own log no longer
+/// reaches back far enough to replay exactly what the sender lacks.
+pub fn join(state: &mut AlertState, other: AlertState) {
+    if !other.inserted.value.0.is_empty() {
+        let (name, serial) = &other.inserted.value;
+        merge_inserted(state, &other.inserted.version, (name, *serial));
+    }
+    let had_occurrences = !state.occurrences.is_empty();
+    propose(&mut state.latest, other.latest.value, &other.latest.version);
+    propose(
+        &mut state.severity,
+        other.severity.value,
+        &other.severity.version,
+    );
+    propose(
+        &mut state.acknowledged,
+        other.acknowledged.value,
+        &other.acknowledged.version,
+    );
+    propose(&mut state.owner, other.owner.value, &other.owner.version);
+    if other.occurrences.is_empty() {
+        // Nothing to take from times that no occurrence set.
+    } else if had_occurrences {
+        state.first_occurrence = state.first_occurrence.min(other.first_occurrence);
+        state.last_occurrence = state.last_occurrence.max(other.last_occurrence);
+    } else {
+        state.first_occurrence = other.first_occurrence;
+        state.last_occurrence = other.last_occurrence;
+    }
+    state.state_change = state.state_change.max(other.state_change);
+    for count in &other.occurrences {
+        raise(&mut state.occurrences, &count.origin, count.count);
+    }
+    for count in &other.deleted {
+        raise(&mut state.deleted, &count.origin, count.count);
+    }
+    for entry in other.journal {
+        if let Err(at) = state.journal.binary_search(&entry) {
+            state.journal.insert(at, entry);
+        }
+    }
+}
+
 /// The operator's view of an alert.
 pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
     let f = &state.latest.value;

@@ -29,6 +29,7 @@ pub mod fold;
 pub mod housekeeping;
 pub mod peer;
 pub mod query;
+pub mod resync;
 pub mod role;
 pub mod server;
 pub mod table;
@@ -81,6 +82,8 @@ pub struct StoreOptions {
     pub housekeeping: bool,
     pub housekeeping_interval: Duration,
     pub log_retention: u64,
+    /// `sync` replication: acknowledgements of new events wait up to this long for the peer.
+    pub sync_replication: Option<Duration>,
     /// The primary, watched by the backup (`None`: no watch; the primary never needs one).
     pub peer: Option<peer::PeerOptions>,
     pub role_settings: role::RoleSettings,
@@ -150,6 +153,7 @@ pub async fn run(
         on_role_change: options.peer.as_ref().and_then(|p| p.on_role_change.clone()),
         max_frame: options.max_frame,
         max_connections: options.max_connections,
+        sync_replication: options.sync_replication,
     };
     server::serve(
         listener,

@@ -38,6 +38,8 @@ pub struct ServerOptions {
     pub on_role_change: Option<String>,
     pub max_frame: usize,
     pub max_connections: usize,
+    /// `sync` replication: how long an acknowledgement waits for the peer.
+    pub sync_replication: Option<std::time::Duration>,
 }
 
 pub async fn serve(
@@ -87,12 +89,40 @@ struct Subscription {
 
 type Conn = Framed<TcpStream, MessageCodec>;
 
-/// Waits for a batch's commit; one function so every pending batch is the same future type.
+/// Waits for a batch's commit and, in `sync` replication, for the peer to have it too; one
+/// function so every pending batch is the same future type.
 async fn answer_of(
     batch: u64,
     rx: oneshot::Receiver<Reply>,
+    sync: Option<(Arc<Shared>, std::time::Duration)>,
 ) -> (u64, Result<Reply, oneshot::error::RecvError>) {
-    (batch, rx.await)
+    let reply = rx.await;
+    if let (Ok(Reply::Ack { .. }), Some((shared, timeout))) = (&reply, sync) {
+        wait_for_peer(&shared, timeout).await;
+    }
+    (batch, reply)
+}
+
+/// Holds an acknowledgement until the peer has applied this store's log up to its head as of
+/// the commit (which covers the batch), or until `timeout`: then replication degrades to
+/// async, so that a peer that is gone does not add the timeout to every batch, until the
+/// peer catches up again.
+async fn wait_for_peer(shared: &Shared, timeout: std::time::Duration) {
+    if shared.sync_degraded.load(Ordering::Relaxed) {
+        return;
+    }
+    let lsn = shared.head_lsn();
+    let mut cursor = shared.peer_cursor.subscribe();
+    let confirmed = tokio::time::timeout(timeout, cursor.wait_for(|c| *c >= lsn)).await;
+    if !matches!(confirmed, Ok(Ok(_))) && !shared.sync_degraded.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            lsn,
+            peer_cursor = *shared.peer_cursor.borrow(),
+            timeout_ms = timeout.as_millis() as u64,
+            "the peer store has not confirmed in time: replication degrades to async until it catches up"
+        );
+        metrics::counter!("tandem_store_sync_degraded_total").increment(1);
+    }
 }
 
 impl Handler {
@@ -176,22 +206,53 @@ impl Handler {
                         Message::Events { batch, events } => {
                             let (reply, rx) = oneshot::channel();
                             self.submit(Request::Events { events, reply }).await?;
-                            pending.push(answer_of(batch, rx));
+                            let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
+                            pending.push(answer_of(batch, rx, sync));
                         }
-                        Message::Replicate { batch, peer, cursor, entries } => {
+                        Message::Replicate { batch, peer, after, cursor, entries } => {
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Replicate { peer, cursor, entries, reply }).await?;
-                            pending.push(answer_of(batch, rx));
+                            self.submit(Request::Replicate { peer, after, cursor, entries, reply }).await?;
+                            pending.push(answer_of(batch, rx, None));
+                        }
+                        Message::Merge { batch, peer, chunk } => {
+                            let (reply, rx) = oneshot::channel();
+                            self.submit(Request::Merge { peer, chunk: *chunk, reply }).await?;
+                            pending.push(answer_of(batch, rx, None));
+                        }
+                        Message::SnapshotRequest { peer, snapshot, after, limit } => {
+                            let shared = self.shared.clone();
+                            let page = tokio::task::spawn_blocking(move || {
+                                shared.snapshots.page(&shared.db, &peer, snapshot, after, limit as usize)
+                            })
+                            .await;
+                            let answer = match page {
+                                Ok(Ok(chunk)) => Message::SnapshotChunk(Box::new(chunk)),
+                                Ok(Err(e)) => Message::Error { message: format!("snapshot: {e}") },
+                                Err(e) => Message::Error { message: format!("snapshot: {e}") },
+                            };
+                            conn.send(&answer).await.map_err(|e| e.to_string())?;
                         }
                         Message::CursorReport { peer, lsn } => {
                             // How far the peer has applied this store's log; answered with
                             // nothing, as it comes on a subscription's stream.
-                            self.shared.peer_cursor.store(lsn, Ordering::Relaxed);
+                            self.shared.peer_cursor.send_replace(lsn);
+                            if lsn >= self.shared.head_lsn() && self.shared.sync_degraded.swap(false, Ordering::Relaxed) {
+                                tracing::info!(peer, lsn, "the peer store has caught up: replication is sync again");
+                            }
                             tracing::trace!(peer, lsn, "peer cursor");
                         }
                         Message::Subscribe { from_lsn, skip_source } => {
-                            subscription = Some(Subscription { next: from_lsn.max(1), skip_source });
                             let head = self.shared.head_lsn();
+                            if from_lsn > head + 1 {
+                                // The subscriber has applied entries this store no longer has:
+                                // its data was lost and the log started again. Only a full
+                                // resync brings the subscriber in line.
+                                tracing::warn!(peer = %self.peer, from_lsn, head, "a subscriber is ahead of this store's log; it needs a full resync");
+                                let first = self.shared.first_lsn.load(Ordering::Relaxed);
+                                conn.send(&Message::LogTrimmed { first_lsn: first }).await.map_err(|e| e.to_string())?;
+                                continue;
+                            }
+                            subscription = Some(Subscription { next: from_lsn.max(1), skip_source });
                             if from_lsn.max(1) > head && from_lsn.max(1) >= self.shared.first_lsn.load(Ordering::Relaxed) {
                                 // Nothing to send yet: say where the head is, so the subscriber
                                 // knows it has caught up.
@@ -308,12 +369,19 @@ impl Handler {
                     },
                 }
             }
-            Message::GetCursor { peer } => match self.shared.db.cursor(&peer) {
-                Ok(lsn) => Message::Cursor { peer, lsn },
-                Err(e) => Message::Error {
-                    message: e.to_string(),
-                },
-            },
+            Message::GetCursor { peer } => {
+                let found = self
+                    .shared
+                    .db
+                    .cursor(&peer)
+                    .and_then(|lsn| Ok((lsn, self.shared.db.resync_point(&peer)?)));
+                match found {
+                    Ok((lsn, resync)) => Message::Cursor { peer, lsn, resync },
+                    Err(e) => Message::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Message::Failback { force } => {
                 let input = crate::role::RoleInput::Failback { force };
                 match crate::peer::role_input(
