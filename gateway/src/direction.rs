@@ -196,6 +196,10 @@ impl Direction {
                     cursor = lsn;
                 }
                 _ = ping.tick() => {
+                    if in_flight.len() >= MAX_IN_FLIGHT {
+                        // Not reading the sender while the receiver catches up is not silence.
+                        last_heard = tokio::time::Instant::now();
+                    }
                     if last_heard.elapsed() > dead_after.max(Duration::from_secs(2)) {
                         return Err(format!("{from} went silent"));
                     }

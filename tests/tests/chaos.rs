@@ -2,6 +2,9 @@
 //! both proxies, the gateway, the probe) and cuts of the link between the two sides, under a
 //! steady load; after healing, both stores must hold exactly what the source wrote.
 //!
+//! The stores keep short logs, so both log catch-up and full resyncs (interrupted ones too) happen
+//! along the way.
+//!
 //! `TANDEM_SEED` replays a schedule; `TANDEM_CHAOS_STEPS` sets its length (default 12, about a
 //! minute; a long run: `TANDEM_CHAOS_STEPS=200`).
 
@@ -87,11 +90,22 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
+    // Short logs and small snapshot pages: a store down for more than a couple of seconds
+    // comes back through a full resync, which kills then interrupt half-way.
     let pair = Pair::new(|t| {
         t.replace(
             "failback_hold_down_ms = 2000",
             "failback_hold_down_ms = 500",
         )
+        .replace(
+            "data_dir = \"agg_p\"",
+            "data_dir = \"agg_p\"\nlog_retention_entries = 500",
+        )
+        .replace(
+            "data_dir = \"agg_b\"",
+            "data_dir = \"agg_b\"\nlog_retention_entries = 500",
+        )
+        .replace("name = \"GW\"", "name = \"GW\"\nresync_page = 50")
     });
     let p_addr = pair.file.store("AGG_P").unwrap().listen.0;
     let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
@@ -167,6 +181,18 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
     writer.join().unwrap();
     let total = written.load(Ordering::SeqCst);
     println!("{steps} steps: {kills} kills, {cuts} cuts; {total} alerts written");
+    let logs: String = std::fs::read_dir(world.pair.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    println!(
+        "full resyncs: {} started, {} resumed, {} merged to the end",
+        logs.matches("starting a full resync").count(),
+        logs.matches("resuming a full resync").count(),
+        logs.matches("full resync merged").count(),
+    );
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
