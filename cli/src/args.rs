@@ -75,7 +75,14 @@ pub enum Command {
     Bench(BenchArgs),
     /// Make a private CA and certificates for every component of the pair file (for tests and
     /// first use; bring your own PKI in production).
-    Certs,
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// Replace files that exist already.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,6 @@
 //! `tandem gateway`: one bidirectional gateway in the foreground.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tandem_gateway::{GatewayOptions, GatewayState};
 use crate::ops::{self, OpsView};
 use crate::runtime;
 
-pub fn options(pair: &PairFile, name: Option<&str>) -> Result<GatewayOptions> {
+pub fn options(pair: &PairFile, data_dir: &Path, name: Option<&str>) -> Result<GatewayOptions> {
     let gateway = pair.select_gateway(name)?;
     let (p, b) = (pair.primary_store(), pair.backup_store());
     Ok(GatewayOptions {
@@ -22,6 +23,7 @@ pub fn options(pair: &PairFile, name: Option<&str>) -> Result<GatewayOptions> {
         dead_after: Duration::from_millis(pair.pair.failover_deadline_ms),
         resync_page: gateway.resync_page.clamp(1, 10_000),
         resync_rate: gateway.resync_rate,
+        tls: crate::tls::member_client(pair, data_dir, &gateway.name)?,
     })
 }
 
@@ -67,12 +69,13 @@ impl OpsView for GatewayView {
     }
 }
 
-pub fn run(pair: &PairFile, name: Option<&str>) -> Result<()> {
-    let options = options(pair, name)?;
+pub fn run(pair: &PairFile, data_dir: &Path, name: Option<&str>) -> Result<()> {
+    let options = options(pair, data_dir, name)?;
     let http = pair.select_gateway(name)?.http.map(|a| a.0);
     runtime::runtime()?.block_on(async {
         let shutdown = runtime::shutdown_on_signal();
         let metrics = runtime::metrics();
+        crate::tls::watch(&None, &options.tls, shutdown.clone());
         let http = ops::bind(http, &options.name).await?;
         let gateway = options.name.clone();
         let (state_tx, state_rx) = tokio::sync::oneshot::channel();

@@ -7,6 +7,7 @@
 
 mod alert_json;
 mod args;
+mod certs_cmd;
 mod gateway_cmd;
 mod logging;
 mod operator;
@@ -18,6 +19,7 @@ mod runtime;
 mod send_cmd;
 mod status_cmd;
 mod store_cmd;
+mod tls;
 mod up_cmd;
 
 use std::process::ExitCode;
@@ -69,7 +71,8 @@ fn not_built(command: &str) -> Result<()> {
 fn act(global: &Global, name: Option<&str>, body: EventBody, verb: &str, id: &str) -> Result<()> {
     let pair = load(global)?;
     pair.select_store(name)?;
-    let store = runtime::runtime()?.block_on(operator::act(&pair, name, body))?;
+    let tls = tls::user_client(&pair, &global.data_dir)?;
+    let store = runtime::runtime()?.block_on(operator::act(&pair, tls.as_deref(), name, body))?;
     println!("{verb} {id:?} on {store}");
     Ok(())
 }
@@ -79,8 +82,12 @@ fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Up => up_cmd::run(&load(global)?, global),
         Command::Store(args) => store_cmd::run(&load(global)?, global, args.name.as_deref()),
-        Command::Proxy(args) => proxy_cmd::run(&load(global)?, args.name.as_deref()),
-        Command::Gateway(args) => gateway_cmd::run(&load(global)?, args.name.as_deref()),
+        Command::Proxy(args) => {
+            proxy_cmd::run(&load(global)?, &global.data_dir, args.name.as_deref())
+        }
+        Command::Gateway(args) => {
+            gateway_cmd::run(&load(global)?, &global.data_dir, args.name.as_deref())
+        }
         Command::Probe(probe) => {
             let pair = load(global)?;
             pair.probe_section()?;
@@ -98,8 +105,10 @@ fn run(cli: Cli) -> Result<()> {
             pair.select_store(args.name.as_deref())?;
             let query =
                 operator::build_query(args.filter.as_deref(), args.sort.as_deref(), args.limit)?;
+            let tls = tls::user_client(&pair, &global.data_dir)?;
             let (alerts, total) = runtime::runtime()?.block_on(operator::query(
                 &pair,
+                tls.as_deref(),
                 args.name.as_deref(),
                 query,
             ))?;
@@ -107,13 +116,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status(args) => {
             let pair = load(global)?;
-            let status = runtime::runtime()?.block_on(status_cmd::collect(&pair));
+            let tls = tls::user_client(&pair, &global.data_dir)?;
+            let status = runtime::runtime()?.block_on(status_cmd::collect(&pair, tls.as_deref()));
             status_cmd::print(&status, args.json);
             Ok(())
         }
         Command::Failback(args) => {
             let pair = load(global)?;
-            let done = runtime::runtime()?.block_on(status_cmd::failback(&pair, args.force))?;
+            let tls = tls::user_client(&pair, &global.data_dir)?;
+            let done = runtime::runtime()?.block_on(status_cmd::failback(
+                &pair,
+                tls.as_deref(),
+                args.force,
+            ))?;
             println!("{done}");
             Ok(())
         }
@@ -167,9 +182,11 @@ fn run(cli: Cli) -> Result<()> {
             load(global)?.probe_section()?;
             not_built("bench")
         }
-        Command::Certs => {
-            load(global)?;
-            not_built("certs")
+        Command::Certs(args) => {
+            for line in certs_cmd::run(&load(global)?, &global.data_dir, args.force)? {
+                println!("{line}");
+            }
+            Ok(())
         }
     }
 }

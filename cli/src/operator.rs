@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use tandem_config::PairFile;
+use tandem_net::tls::ClientTls;
 use tandem_probe::Connection;
 use tandem_protocol::{Alert, ClientKind, Event, EventBody, Message, Origin, Query};
 use tandem_store::query::{Filter, parse_sort};
@@ -15,15 +16,20 @@ use crate::UsageError;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn connect(pair: &PairFile, name: Option<&str>) -> Result<(Connection, String)> {
+async fn connect(
+    pair: &PairFile,
+    tls: Option<&ClientTls>,
+    name: Option<&str>,
+) -> Result<(Connection, String)> {
     let store = pair.select_store(name)?;
     let user = user();
-    let conn = Connection::connect(
+    let conn = Connection::connect_tls(
         store.listen.0,
         ClientKind::Operator,
         &format!("operator/{user}"),
         pair.pair.max_frame_bytes,
         TIMEOUT,
+        tls,
     )
     .await
     .with_context(|| format!("store {} at {}", store.name, store.listen))?;
@@ -66,8 +72,13 @@ pub fn build_query(filter: Option<&str>, sort: Option<&str>, limit: Option<u32>)
     })
 }
 
-pub async fn query(pair: &PairFile, name: Option<&str>, query: Query) -> Result<(Vec<Alert>, u64)> {
-    let (mut conn, store) = connect(pair, name).await?;
+pub async fn query(
+    pair: &PairFile,
+    tls: Option<&ClientTls>,
+    name: Option<&str>,
+    query: Query,
+) -> Result<(Vec<Alert>, u64)> {
+    let (mut conn, store) = connect(pair, tls, name).await?;
     match conn.request(&Message::Query(query), TIMEOUT).await? {
         Message::Alerts { alerts, total } => Ok((alerts, total)),
         Message::Error { message } => bail!("store {store}: {message}"),
@@ -127,14 +138,19 @@ fn time(ms: i64) -> String {
 }
 
 /// Applies one operator action to an existing alert.
-pub async fn act(pair: &PairFile, name: Option<&str>, body: EventBody) -> Result<String> {
+pub async fn act(
+    pair: &PairFile,
+    tls: Option<&ClientTls>,
+    name: Option<&str>,
+    body: EventBody,
+) -> Result<String> {
     let identifier = match &body {
         EventBody::Acknowledge { identifier, .. }
         | EventBody::Delete { identifier, .. }
         | EventBody::Journal { identifier, .. } => identifier.clone(),
         _ => bail!("not an operator action"),
     };
-    let (mut conn, store) = connect(pair, name).await?;
+    let (mut conn, store) = connect(pair, tls, name).await?;
     let exists = Query {
         filter: format!("identifier = {}", quote(&identifier)),
         sort: Vec::new(),

@@ -9,7 +9,7 @@ use tandem_probe::failover::Settings;
 use tandem_probe::pair::PairConfig;
 use tandem_probe::spool::Spool;
 
-pub fn pair_config(pair: &PairFile, client_name: &str) -> Result<PairConfig> {
+pub fn pair_config(pair: &PairFile, data_dir: &Path, client_name: &str) -> Result<PairConfig> {
     let probe = pair.probe_section()?;
     let primary = pair.proxy(&probe.primary)?;
     let backup = pair.proxy(&probe.backup)?;
@@ -34,6 +34,7 @@ pub fn pair_config(pair: &PairFile, client_name: &str) -> Result<PairConfig> {
             max_backoff: Duration::from_secs(1),
         },
         require_resync: !pair.gateways.is_empty(),
+        tls: crate::tls::user_client(pair, data_dir)?,
         batch_events: 1_000,
         max_in_flight: 10_000,
         connect_timeout: deadline / 2,

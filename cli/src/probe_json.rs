@@ -106,7 +106,7 @@ fn follow(
 
 pub fn run(pair: &PairFile, data_dir: &Path, follow_file: bool, file: Option<&Path>) -> Result<()> {
     let name = probe_config::instance_name("json", file);
-    let config = probe_config::pair_config(pair, &name)?;
+    let config = probe_config::pair_config(pair, data_dir, &name)?;
     let spool = probe_config::open_spool(pair, data_dir, &name)?;
     let start = spool.source_cursor().and_then(parse_cursor);
     runtime::runtime()?.block_on(async move {

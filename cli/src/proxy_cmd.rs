@@ -1,5 +1,6 @@
 //! `tandem proxy`: one proxy in the foreground.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tandem_proxy::{ProxyOptions, ProxyState};
 use crate::ops::{self, OpsView};
 use crate::runtime;
 
-pub fn options(pair: &PairFile, name: Option<&str>) -> Result<ProxyOptions> {
+pub fn options(pair: &PairFile, data_dir: &Path, name: Option<&str>) -> Result<ProxyOptions> {
     let proxy = pair.select_proxy(name)?;
     let store = pair.store(&proxy.store)?;
     let deadline = Duration::from_millis(pair.pair.failover_deadline_ms);
@@ -31,6 +32,8 @@ pub fn options(pair: &PairFile, name: Option<&str>) -> Result<ProxyOptions> {
             StoreRole::Backup => pair.probe.as_ref().map(|p| p.primary.clone()),
             StoreRole::Primary => None,
         },
+        tls: crate::tls::server(pair, data_dir, &proxy.name)?,
+        store_tls: crate::tls::member_client(pair, data_dir, &proxy.name)?,
     })
 }
 
@@ -65,12 +68,13 @@ impl OpsView for ProxyView {
     }
 }
 
-pub fn run(pair: &PairFile, name: Option<&str>) -> Result<()> {
-    let options = options(pair, name)?;
+pub fn run(pair: &PairFile, data_dir: &Path, name: Option<&str>) -> Result<()> {
+    let options = options(pair, data_dir, name)?;
     let http = pair.select_proxy(name)?.http.map(|a| a.0);
     runtime::runtime()?.block_on(async {
         let shutdown = runtime::shutdown_on_signal();
         let metrics = runtime::metrics();
+        crate::tls::watch(&options.tls, &options.store_tls, shutdown.clone());
         let http = ops::bind(http, &options.name).await?;
         let (proxy, store) = (options.name.clone(), options.store_name.clone());
         let (state_tx, state_rx) = tokio::sync::oneshot::channel();

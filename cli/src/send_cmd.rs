@@ -34,7 +34,7 @@ fn now_ms() -> i64 {
 
 pub fn run(pair: &PairFile, data_dir: &Path, args: &SendArgs) -> Result<()> {
     let name = probe_config::instance_name("send", args.file.as_deref());
-    let config = probe_config::pair_config(pair, &name)?;
+    let config = probe_config::pair_config(pair, data_dir, &name)?;
     let spool = probe_config::open_spool(pair, data_dir, &name)?;
     let input: Box<dyn BufRead> = match &args.file {
         Some(path) => Box::new(BufReader::new(

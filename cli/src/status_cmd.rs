@@ -10,19 +10,26 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use tandem_config::PairFile;
+use tandem_net::tls::ClientTls;
 use tandem_probe::Connection;
 use tandem_protocol::{ClientKind, Message};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn store_status(pair: &PairFile, name: &str, addr: SocketAddr) -> Value {
+async fn store_status(
+    pair: &PairFile,
+    tls: Option<&ClientTls>,
+    name: &str,
+    addr: SocketAddr,
+) -> Value {
     let asked = async {
-        let mut conn = Connection::connect(
+        let mut conn = Connection::connect_tls(
             addr,
             ClientKind::Operator,
             "status",
             pair.pair.max_frame_bytes,
             TIMEOUT,
+            tls,
         )
         .await
         .ok()?;
@@ -64,10 +71,10 @@ fn http_status(addr: Option<SocketAddr>) -> Option<Value> {
     serde_json::from_str(&body).ok()
 }
 
-pub async fn collect(pair: &PairFile) -> Value {
+pub async fn collect(pair: &PairFile, tls: Option<&ClientTls>) -> Value {
     let mut stores = Vec::new();
     for s in &pair.stores {
-        stores.push(store_status(pair, &s.name, s.listen.0).await);
+        stores.push(store_status(pair, tls, &s.name, s.listen.0).await);
     }
     let proxies: Vec<Value> = pair
         .proxies
@@ -183,14 +190,15 @@ pub fn print(status: &Value, as_json: bool) {
 }
 
 /// Asks the backup to send its clients back to the primary.
-pub async fn failback(pair: &PairFile, force: bool) -> Result<String> {
+pub async fn failback(pair: &PairFile, tls: Option<&ClientTls>, force: bool) -> Result<String> {
     let backup = pair.backup_store();
-    let mut conn = Connection::connect(
+    let mut conn = Connection::connect_tls(
         backup.listen.0,
         ClientKind::Operator,
         "failback",
         pair.pair.max_frame_bytes,
         TIMEOUT * 2,
+        tls,
     )
     .await
     .map_err(|e| anyhow::anyhow!("the backup store {} is not reachable: {e}", backup.name))?;

@@ -34,6 +34,7 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         housekeeping: store.housekeeping,
         housekeeping_interval: Duration::from_secs(1),
         log_retention: store.log_retention_entries.max(1),
+        tls: crate::tls::server(pair, &global.data_dir, &store.name)?,
         sync_replication: (pair.pair.replication == Replication::Sync)
             .then(|| Duration::from_millis(pair.pair.sync_timeout_ms.max(1))),
         peer: Some(PeerOptions {
@@ -44,6 +45,7 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
             heartbeat: Duration::from_millis((pair.pair.failover_deadline_ms / 4).max(10)),
             max_frame: pair.pair.max_frame_bytes,
             on_role_change: store.on_role_change.clone(),
+            tls: crate::tls::member_client(pair, &global.data_dir, &store.name)?,
         }),
         role_settings: RoleSettings {
             misses_down: 3,
@@ -104,6 +106,11 @@ pub fn run(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<()> {
         let shutdown = runtime::shutdown_on_signal();
         let metrics = runtime::metrics();
         let http = ops::bind(http, &options.name).await?;
+        crate::tls::watch(
+            &options.tls,
+            &options.peer.as_ref().and_then(|p| p.tls.clone()),
+            shutdown.clone(),
+        );
         let role = options.role.name();
         let sync = options.sync_replication.is_some();
         let store = options.name.clone();

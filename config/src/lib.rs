@@ -238,7 +238,8 @@ pub struct ProbeSection {
     pub primary_poll_ms: u64,
 }
 
-/// `[tls]`: certificates for every link (paths relative to `--data-dir`).
+/// `[tls]`: certificates for every link (paths relative to `--data-dir`). `{name}` in `cert`
+/// and `key` stands for the component's name, so one section serves every component.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -252,6 +253,13 @@ pub struct TlsSection {
     /// The client certificate and key probes and operators present under mutual TLS.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// `path` with `{name}` replaced by the component's name.
+    pub fn for_component(path: &Path, component: &str) -> PathBuf {
+        PathBuf::from(path.to_string_lossy().replace("{name}", component))
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -49,6 +49,7 @@ impl Store {
             housekeeping_interval: Duration::from_secs(3600),
             log_retention: retention,
             sync_replication: None,
+            tls: None,
             peer: None,
             role_settings: tandem_store::role::RoleSettings::default(),
         };
@@ -88,6 +89,7 @@ fn gateway(p: &Store, b: &Store) -> (CancellationToken, tokio::task::JoinHandle<
         dead_after: Duration::from_secs(5),
         resync_page: page(),
         resync_rate: 0,
+        tls: None,
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(tandem_gateway::run(options, stop.clone(), |_| {}));

@@ -149,6 +149,7 @@ impl Direction {
         let dead_after = self.tuning.dead_after;
         let mut ping = tokio::time::interval(dead_after / 2);
         let mut last_heard = tokio::time::Instant::now();
+        let mut last_line = Instant::now();
         loop {
             tokio::select! {
                 msg = self.sender.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
@@ -194,6 +195,11 @@ impl Direction {
                     let Some((b, lsn, n, _)) = in_flight.pop_front() else { continue };
                     self.acked(answer, b, lsn, n).await?;
                     cursor = lsn;
+                    let left = head.unwrap_or(0).saturating_sub(cursor);
+                    if left > 0 && last_line.elapsed() >= Duration::from_secs(2) {
+                        last_line = Instant::now();
+                        tracing::info!(%from, %to, cursor, left, "log catch-up progress");
+                    }
                 }
                 _ = ping.tick() => {
                     if in_flight.len() >= MAX_IN_FLIGHT {

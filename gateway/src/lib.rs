@@ -44,6 +44,8 @@ pub struct GatewayOptions {
     pub resync_page: u32,
     /// Most snapshot records merged per second (0: no limit).
     pub resync_rate: u64,
+    /// TLS to both stores (None: plaintext).
+    pub tls: Option<Arc<tandem_net::tls::ClientTls>>,
 }
 
 /// What the ops endpoints and `tandem status` show.
@@ -79,15 +81,22 @@ impl GatewayState {
 }
 
 async fn connect(options: &GatewayOptions, addr: SocketAddr) -> Option<Connection> {
-    Connection::connect(
+    Connection::connect_tls(
         addr,
         ClientKind::Gateway,
         &options.name,
         options.max_frame,
         options.dead_after.max(Duration::from_millis(500)),
+        options.tls.as_deref(),
     )
     .await
-    .map_err(|e| tracing::debug!(error = %e, "gateway connect failed"))
+    .map_err(|e| {
+        if e.is_certificate() {
+            tracing::warn!("{e}");
+        } else {
+            tracing::debug!(error = %e, "gateway connect failed");
+        }
+    })
     .ok()
 }
 

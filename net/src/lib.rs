@@ -1,10 +1,13 @@
-//! Server plumbing shared by the store and the proxy: the accept loop and the handshake check.
+//! Link plumbing shared by the components: the accept loop, the handshake check and TLS
+//! ([`tls`]).
 //!
 //! The accept loop follows mini-redis's listener: a semaphore caps connections, accept errors
 //! (out of file descriptors, say) back off instead of spinning, every handler is a task in a
 //! `JoinSet` that is reaped as it finishes and joined at shutdown, so none outlives the server.
 
 #![forbid(unsafe_code)]
+
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,19 +32,35 @@ pub enum WhenFull {
     Refuse,
 }
 
+/// A connection just accepted, before its TLS handshake.
+pub struct Incoming {
+    tcp: TcpStream,
+    tls: Option<Arc<tls::ServerTls>>,
+    pub peer: SocketAddr,
+}
+
+impl Incoming {
+    /// Completes the TLS handshake (on a TLS port) in the connection's own task, so a slow
+    /// client never holds up the accept loop. `None`: refused, and logged.
+    pub async fn open(self) -> Option<tls::Stream> {
+        tls::accept(self.tcp, self.tls.as_deref(), self.peer).await
+    }
+}
+
 /// Accepts connections until `shutdown`, running `handle` for each as a task.
 ///
-/// `handle` gets the stream, the peer and the connection's permit (`None`: over the cap, in
-/// [`WhenFull::Refuse`] mode). Handlers get a child of `shutdown`; all are joined before this
-/// returns.
+/// `handle` gets the connection, the peer and the connection's permit (`None`: over the cap,
+/// in [`WhenFull::Refuse`] mode). Handlers get a child of `shutdown`; all are joined before
+/// this returns.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
+    tls: Option<Arc<tls::ServerTls>>,
     max_connections: usize,
     when_full: WhenFull,
     shutdown: CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) -> Fut,
+    F: FnMut(Incoming, SocketAddr, Option<OwnedSemaphorePermit>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(max_connections));
@@ -76,7 +95,12 @@ pub async fn accept_loop<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let permit = waited.or_else(|| limit.clone().try_acquire_owned().ok());
-        handlers.spawn(handle(stream, peer, permit));
+        let incoming = Incoming {
+            tcp: stream,
+            tls: tls.clone(),
+            peer,
+        };
+        handlers.spawn(handle(incoming, peer, permit));
         // Reap finished handlers so the set does not grow with every connection ever made.
         while handlers.try_join_next().is_some() {}
     }

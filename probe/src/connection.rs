@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tandem_net::tls::{ClientTls, Stream};
 use tandem_protocol::{
     ClientKind, CodecError, Hello, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome,
 };
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 /// Why a link failed.
@@ -40,6 +41,28 @@ pub enum ClientError {
     Timeout { addr: SocketAddr, after: Duration },
     #[error("{addr} answered the handshake with {got} instead of Welcome")]
     Handshake { addr: SocketAddr, got: &'static str },
+    /// The TLS handshake failed; `certificate`: because of a certificate, which retrying
+    /// will not fix.
+    #[error("{message}")]
+    Tls {
+        addr: SocketAddr,
+        message: String,
+        certificate: bool,
+    },
+}
+
+impl ClientError {
+    /// A certificate problem: the other member will likely refuse too, and retrying will not
+    /// help until a certificate changes.
+    pub fn is_certificate(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Tls {
+                certificate: true,
+                ..
+            }
+        )
+    }
 }
 
 type Item = Option<Result<Result<Message, tandem_protocol::BadFrame>, CodecError>>;
@@ -57,14 +80,29 @@ fn received(addr: SocketAddr, item: Item) -> Result<Message, ClientError> {
     }
 }
 
+/// Under TLS 1.3 a server refuses a client certificate after the client's handshake has
+/// completed: the refusal arrives as the first read's error. Names it as the TLS problem it is.
+fn tls_refusal(addr: SocketAddr, source: CodecError) -> ClientError {
+    if let CodecError::Io(e) = &source {
+        if let Some(message) = tandem_net::tls::refusal(e, addr) {
+            return ClientError::Tls {
+                addr,
+                message,
+                certificate: true,
+            };
+        }
+    }
+    ClientError::Codec { addr, source }
+}
+
 pub struct Connection {
-    framed: Framed<TcpStream, MessageCodec>,
+    framed: Framed<Stream, MessageCodec>,
     addr: SocketAddr,
     pub welcome: Welcome,
 }
 
 impl Connection {
-    /// Connects and handshakes, giving up after `timeout`.
+    /// Connects in plaintext and handshakes, giving up after `timeout`.
     pub async fn connect(
         addr: SocketAddr,
         kind: ClientKind,
@@ -72,11 +110,31 @@ impl Connection {
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Connection, ClientError> {
+        Self::connect_tls(addr, kind, name, max_frame, timeout, None).await
+    }
+
+    /// Connects (over TLS when `tls` is set, verifying the pair's name) and handshakes,
+    /// giving up after `timeout`.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        kind: ClientKind,
+        name: &str,
+        max_frame: usize,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Connection, ClientError> {
         let attempt = async {
-            let stream = TcpStream::connect(addr)
+            let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|source| ClientError::Connect { addr, source })?;
-            let _ = stream.set_nodelay(true);
+            let _ = tcp.set_nodelay(true);
+            let stream = tandem_net::tls::connect(tcp, tls, addr)
+                .await
+                .map_err(|e| ClientError::Tls {
+                    addr,
+                    message: e.message,
+                    certificate: e.certificate,
+                })?;
             let mut framed = Framed::new(stream, MessageCodec::new(max_frame));
             let hello = Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -86,7 +144,7 @@ impl Connection {
             framed
                 .send(&hello)
                 .await
-                .map_err(|source| ClientError::Codec { addr, source })?;
+                .map_err(|source| tls_refusal(addr, source))?;
             let mut conn = Connection {
                 framed,
                 addr,
@@ -98,7 +156,11 @@ impl Connection {
                     resynced: false,
                 },
             };
-            match conn.recv().await? {
+            let first = match conn.recv().await {
+                Err(ClientError::Codec { addr, source }) => Err(tls_refusal(addr, source)),
+                other => other,
+            };
+            match first? {
                 Message::Welcome(welcome) => {
                     conn.welcome = welcome;
                     Ok(conn)
@@ -173,7 +235,7 @@ impl Connection {
         let addr = self.addr;
         let parts = self.framed.into_parts();
         let codec_max = parts.codec.max_frame();
-        let (read, write) = parts.io.into_split();
+        let (read, write) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(read, MessageCodec::new(codec_max));
         // Bytes that arrived with the handshake belong to the reader.
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
@@ -209,7 +271,7 @@ impl Connection {
 
 /// The receiving half of a split link.
 pub struct Reader {
-    inner: FramedRead<OwnedReadHalf, MessageCodec>,
+    inner: FramedRead<ReadHalf<Stream>, MessageCodec>,
     addr: SocketAddr,
 }
 
@@ -222,7 +284,7 @@ impl Reader {
 
 /// The sending half of a split link.
 pub struct Writer {
-    inner: FramedWrite<OwnedWriteHalf, MessageCodec>,
+    inner: FramedWrite<WriteHalf<Stream>, MessageCodec>,
     addr: SocketAddr,
 }
 

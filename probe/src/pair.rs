@@ -34,6 +34,8 @@ pub struct PairConfig {
     pub batch_events: usize,
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
+    /// TLS to the pair's members (None: plaintext).
+    pub tls: Option<std::sync::Arc<tandem_net::tls::ClientTls>>,
 }
 
 /// What the client has done so far.
@@ -228,6 +230,11 @@ fn fatal_reason(e: &ClientError) -> Option<String> {
     match e {
         ClientError::Rejected {
             reason: RejectReason::UnsupportedVersion { .. } | RejectReason::NotAuthorised,
+            message,
+            ..
+        } => Some(message.clone()),
+        ClientError::Tls {
+            certificate: true,
             message,
             ..
         } => Some(message.clone()),
@@ -547,10 +554,17 @@ impl Driver {
                         self.config.connect_timeout,
                     );
                     let reports = self.reports.clone();
+                    let tls = self.config.tls.clone();
                     self.tasks.spawn(async move {
-                        let result =
-                            Connection::connect(addr, ClientKind::Probe, &name, max_frame, timeout)
-                                .await;
+                        let result = Connection::connect_tls(
+                            addr,
+                            ClientKind::Probe,
+                            &name,
+                            max_frame,
+                            timeout,
+                            tls.as_deref(),
+                        )
+                        .await;
                         let _ = reports
                             .send(Report::Connected {
                                 attempt,
@@ -580,13 +594,15 @@ impl Driver {
                     );
                     let require_resync = self.config.require_resync;
                     let reports = self.reports.clone();
+                    let tls = self.config.tls.clone();
                     self.tasks.spawn(async move {
-                        let good = match Connection::connect(
+                        let good = match Connection::connect_tls(
                             addr,
                             ClientKind::Probe,
                             &name,
                             max_frame,
                             timeout,
+                            tls.as_deref(),
                         )
                         .await
                         {
@@ -662,6 +678,7 @@ mod tests {
             batch_events: 10,
             max_in_flight: 100,
             connect_timeout: Duration::from_millis(100),
+            tls: None,
         }
     }
 

@@ -43,6 +43,7 @@ async fn child() {
             housekeeping_interval: Duration::from_secs(3600),
             log_retention: tandem_store::engine::DEFAULT_LOG_RETENTION,
             sync_replication: None,
+            tls: None,
             peer: None,
             role_settings: tandem_store::role::RoleSettings::default(),
         },
@@ -65,6 +66,8 @@ async fn child() {
             heartbeat: Duration::from_millis(200),
             dead_after: Duration::from_millis(500),
             redirect_to: None,
+            tls: None,
+            store_tls: None,
         },
         shutdown.clone(),
         |_, addr| {

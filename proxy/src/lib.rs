@@ -38,6 +38,10 @@ pub struct ProxyOptions {
     /// The primary member's name, when this proxy fronts the backup store: after a fail-back
     /// new probes are sent there.
     pub redirect_to: Option<String>,
+    /// TLS for the probes' port (None: plaintext).
+    pub tls: Option<Arc<tandem_net::tls::ServerTls>>,
+    /// TLS for the link to the store.
+    pub store_tls: Option<Arc<tandem_net::tls::ClientTls>>,
 }
 
 /// What the store said about itself when the link came up.

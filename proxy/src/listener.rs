@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::{SinkExt, StreamExt};
+use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::codec::{events_head, from_bytes, peek_batch};
 use tandem_protocol::{Directive, FrameCodec, Message, PROTOCOL_VERSION, RejectReason, Welcome};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -38,12 +39,14 @@ pub async fn serve(
 ) {
     let max = options.max_probes;
     let child = shutdown.clone();
+    let tls = options.tls.clone();
     tandem_net::accept_loop(
         listener,
+        tls,
         max,
         WhenFull::Refuse,
         shutdown,
-        move |stream, peer, permit| {
+        move |incoming, peer, permit| {
             let handler = Handler {
                 options: options.clone(),
                 state: state.clone(),
@@ -54,6 +57,9 @@ pub async fn serve(
                 peer: peer.to_string(),
             };
             async move {
+                let Some(stream) = incoming.open().await else {
+                    return;
+                };
                 match permit {
                     Some(permit) => {
                         let _permit = permit;
@@ -82,7 +88,7 @@ struct Handler {
     peer: String,
 }
 
-type Conn = Framed<TcpStream, FrameCodec>;
+type Conn = Framed<Stream, FrameCodec>;
 
 /// The next answer for this probe; never, while it has no queue yet.
 async fn recv_answer(answers: &mut Option<(u64, mpsc::Receiver<Message>)>) -> Option<Message> {
@@ -94,7 +100,7 @@ async fn recv_answer(answers: &mut Option<(u64, mpsc::Receiver<Message>)>) -> Op
 
 /// A framed probe link with small starting buffers: 10,000 idle probes should cost little,
 /// and the buffers grow to the size of the batches a busy probe sends.
-fn framed(stream: TcpStream, max_frame: usize) -> Conn {
+fn framed(stream: Stream, max_frame: usize) -> Conn {
     let mut parts =
         tokio_util::codec::FramedParts::new::<Message>(stream, FrameCodec::new(max_frame));
     parts.read_buf = bytes::BytesMut::with_capacity(512);
@@ -107,7 +113,7 @@ async fn send(conn: &mut Conn, msg: Message) -> Result<(), String> {
 }
 
 impl Handler {
-    async fn refuse_full(self, stream: TcpStream) {
+    async fn refuse_full(self, stream: Stream) {
         let mut conn = framed(stream, self.options.max_frame);
         let reject = Message::Reject {
             reason: RejectReason::Overloaded,
@@ -119,7 +125,7 @@ impl Handler {
         let _ = conn.send(&reject).await;
     }
 
-    async fn run(mut self, stream: TcpStream) {
+    async fn run(mut self, stream: Stream) {
         let mut conn = framed(stream, self.options.max_frame);
         if !self.handshake(&mut conn).await {
             return;

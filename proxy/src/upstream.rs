@@ -86,12 +86,13 @@ pub async fn run(
     let mut backoff = Duration::from_millis(20);
     let mut failures = 0u64;
     loop {
-        let connect = Connection::connect(
+        let connect = Connection::connect_tls(
             options.store_addr,
             ClientKind::Proxy,
             &options.name,
             options.max_frame,
             options.dead_after.max(Duration::from_millis(200)),
+            options.store_tls.as_deref(),
         );
         let conn = tokio::select! {
             conn = connect => conn,

@@ -36,6 +36,7 @@ fn options(dir: &std::path::Path) -> StoreOptions {
         housekeeping_interval: Duration::from_secs(3600),
         log_retention: engine::DEFAULT_LOG_RETENTION,
         sync_replication: None,
+        tls: None,
         peer: None,
         role_settings: tandem_store::role::RoleSettings::default(),
     }

@@ -84,6 +84,8 @@ pub struct StoreOptions {
     pub log_retention: u64,
     /// `sync` replication: acknowledgements of new events wait up to this long for the peer.
     pub sync_replication: Option<Duration>,
+    /// TLS for this store's port (None: plaintext).
+    pub tls: Option<Arc<tandem_net::tls::ServerTls>>,
     /// The primary, watched by the backup (`None`: no watch; the primary never needs one).
     pub peer: Option<peer::PeerOptions>,
     pub role_settings: role::RoleSettings,
@@ -154,6 +156,7 @@ pub async fn run(
         max_frame: options.max_frame,
         max_connections: options.max_connections,
         sync_replication: options.sync_replication,
+        tls: options.tls.clone(),
     };
     server::serve(
         listener,

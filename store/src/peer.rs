@@ -25,6 +25,8 @@ pub struct PeerOptions {
     pub heartbeat: Duration,
     pub max_frame: usize,
     pub on_role_change: Option<String>,
+    /// TLS to the peer (None: plaintext).
+    pub tls: Option<Arc<tandem_net::tls::ClientTls>>,
 }
 
 /// Feeds one input to the role machine and carries out what it decides; returns the refusal
@@ -114,15 +116,26 @@ pub async fn watch(shared: Arc<Shared>, options: PeerOptions, shutdown: Cancella
             _ = shutdown.cancelled() => return,
         }
         if conn.is_none() {
-            conn = Connection::connect(
+            conn = match Connection::connect_tls(
                 options.addr,
                 ClientKind::Store,
                 &shared.name,
                 options.max_frame,
                 options.heartbeat,
+                options.tls.as_deref(),
             )
             .await
-            .ok();
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // A certificate problem looks like a dead peer to the role machine; the
+                    // log has to say which it is.
+                    if e.is_certificate() {
+                        tracing::warn!(peer = %options.name, "heartbeat: {e}");
+                    }
+                    None
+                }
+            };
         }
         let answer = match conn.as_mut() {
             Some(c) => c

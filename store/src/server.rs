@@ -11,12 +11,13 @@ use std::sync::atomic::Ordering;
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::message::LogEntry;
 use tandem_protocol::{
     ClientKind, Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,7 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// `sync` replication: how long an acknowledgement waits for the peer.
     pub sync_replication: Option<std::time::Duration>,
+    pub tls: Option<Arc<tandem_net::tls::ServerTls>>,
 }
 
 pub async fn serve(
@@ -53,10 +55,11 @@ pub async fn serve(
     let child = shutdown.clone();
     tandem_net::accept_loop(
         listener,
+        options.tls.clone(),
         max,
         WhenFull::Wait,
         shutdown,
-        move |stream, peer, permit| {
+        move |incoming, peer, permit| {
             let handler = Handler {
                 shared: shared.clone(),
                 tx: tx.clone(),
@@ -66,7 +69,9 @@ pub async fn serve(
             };
             async move {
                 let _permit = permit;
-                handler.run(stream).await;
+                if let Some(stream) = incoming.open().await {
+                    handler.run(stream).await;
+                }
             }
         },
     )
@@ -87,7 +92,7 @@ struct Subscription {
     skip_source: Option<String>,
 }
 
-type Conn = Framed<TcpStream, MessageCodec>;
+type Conn = Framed<Stream, MessageCodec>;
 
 /// Waits for a batch's commit and, in `sync` replication, for the peer to have it too; one
 /// function so every pending batch is the same future type.
@@ -126,7 +131,7 @@ async fn wait_for_peer(shared: &Shared, timeout: std::time::Duration) {
 }
 
 impl Handler {
-    async fn run(self, stream: TcpStream) {
+    async fn run(self, stream: Stream) {
         let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
         let Some((kind, client)) = self.handshake(&mut conn).await else {
             return;

@@ -72,6 +72,64 @@ pub fn free_port() -> u16 {
 }
 
 /// A pair file with ephemeral ports and a data directory, both in a temporary directory.
+/// Certificates made once per test process by `tandem certs` for the TLS pair file; any
+/// port works with them, since they name the components, the pair and 127.0.0.1.
+pub fn shared_certs() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("pair-tls.toml");
+        std::fs::write(&config, TLS_PAIR_FILE).expect("pair file written");
+        let out = Command::new(tandem_bin())
+            .args(["certs", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .expect("tandem certs runs");
+        assert!(
+            out.status.success(),
+            "tandem certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+}
+
+/// What the test's own clients connect with: TLS once any pair in this process is a TLS one.
+pub fn client_tls() -> Option<std::sync::Arc<tandem_net::tls::ClientTls>> {
+    static TLS: std::sync::OnceLock<std::sync::Arc<tandem_net::tls::ClientTls>> =
+        std::sync::OnceLock::new();
+    if !TLS_IN_USE.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let tls = TLS.get_or_init(|| {
+        let dir = shared_certs().join("tls");
+        tandem_net::tls::ClientTls::load(
+            dir.join("ca.crt"),
+            Some((dir.join("client.crt"), dir.join("client.key"))),
+            "AGG_V",
+        )
+        .expect("the test client's TLS settings load")
+    });
+    Some(tls.clone())
+}
+
+static TLS_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("certificate directory");
+    for entry in std::fs::read_dir(from).expect("certificates made") {
+        let entry = entry.expect("directory entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("certificate copied");
+    }
+    TLS_IN_USE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The pair file with TLS on every link.
+pub const TLS_PAIR_FILE: &str = include_str!("../../fixtures/pair-tls.toml");
+
 pub struct Pair {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -81,9 +139,41 @@ pub struct Pair {
 
 impl Pair {
     /// The default pair with every address moved to a free port; `edit` may change the text.
+    ///
+    /// With `TANDEM_TEST_TLS=1` in the environment it is the TLS pair instead
+    /// (`fixtures/pair-tls.toml`, mutual TLS, certificates made by `tandem certs`), so any test
+    /// built on it runs over TLS unchanged.
     pub fn new(edit: impl FnOnce(String) -> String) -> Pair {
+        if std::env::var("TANDEM_TEST_TLS").is_ok_and(|v| v == "1") {
+            Pair::tls(edit)
+        } else {
+            Pair::plain(edit)
+        }
+    }
+
+    /// The plaintext pair, whatever the environment says.
+    pub fn plain(edit: impl FnOnce(String) -> String) -> Pair {
+        Pair::from_text(tandem_config::DEFAULT_PAIR_FILE, edit)
+    }
+
+    /// The TLS pair (mutual TLS) with its certificates: the process's one set (see
+    /// [`shared_certs`]), so the test's own clients ([`client`]) can speak to every pair.
+    pub fn tls(edit: impl FnOnce(String) -> String) -> Pair {
+        let pair = Pair::from_text(TLS_PAIR_FILE, edit);
+        copy_dir(&shared_certs().join("tls"), &pair.data_dir.join("tls"));
+        // Components the test added get certificates from the same CA.
+        let out = pair.run(&["certs"], Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "tandem certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pair
+    }
+
+    fn from_text(base: &str, edit: impl FnOnce(String) -> String) -> Pair {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut text = tandem_config::DEFAULT_PAIR_FILE.to_string();
+        let mut text = base.to_string();
         for port in [4100, 4101, 8100, 8101, 4400, 4401, 8400, 8401, 8500] {
             text = text.replace(
                 &format!("127.0.0.1:{port}\""),
@@ -106,12 +196,17 @@ impl Pair {
 
     /// `tandem ARGS --config <pair> --data-dir <data>`.
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_in(&self.data_dir, args)
+    }
+
+    /// `tandem ARGS --config <pair> --data-dir <data_dir>`: a client with files of its own.
+    pub fn command_in(&self, data_dir: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new(tandem_bin());
         cmd.args(args)
             .arg("--config")
             .arg(&self.config)
             .arg("--data-dir")
-            .arg(&self.data_dir)
+            .arg(data_dir)
             .current_dir(self.dir.path())
             .stdin(Stdio::null());
         cmd
@@ -246,19 +341,22 @@ pub mod client {
         Query, Severity,
     };
 
+    /// One connection attempt as `kind` named `name`, over TLS when the pair is a TLS one.
+    pub async fn dial(
+        addr: SocketAddr,
+        kind: ClientKind,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Connection, tandem_probe::ClientError> {
+        let tls = crate::client_tls();
+        Connection::connect_tls(addr, kind, name, DEFAULT_MAX_FRAME, timeout, tls.as_deref()).await
+    }
+
     /// Connects, retrying until `limit` (the store may be starting).
     pub async fn connect(addr: SocketAddr, limit: Duration) -> Connection {
         let deadline = Instant::now() + limit;
         loop {
-            match Connection::connect(
-                addr,
-                ClientKind::Probe,
-                "itest",
-                DEFAULT_MAX_FRAME,
-                Duration::from_secs(5),
-            )
-            .await
-            {
+            match dial(addr, ClientKind::Probe, "itest", Duration::from_secs(5)).await {
                 Ok(conn) => return conn,
                 Err(e) => {
                     assert!(

@@ -241,11 +241,10 @@ fn a_proxy_without_its_store_refuses_probes_at_once_and_is_not_ready() {
 
     let listen = pair.file.proxy("PROXY_P").unwrap().listen.0;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let refused = rt.block_on(tandem_probe::Connection::connect(
+    let refused = rt.block_on(tandem_tests::client::dial(
         listen,
         tandem_protocol::ClientKind::Probe,
         "p",
-        tandem_protocol::DEFAULT_MAX_FRAME,
         Duration::from_secs(5),
     ));
     match refused {
@@ -283,11 +282,10 @@ fn a_full_proxy_refuses_with_a_reason() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let connect = || {
-            tandem_probe::Connection::connect(
+            tandem_tests::client::dial(
                 listen,
                 tandem_protocol::ClientKind::Probe,
                 "p",
-                tandem_protocol::DEFAULT_MAX_FRAME,
                 Duration::from_secs(5),
             )
         };
