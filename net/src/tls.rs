@@ -565,3 +565,127 @@ pub async fn connect(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+
+    use super::*;
+
+    struct Ca {
+        pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf for `names`, valid in the given years.
+    fn leaf(ca: &Ca, names: &[&str], years: (i32, i32)) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        (
+            params.signed_by(&key, &ca.issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Serves one TLS handshake with `cert` from `server_ca`'s pair, and connects to it with a
+    /// client trusting `client_ca` that verifies `name`; returns the client's error.
+    async fn handshake(
+        server_ca: &Ca,
+        cert: (String, String),
+        client_ca: &Ca,
+        name: &str,
+    ) -> Result<(), HandshakeError> {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerTls::load(
+            write(dir.path(), "ca.crt", &server_ca.pem),
+            write(dir.path(), "s.crt", &cert.0),
+            write(dir.path(), "s.key", &cert.1),
+            false,
+        )
+        .unwrap();
+        let client = ClientTls::load(
+            write(dir.path(), "client-ca.crt", &client_ca.pem),
+            None,
+            name,
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            accept(tcp, Some(&server), peer).await.is_some()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let result = connect(tcp, Some(&client), addr).await.map(|_| ());
+        let _ = accepting.await;
+        result
+    }
+
+    #[tokio::test]
+    async fn certificate_problems_are_named() {
+        let (good, other) = (ca(), ca());
+        let now = 2026;
+        let fine = leaf(&good, &["AGG_P", "AGG_V", "127.0.0.1"], (now - 1, now + 5));
+        assert!(handshake(&good, fine.clone(), &good, "AGG_V").await.is_ok());
+
+        let e = handshake(&good, fine.clone(), &other, "AGG_V")
+            .await
+            .unwrap_err();
+        assert!(
+            e.certificate && e.message.contains("not signed by a trusted CA"),
+            "{e}"
+        );
+
+        let e = handshake(&good, fine, &good, "AGG_W").await.unwrap_err();
+        assert!(
+            e.certificate && e.message.contains("does not name \"AGG_W\""),
+            "{e}"
+        );
+
+        let expired = leaf(&good, &["AGG_V"], (2000, 2001));
+        let e = handshake(&good, expired, &good, "AGG_V").await.unwrap_err();
+        assert!(e.certificate && e.message.contains("has expired"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = write(dir.path(), "empty.pem", "not a certificate");
+        let e = ClientTls::load(dir.path().join("nope.crt"), None, "AGG_V").unwrap_err();
+        assert!(e.to_string().contains("nope.crt"), "{e}");
+        let e = ClientTls::load(empty, None, "AGG_V").unwrap_err();
+        assert!(
+            e.to_string().contains("empty.pem holds no CA certificate"),
+            "{e}"
+        );
+    }
+}
