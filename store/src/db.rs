@@ -98,7 +98,45 @@ fn u64_value(bytes: &[u8]) -> u64 {
 }
 
 impl Db {
+    /// Opens the store's data directory, creating it if it does not exist.
+    ///
+    /// A new directory is made under a temporary name and renamed into place once the engine
+    /// has written it whole: a store killed during its very first start otherwise leaves a
+    /// half-made directory that the engine refuses to open ("journal file exists"), which the
+    /// chaos test hit.
     pub fn open(path: &Path) -> Result<Db, DbError> {
+        let io = |e: std::io::Error| DbError::Engine(fjall::Error::Io(e));
+        let empty_dir = path.is_dir() && std::fs::read_dir(path).map_err(io)?.next().is_none();
+        if !path.exists() || empty_dir {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".into());
+            let staging = path.with_file_name(format!(".{name}.creating"));
+            if staging.exists() {
+                std::fs::remove_dir_all(&staging).map_err(io)?;
+            }
+            if let Some(parent) = staging.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let made = Db::open_existing(&staging)?;
+            made.db.persist(PersistMode::SyncAll)?;
+            drop(made);
+            if empty_dir {
+                std::fs::remove_dir(path).map_err(io)?;
+            }
+            std::fs::rename(&staging, path).map_err(io)?;
+            if let Some(parent) = path.parent() {
+                // The rename is durable once the directory holding it is synced.
+                std::fs::File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
+        }
+        Db::open_existing(path)
+    }
+
+    fn open_existing(path: &Path) -> Result<Db, DbError> {
         // A smaller journal than fjall's 512 MiB default bounds what a start after a crash has
         // to replay.
         let db = Database::builder(path)
@@ -411,5 +449,40 @@ impl Db {
         Ok(self
             .meta_u64(&format!("{CURSOR_PREFIX}{peer}"))?
             .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_first_start_killed_half_way_does_not_stop_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agg_p");
+        // What a store killed while creating its directory leaves: the temporary directory
+        // with a journal file in it, and no data directory.
+        let staging = dir.path().join(".agg_p.creating");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("0.jnl"), b"half").unwrap();
+        let db = Db::open(&path).unwrap();
+        let meta = db.load(&mut Table::new("AGG_P"), 42).unwrap();
+        assert_eq!(meta.epoch, 42);
+        drop(db);
+        assert!(!staging.exists());
+        // Opened again, it is the same store.
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.load(&mut Table::new("AGG_P"), 7).unwrap().epoch, 42);
+    }
+
+    #[test]
+    fn an_empty_directory_made_beforehand_becomes_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agg_b");
+        std::fs::create_dir_all(&path).unwrap();
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.load(&mut Table::new("AGG_B"), 9).unwrap().head_lsn, 0);
     }
 }

@@ -175,7 +175,6 @@ pub fn start(
     queue: usize,
     log_retention: u64,
 ) -> Result<Started, DbError> {
-    std::fs::create_dir_all(path).map_err(|e| DbError::Engine(fjall::Error::Io(e)))?;
     let db = Db::open(path)?;
     let mut table = Table::new(name);
     let started = Instant::now();

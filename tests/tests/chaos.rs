@@ -47,12 +47,16 @@ struct World {
     followed: std::path::PathBuf,
     procs: Vec<(Part, Option<Proc>)>,
     starts: u64,
+    /// The log of each part's latest start.
+    logs: Vec<(Part, String)>,
 }
 
 impl World {
     fn start(&mut self, part: Part) {
         self.starts += 1;
         let log = format!("{part:?}-{}", self.starts);
+        self.logs.retain(|(p, _)| *p != part);
+        self.logs.push((part, log.clone()));
         let followed = self.followed.to_str().unwrap().to_string();
         let proc = match part {
             Part::AggP => self.pair.spawn(&["store", "--name", "AGG_P"], &log),
@@ -125,6 +129,7 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
         followed: followed.clone(),
         procs: PARTS.iter().map(|p| (*p, None)).collect(),
         starts: 0,
+        logs: Vec::new(),
     };
     for part in PARTS {
         world.start(part);
@@ -194,6 +199,27 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
         logs.matches("full resync merged").count(),
     );
 
+    // Both stores answer (with their logs if one does not, to say why).
+    for (part, store) in [(Part::AggP, "AGG_P"), (Part::AggB, "AGG_B")] {
+        let http = world.pair.file.store(store).unwrap().http.unwrap().0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tandem_tests::try_http_get(http, "/healthz")
+            .ok()
+            .map(|r| r.0)
+            != Some(200)
+        {
+            if Instant::now() > deadline {
+                let log = world
+                    .logs
+                    .iter()
+                    .find(|(p, _)| *p == part)
+                    .map(|(_, l)| world.pair.log(l))
+                    .unwrap_or_default();
+                panic!("{store} does not answer after healing; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (p, b) = (probe_alerts(p_addr).await, probe_alerts(b_addr).await);
