@@ -36,12 +36,11 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// A TLS setup that cannot be used: a file is missing or does not hold what it should.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("TLS: cannot read {what} {path}: {source}")]
+    #[error("TLS: cannot read {what} {}: {error} (run `tandem certs` for a first try, or point [tls] at your certificates)", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("TLS: {path} holds no {what} in PEM form")]
     Empty { what: &'static str, path: PathBuf },
@@ -54,10 +53,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    let bytes = std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .filter_map(Result::ok)
@@ -72,10 +71,10 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    let bytes = std::fs::read(path).map_err(|error| TlsError::Read {
         what: "private key",
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::Empty {
         what: "private key",
