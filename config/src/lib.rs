@@ -542,6 +542,43 @@ impl PairFile {
 }
 
 /// Resolves a path from the pair file against the data directory (absolute paths stay).
+/// Makes the directory `path` under a temporary name with `init`, then renames it into place,
+/// so that a process killed half-way through never leaves a half-made directory at `path`
+/// (the storage engine refuses to open one; the chaos test found a store and a probe's spool
+/// that could never start again). Does nothing when `path` holds something already; an empty
+/// directory counts as not made.
+pub fn make_dir_atomically<E>(
+    path: &Path,
+    init: impl FnOnce(&Path) -> Result<(), E>,
+    io: impl Fn(std::io::Error) -> E,
+) -> Result<(), E> {
+    let empty = path.is_dir() && std::fs::read_dir(path).map_err(&io)?.next().is_none();
+    if path.exists() && !empty {
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let staging = path.with_file_name(format!(".{name}.creating"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(&io)?;
+    }
+    std::fs::create_dir_all(&staging).map_err(&io)?;
+    init(&staging)?;
+    if empty {
+        std::fs::remove_dir(path).map_err(&io)?;
+    }
+    std::fs::rename(&staging, path).map_err(&io)?;
+    if let Some(parent) = path.parent() {
+        // The rename is durable once the directory holding it is synced.
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(&io)?;
+    }
+    Ok(())
+}
+
 pub fn resolve(data_dir: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()

@@ -302,10 +302,26 @@ impl Disk {
 }
 
 fn open_disk(path: &Path, name: &str) -> Result<Spool, SpoolError> {
-    std::fs::create_dir_all(path).map_err(|source| SpoolError::CreateDir {
+    // Made whole or not at all: a probe killed while making it must be able to start again.
+    let create_dir = |source| SpoolError::CreateDir {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    tandem_config::make_dir_atomically(
+        path,
+        |staging| {
+            let db = Database::builder(staging)
+                .open()
+                .map_err(storage_error(path, "creating"))?;
+            for keyspace in [EVENTS, META] {
+                db.keyspace(keyspace, KeyspaceCreateOptions::default)
+                    .map_err(storage_error(path, "creating a keyspace"))?;
+            }
+            db.persist(PersistMode::SyncAll)
+                .map_err(storage_error(path, "creating"))
+        },
+        create_dir,
+    )?;
     let db = Database::builder(path)
         .open()
         .map_err(storage_error(path, "opening"))?;
@@ -815,5 +831,20 @@ mod tests {
                 prop_assert_eq!(memory.next_seq(), next_seq);
             }
         }
+    }
+
+    #[test]
+    fn a_probe_killed_while_making_its_spool_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        // What a probe killed while creating its spool leaves behind.
+        let staging = dir.path().join(".spool.creating");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("0.jnl"), b"half").unwrap();
+        let mut spool = Spool::open(Some(&path), "probe-a").unwrap();
+        spool.push(10, bodies(0..1)).unwrap();
+        drop(spool);
+        assert!(!staging.exists());
+        assert_eq!(Spool::open(Some(&path), "probe-a").unwrap().len(), 1);
     }
 }

@@ -98,41 +98,19 @@ fn u64_value(bytes: &[u8]) -> u64 {
 }
 
 impl Db {
-    /// Opens the store's data directory, creating it if it does not exist.
-    ///
-    /// A new directory is made under a temporary name and renamed into place once the engine
-    /// has written it whole: a store killed during its very first start otherwise leaves a
-    /// half-made directory that the engine refuses to open ("journal file exists"), which the
-    /// chaos test hit.
+    /// Opens the store's data directory, creating it (whole or not at all) if it does not
+    /// exist.
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let io = |e: std::io::Error| DbError::Engine(fjall::Error::Io(e));
-        let empty_dir = path.is_dir() && std::fs::read_dir(path).map_err(io)?.next().is_none();
-        if !path.exists() || empty_dir {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "data".into());
-            let staging = path.with_file_name(format!(".{name}.creating"));
-            if staging.exists() {
-                std::fs::remove_dir_all(&staging).map_err(io)?;
-            }
-            if let Some(parent) = staging.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            let made = Db::open_existing(&staging)?;
-            made.db.persist(PersistMode::SyncAll)?;
-            drop(made);
-            if empty_dir {
-                std::fs::remove_dir(path).map_err(io)?;
-            }
-            std::fs::rename(&staging, path).map_err(io)?;
-            if let Some(parent) = path.parent() {
-                // The rename is durable once the directory holding it is synced.
-                std::fs::File::open(parent)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io)?;
-            }
-        }
+        tandem_config::make_dir_atomically(
+            path,
+            |staging| {
+                let made = Db::open_existing(staging)?;
+                made.db.persist(PersistMode::SyncAll)?;
+                Ok(())
+            },
+            io,
+        )?;
         Db::open_existing(path)
     }
 
