@@ -226,6 +226,32 @@ struct Driver {
     tasks: JoinSet<()>,
 }
 
+impl Driver {
+    /// A connection attempt to `addr` as the probe `name`, to run in its own task.
+    fn dial(
+        &self,
+        addr: SocketAddr,
+        name: String,
+    ) -> impl std::future::Future<Output = Result<Connection, ClientError>> + Send + 'static {
+        let (max_frame, timeout, tls) = (
+            self.config.max_frame,
+            self.config.connect_timeout,
+            self.config.tls.clone(),
+        );
+        async move {
+            Connection::connect_tls(
+                addr,
+                ClientKind::Probe,
+                &name,
+                max_frame,
+                timeout,
+                tls.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
 fn fatal_reason(e: &ClientError) -> Option<String> {
     match e {
         ClientError::Rejected {
@@ -547,24 +573,10 @@ impl Driver {
                 Action::Connect(member) => {
                     self.attempt += 1;
                     let attempt = self.attempt;
-                    let addr = self.addr(member);
-                    let (name, max_frame, timeout) = (
-                        self.config.client_name.clone(),
-                        self.config.max_frame,
-                        self.config.connect_timeout,
-                    );
+                    let connect = self.dial(self.addr(member), self.config.client_name.clone());
                     let reports = self.reports.clone();
-                    let tls = self.config.tls.clone();
                     self.tasks.spawn(async move {
-                        let result = Connection::connect_tls(
-                            addr,
-                            ClientKind::Probe,
-                            &name,
-                            max_frame,
-                            timeout,
-                            tls.as_deref(),
-                        )
-                        .await;
+                        let result = connect.await;
                         let _ = reports
                             .send(Report::Connected {
                                 attempt,
@@ -586,26 +598,12 @@ impl Driver {
                     }
                 }
                 Action::PollPrimary => {
-                    let addr = self.config.primary.1;
-                    let (name, max_frame, timeout) = (
-                        format!("{}/poll", self.config.client_name),
-                        self.config.max_frame,
-                        self.config.connect_timeout,
-                    );
+                    let name = format!("{}/poll", self.config.client_name);
+                    let connect = self.dial(self.config.primary.1, name);
                     let require_resync = self.config.require_resync;
                     let reports = self.reports.clone();
-                    let tls = self.config.tls.clone();
                     self.tasks.spawn(async move {
-                        let good = match Connection::connect_tls(
-                            addr,
-                            ClientKind::Probe,
-                            &name,
-                            max_frame,
-                            timeout,
-                            tls.as_deref(),
-                        )
-                        .await
-                        {
+                        let good = match connect.await {
                             Ok(conn) => {
                                 conn.welcome.acting_primary
                                     && (conn.welcome.resynced || !require_resync)

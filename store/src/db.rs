@@ -93,6 +93,19 @@ pub struct Db {
     meta: Keyspace,
 }
 
+/// Decodes a stored record, naming it when it does not decode.
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<T, DbError> {
+    from_bytes(bytes).map_err(|source| DbError::Corrupt {
+        what,
+        key: key.to_string(),
+        source,
+    })
+}
+
 fn u64_value(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or_default()
 }
@@ -141,34 +154,18 @@ impl Db {
         for item in self.alerts.iter() {
             let (key, value) = item.into_inner()?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            let row: Row = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                what: "alert",
-                key: id.clone(),
-                source,
-            })?;
+            let row: Row = decode("alert", &id, &value)?;
             table.load_row(&id, row);
         }
         for item in self.applied.iter() {
             let (key, value) = item.into_inner()?;
-            let origin: Origin = from_bytes(&key).map_err(|source| DbError::Corrupt {
-                what: "applied-set key",
-                key: format!("{key:?}"),
-                source,
-            })?;
-            let set: SeqRanges = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                what: "applied set",
-                key: origin.to_string(),
-                source,
-            })?;
+            let origin: Origin = decode("applied-set key", format!("{key:?}"), &key)?;
+            let set: SeqRanges = decode("applied set", &origin, &value)?;
             table.load_applied(origin, set);
         }
         for item in self.clears.iter() {
             let (key, value) = item.into_inner()?;
-            let version: Version = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                what: "clear",
-                key: String::from_utf8_lossy(&key).into_owned(),
-                source,
-            })?;
+            let version: Version = decode("clear", String::from_utf8_lossy(&key), &value)?;
             table.load_clear(ClearKey::from_bytes(&key), version);
         }
         let head_lsn = self.meta_u64(HEAD_LSN)?.unwrap_or(0);
@@ -277,11 +274,7 @@ impl Db {
         let mut out = Vec::new();
         for item in self.log.range(from.to_be_bytes()..).take(max) {
             let (key, value) = item.into_inner()?;
-            let entry: LogEntry = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                what: "log entry",
-                key: u64_value(&key).to_string(),
-                source,
-            })?;
+            let entry: LogEntry = decode("log entry", u64_value(&key), &value)?;
             out.push(entry);
         }
         Ok(out)
@@ -292,11 +285,7 @@ impl Db {
         let Some(value) = self.log.get(lsn.to_be_bytes())? else {
             return Ok(None);
         };
-        let entry = from_bytes(&value).map_err(|source| DbError::Corrupt {
-            what: "log entry",
-            key: lsn.to_string(),
-            source,
-        })?;
+        let entry = decode("log entry", lsn, &value)?;
         Ok(Some(entry))
     }
 
@@ -306,12 +295,7 @@ impl Db {
         let Some(value) = self.meta.get(&key)? else {
             return Ok(None);
         };
-        let point = from_bytes(&value).map_err(|source| DbError::Corrupt {
-            what: "resync point",
-            key,
-            source,
-        })?;
-        Ok(Some(point))
+        Ok(Some(decode("resync point", key, &value)?))
     }
 
     /// A consistent view of everything stored, as of the last commit.
@@ -341,16 +325,8 @@ impl Db {
         let mut out = Vec::new();
         for item in snap.iter(&self.applied) {
             let (key, value) = item.into_inner()?;
-            let origin: Origin = from_bytes(&key).map_err(|source| DbError::Corrupt {
-                what: "applied-set key",
-                key: format!("{key:?}"),
-                source,
-            })?;
-            let ranges: SeqRanges = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                what: "applied set",
-                key: origin.to_string(),
-                source,
-            })?;
+            let origin: Origin = decode("applied-set key", format!("{key:?}"), &key)?;
+            let ranges: SeqRanges = decode("applied set", &origin, &value)?;
             out.push(AppliedRanges { origin, ranges });
         }
         Ok(out)
@@ -389,11 +365,7 @@ impl Db {
             {
                 let (key, value) = item.into_inner()?;
                 let key = String::from_utf8_lossy(&key).into_owned();
-                let version: Version = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                    what: "clear",
-                    key: key.clone(),
-                    source,
-                })?;
+                let version: Version = decode("clear", &key, &value)?;
                 last = Some(SnapshotKey::Clear(key.clone()));
                 clears.push((key, version));
             }
@@ -410,11 +382,7 @@ impl Db {
             {
                 let (key, value) = item.into_inner()?;
                 let id = String::from_utf8_lossy(&key).into_owned();
-                let row: Row = from_bytes(&value).map_err(|source| DbError::Corrupt {
-                    what: "alert",
-                    key: id.clone(),
-                    source,
-                })?;
+                let row: Row = decode("alert", &id, &value)?;
                 last = Some(SnapshotKey::Alert(id.clone()));
                 alerts.push((id, row.state));
             }
