@@ -7,6 +7,7 @@
 
 mod alert_json;
 mod args;
+mod bench_cmd;
 mod certs_cmd;
 mod gateway_cmd;
 mod logging;
@@ -179,8 +180,9 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .into());
             }
-            load(global)?.probe_section()?;
-            not_built("bench")
+            let pair = load(global)?;
+            pair.probe_section()?;
+            bench_cmd::run(&pair, &global.data_dir, args)
         }
         Command::Certs(args) => {
             for line in certs_cmd::run(&load(global)?, &global.data_dir, args.force)? {

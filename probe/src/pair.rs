@@ -136,6 +136,12 @@ impl PairClient {
         self.stats.borrow().clone()
     }
 
+    /// A receiver that wakes whenever the stats change: to follow acknowledgements as they
+    /// arrive without polling.
+    pub fn watch(&self) -> watch::Receiver<Stats> {
+        self.stats.clone()
+    }
+
     /// Waits until every spooled event is acknowledged (or refused), at most `timeout`.
     pub async fn wait_acked(&mut self, timeout: Duration) -> Result<Stats, PairError> {
         let deadline = tokio::time::Instant::now() + timeout;
