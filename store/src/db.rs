@@ -5,6 +5,16 @@
 //! `meta` (head LSN, next serial, housekeeping sequence, the epoch, replication cursors).
 //! Everything one group commit changed goes into one fjall write batch, and the batch is synced
 //! before any acknowledgement leaves, so after a crash the records always agree.
+//!
+//! **The log is the write-ahead log; the other records are a checkpoint.** Every commit writes
+//! its log entries and cursors; only a checkpoint commit also writes the rows, applied sets and
+//! clears changed since the previous checkpoint, together with `checkpoint_lsn` (the head they
+//! are the fold of) and each peer's cursor as of then. Writing a hot alert's row once per
+//! checkpoint instead of once per commit is what the durable rate depends on (a row is about
+//! as big as an event). Start-up loads the checkpoint and replays the log after
+//! `checkpoint_lsn`, so the log is never trimmed past it; a full resync's snapshot is the
+//! checkpoint, consistent by construction. A data directory without `checkpoint_lsn` was
+//! written with every commit a checkpoint: its checkpoint is its head.
 
 use std::path::Path;
 
@@ -43,7 +53,10 @@ const FIRST_LSN: &str = "first_lsn";
 const NEXT_SERIAL: &str = "next_serial";
 const HOUSEKEEPING_SEQ: &str = "housekeeping_seq";
 const EPOCH: &str = "epoch";
+const CHECKPOINT_LSN: &str = "checkpoint_lsn";
 const CURSOR_PREFIX: &str = "cursor:";
+/// A peer's cursor as of the checkpoint (absent: the same as `cursor:`).
+const CHECKPOINT_CURSOR_PREFIX: &str = "checkpoint_cursor:";
 const RESYNC_PREFIX: &str = "resync:";
 
 /// What one commit records about peers: replication cursors, and full-resync progress
@@ -82,6 +95,9 @@ pub struct Meta {
     pub housekeeping_seq: u64,
     /// Chosen when the data directory is created; names this store's own origin.
     pub epoch: u64,
+    /// The head LSN as of the last checkpoint: the stored rows are the fold of the log up to
+    /// here, and start-up replays the entries after it.
+    pub checkpoint_lsn: u64,
 }
 
 pub struct Db {
@@ -177,8 +193,13 @@ impl Db {
                 new_epoch
             }
         };
+        let checkpoint_lsn = match self.meta_u64(CHECKPOINT_LSN)? {
+            Some(lsn) => lsn,
+            None => self.mark_checkpoint(head_lsn)?,
+        };
         let meta = Meta {
             head_lsn,
+            checkpoint_lsn,
             first_lsn: self.meta_u64(FIRST_LSN)?.unwrap_or(1),
             next_serial: self.meta_u64(NEXT_SERIAL)?.unwrap_or(1),
             housekeeping_seq: self.meta_u64(HOUSEKEEPING_SEQ)?.unwrap_or(0),
@@ -188,7 +209,28 @@ impl Db {
         Ok(meta)
     }
 
-    /// Writes one group commit atomically and syncs it to disk.
+    /// Records that everything stored is a checkpoint as of `head_lsn`: for a data directory
+    /// written before checkpoints, where every commit wrote every record it changed.
+    fn mark_checkpoint(&self, head_lsn: u64) -> Result<u64, DbError> {
+        let mut batch = self.db.batch();
+        for item in self.meta.prefix(CURSOR_PREFIX) {
+            let (key, value) = item.into_inner()?;
+            let peer = String::from_utf8_lossy(&key[CURSOR_PREFIX.len()..]).into_owned();
+            batch.insert(
+                &self.meta,
+                format!("{CHECKPOINT_CURSOR_PREFIX}{peer}"),
+                value.to_vec(),
+            );
+        }
+        batch.insert(&self.meta, CHECKPOINT_LSN, head_lsn.to_be_bytes());
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(head_lsn)
+    }
+
+    /// Writes one group commit atomically and syncs it to disk. With `checkpoint`, also the
+    /// records `changes` names and each peer's cursor as of now (`cursors`: every peer whose
+    /// cursor moved since the previous checkpoint).
     ///
     /// `trim` removes those log entries in the same batch.
     #[allow(clippy::too_many_arguments)] // one commit's parts, each written once
@@ -201,24 +243,11 @@ impl Db {
         peers: &PeerWrites,
         trim: std::ops::Range<u64>,
         scratch: &mut Vec<u8>,
+        checkpoint: Option<&[(String, u64)]>,
     ) -> Result<(), DbError> {
         let mut batch = self.db.batch();
-        for id in &changes.rows {
-            if let Some(row) = table.row(id) {
-                scratch.clear();
-                append_bytes(row, scratch)?;
-                batch.insert(&self.alerts, id.as_bytes(), scratch.as_slice());
-            }
-        }
-        for origin in &changes.origins {
-            if let Some(set) = table.applied(origin) {
-                batch.insert(&self.applied, to_bytes(origin)?, to_bytes(set)?);
-            }
-        }
-        for key in &changes.clears {
-            if let Some(version) = table.clear_version(key) {
-                batch.insert(&self.clears, key.as_bytes(), to_bytes(version)?);
-            }
+        if let Some(cursors) = checkpoint {
+            self.write_checkpoint(&mut batch, table, changes, meta, cursors, scratch)?;
         }
         for (lsn, bytes) in log.entries() {
             batch.insert(&self.log, lsn.to_be_bytes(), bytes);
@@ -242,7 +271,6 @@ impl Db {
         }
         batch.insert(&self.meta, HEAD_LSN, meta.head_lsn.to_be_bytes());
         batch.insert(&self.meta, FIRST_LSN, meta.first_lsn.to_be_bytes());
-        batch.insert(&self.meta, NEXT_SERIAL, meta.next_serial.to_be_bytes());
         batch.insert(
             &self.meta,
             HOUSEKEEPING_SEQ,
@@ -250,6 +278,44 @@ impl Db {
         );
         batch.commit()?;
         self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn write_checkpoint(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        table: &Table,
+        changes: &Changes,
+        meta: &Meta,
+        cursors: &[(String, u64)],
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), DbError> {
+        for id in &changes.rows {
+            if let Some(row) = table.row(id) {
+                scratch.clear();
+                append_bytes(row, scratch)?;
+                batch.insert(&self.alerts, id.as_bytes(), scratch.as_slice());
+            }
+        }
+        for origin in &changes.origins {
+            if let Some(set) = table.applied(origin) {
+                batch.insert(&self.applied, to_bytes(origin)?, to_bytes(set)?);
+            }
+        }
+        for key in &changes.clears {
+            if let Some(version) = table.clear_version(key) {
+                batch.insert(&self.clears, key.as_bytes(), to_bytes(version)?);
+            }
+        }
+        for (peer, lsn) in cursors {
+            batch.insert(
+                &self.meta,
+                format!("{CHECKPOINT_CURSOR_PREFIX}{peer}"),
+                lsn.to_be_bytes(),
+            );
+        }
+        batch.insert(&self.meta, CHECKPOINT_LSN, meta.head_lsn.to_be_bytes());
+        batch.insert(&self.meta, NEXT_SERIAL, meta.next_serial.to_be_bytes());
         Ok(())
     }
 
@@ -303,16 +369,16 @@ impl Db {
         self.db.snapshot()
     }
 
-    /// What a snapshot is consistent with: the head LSN, and how far `peer`'s log had been
-    /// applied.
+    /// What a snapshot's records are consistent with: the checkpoint's LSN, and how far
+    /// `peer`'s log had been applied at that checkpoint.
     pub fn snapshot_position(&self, snap: &Snapshot, peer: &str) -> Result<(u64, u64), DbError> {
-        let read = |key: &str| -> Result<u64, DbError> {
-            Ok(snap
-                .get(&self.meta, key)?
-                .map(|v| u64_value(&v))
-                .unwrap_or(0))
+        let read = |key: &str| -> Result<Option<u64>, DbError> {
+            Ok(snap.get(&self.meta, key)?.map(|v| u64_value(&v)))
         };
-        Ok((read(HEAD_LSN)?, read(&format!("{CURSOR_PREFIX}{peer}"))?))
+        Ok((
+            read(CHECKPOINT_LSN)?.unwrap_or(0),
+            read(&format!("{CHECKPOINT_CURSOR_PREFIX}{peer}"))?.unwrap_or(0),
+        ))
     }
 
     /// Records in a snapshot (clears and alerts), approximately: for progress only.

@@ -38,6 +38,14 @@ pub const DEFAULT_LOG_RETENTION: u64 = 2_000_000;
 /// Log entries removed per commit at most, so trimming never makes one commit slow.
 const TRIM_PER_COMMIT: u64 = 8_192;
 
+/// A checkpoint (see `db.rs`) at least this often while anything changes: bounds the log a
+/// start-up replays to what this store took in that long.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A checkpoint at the latest after this many log entries, or this many changed rows.
+const CHECKPOINT_ENTRIES: u64 = 1_000_000;
+const CHECKPOINT_ROWS: usize = 200_000;
+
 /// The answer to a batch of events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
@@ -183,10 +191,13 @@ pub fn start(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
     let meta = db.load(&mut table, new_epoch)?;
+    let mut changes = Changes::default();
+    let replayed = replay(&db, &mut table, &meta, &mut changes)?;
     tracing::info!(
         store = name,
         alerts = table.alive(),
         head_lsn = meta.head_lsn,
+        replayed,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded the alert table"
     );
@@ -217,9 +228,41 @@ pub fn start(
     let thread_shared = shared.clone();
     let handle = std::thread::Builder::new()
         .name(format!("{name}-commit"))
-        .spawn(move || commit_loop(thread_shared, rx, meta, log_retention))
+        .spawn(move || commit_loop(thread_shared, rx, meta, changes, log_retention))
         .map_err(|e| DbError::Engine(fjall::Error::Io(e)))?;
     Ok((shared, tx, handle))
+}
+
+/// Applies the log entries after the checkpoint to the table loaded from it, exactly as they
+/// were applied when logged (an entry is logged only when it was new, with the source and
+/// serial it was applied with). Returns how many; `changes` then names the rows they changed,
+/// for the next checkpoint.
+fn replay(db: &Db, table: &mut Table, meta: &Meta, changes: &mut Changes) -> Result<u64, DbError> {
+    let own_name = table.name().to_string();
+    let mut next = meta.checkpoint_lsn + 1;
+    let mut replayed = 0;
+    while next <= meta.head_lsn {
+        let entries = db.read_log(next, 10_000)?;
+        let Some(last) = entries.last().map(|e| e.lsn) else {
+            break;
+        };
+        for entry in entries {
+            let from_peer =
+                (entry.source != own_name).then_some((entry.source.as_str(), entry.source_serial));
+            table.apply(entry.event, from_peer, changes);
+            replayed += 1;
+        }
+        next = last + 1;
+    }
+    if next <= meta.head_lsn {
+        tracing::warn!(
+            from = next,
+            head = meta.head_lsn,
+            "log entries after the checkpoint are missing; the alert table is as of LSN {}",
+            next - 1
+        );
+    }
+    Ok(replayed)
 }
 
 /// Checks a whole request before any of it is applied: a batch is taken whole or not at all.
@@ -363,12 +406,17 @@ fn commit_loop(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Request>,
     mut meta: Meta,
+    mut changes: Changes,
     log_retention: u64,
 ) {
     let own_origin = Origin::new(format!("{}/housekeeping", shared.name), meta.epoch);
     let own_name = shared.name.clone();
-    let mut changes = Changes::default();
     let mut log = LogBuf::default();
+    // Peers whose cursor moved since the last checkpoint, with where it is now.
+    let mut checkpoint_cursors: Vec<(String, u64)> = Vec::new();
+    let mut last_checkpoint = Instant::now();
+    // The dirty set is kept from checkpoint to checkpoint: replayed rows are its first members.
+    let mut checkpointed = false;
     let mut scratch = Vec::new();
     let mut group: Vec<Request> = Vec::new();
     let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
@@ -396,7 +444,10 @@ fn commit_loop(
                 tracing::error!("the alert table lock is poisoned; stopping");
                 std::process::exit(1);
             };
-            table.start_commit(&mut changes);
+            if checkpointed {
+                table.start_commit(&mut changes);
+            }
+            let mut merged = false;
             let mut work = Group {
                 table: &mut table,
                 own_name: &own_name,
@@ -445,6 +496,8 @@ fn commit_loop(
                         replies.push((reply, answer));
                     }
                     Request::Merge { peer, chunk, reply } => {
+                        // Snapshot records are not logged: only a checkpoint keeps them.
+                        merged = true;
                         let io = MergeIo {
                             db: &shared.db,
                             log: work.log,
@@ -495,19 +548,51 @@ fn commit_loop(
                 }
             }
             (applied_total, dup_total) = (work.applied, work.duplicates);
-            meta.next_serial = table.next_serial();
+            for (peer, lsn) in &peers.cursors {
+                checkpoint_cursors.retain(|(p, _)| p != peer);
+                checkpoint_cursors.push((peer.clone(), *lsn));
+            }
             let retained = meta.head_lsn.saturating_sub(meta.first_lsn) + 1;
+            let unchanged = changes.rows.is_empty()
+                && changes.origins.is_empty()
+                && changes.clears.is_empty()
+                && meta.head_lsn == meta.checkpoint_lsn;
+            // Trimming never passes the checkpoint; when it would, checkpoint now.
+            let checkpoint = merged
+                || changes.unlogged
+                || (!unchanged
+                    && (last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                        || meta.head_lsn - meta.checkpoint_lsn >= CHECKPOINT_ENTRIES
+                        || changes.rows.len() >= CHECKPOINT_ROWS
+                        || (retained > log_retention && meta.first_lsn > meta.checkpoint_lsn)));
+            if checkpoint {
+                meta.next_serial = table.next_serial();
+                meta.checkpoint_lsn = meta.head_lsn;
+            }
             let trim_start = meta.first_lsn;
             // A resync being received replays this store's own entries: keep them till done.
             if retained > log_retention && !receiving.active() {
                 let excess = (retained - log_retention).min(TRIM_PER_COMMIT);
-                meta.first_lsn += excess;
+                meta.first_lsn = (meta.first_lsn + excess)
+                    .min(meta.checkpoint_lsn + 1)
+                    .max(meta.first_lsn);
             }
-            let trim = trim_start..meta.first_lsn;
-            let written =
-                shared
-                    .db
-                    .commit(&table, &changes, &log, &meta, &peers, trim, &mut scratch);
+            let trim = trim_start..meta.first_lsn.max(trim_start);
+            let written = shared.db.commit(
+                &table,
+                &changes,
+                &log,
+                &meta,
+                &peers,
+                trim,
+                &mut scratch,
+                checkpoint.then_some(checkpoint_cursors.as_slice()),
+            );
+            if checkpoint && written.is_ok() {
+                checkpoint_cursors.clear();
+                last_checkpoint = Instant::now();
+            }
+            checkpointed = checkpoint;
             if let Err(e) = written {
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
@@ -531,6 +616,28 @@ fn commit_loop(
         peers.clear();
     }
     let started = Instant::now();
+    // A last checkpoint, so the next start has no log to replay.
+    if meta.head_lsn != meta.checkpoint_lsn || !changes.rows.is_empty() || changes.unlogged {
+        if let Ok(table) = shared.table.read() {
+            meta.next_serial = table.next_serial();
+            meta.checkpoint_lsn = meta.head_lsn;
+            log.clear();
+            peers.clear();
+            let written = shared.db.commit(
+                &table,
+                &changes,
+                &log,
+                &meta,
+                &peers,
+                0..0,
+                &mut scratch,
+                Some(&checkpoint_cursors),
+            );
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "the last checkpoint failed; the next start replays the log");
+            }
+        }
+    }
     match shared.db.flush() {
         Ok(()) => tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -50,6 +50,9 @@ pub struct Changes {
     pub rows: Vec<Arc<str>>,
     pub origins: HashSet<Origin>,
     pub clears: HashSet<ClearKey>,
+    /// A row changed without a log entry to replay it from (a duplicate that taught the row
+    /// who inserted it first): the commit must be a checkpoint.
+    pub unlogged: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,6 +344,7 @@ impl Table {
         }
         changes.origins.clear();
         changes.clears.clear();
+        changes.unlogged = false;
     }
 
     fn mark(changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
@@ -396,6 +400,7 @@ impl Table {
                     fold::merge_inserted(&mut row.state, &event.version(), at);
                     if row.state.inserted != before {
                         Self::mark(changes, &id, row);
+                        changes.unlogged = true;
                     }
                 }
             }

@@ -103,6 +103,59 @@ async fn tallies_are_exact_through_sigkill_and_restart() {
     assert_eq!(tallies(&alerts(addr).await), tallies(&after));
 }
 
+/// Rows are written at checkpoints and rebuilt from the log after them: a store SIGKILLed
+/// between checkpoints comes back with every alert identical, field by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_killed_between_checkpoints_rebuilds_every_field_from_its_log() {
+    let pair = Pair::new(|t| t);
+    let addr = store_addr(&pair);
+    let mut store = start(&pair);
+    let origin = Origin::new("itest", 1);
+    let events: Vec<_> = (1..=12_000u64)
+        .map(|seq| occurrence(&origin, seq, format!("alert-{}", seq % 300)))
+        .collect();
+    let send = |part: &[tandem_protocol::Event]| {
+        let part = part.to_vec();
+        async move {
+            send_reliably(
+                addr,
+                &part,
+                500,
+                Duration::ZERO,
+                Duration::from_secs(60),
+                |_| {},
+            )
+            .await
+        }
+    };
+    send(&events[..6_000]).await;
+    // Past the checkpoint interval: the next commit is a checkpoint, the ones after are not.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    send(&events[6_000..]).await;
+    let before = alerts(addr).await;
+    store.kill();
+
+    let _store = start(&pair);
+    let after = alerts(addr).await;
+    assert_eq!(after.len(), 300);
+    assert_eq!(after.iter().map(|a| a.tally).sum::<u64>(), 12_000);
+    assert_eq!(
+        after, before,
+        "every field, serials included, as before the kill"
+    );
+    let log = pair.log("agg_p");
+    let replayed: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("loaded the alert table"))
+        .filter_map(|l| l.split("replayed=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(
+        replayed.last().is_some_and(|&n| n > 0 && n < 12_000),
+        "the restart replayed the log after a checkpoint: {replayed:?}\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kills_at_random_points() {
     let mut rng = seed() | 1;
