@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# tandem against the tools operators would otherwise use, on this machine, in one run:
+#   1. an rsyslog TCP relay moving 1,000,000 lines of 200 bytes (bench/peers/rsyslog-relay.sh)
+#   2. Prometheus Alertmanager ingesting 1,000,000 alerts (bench/peers/alertmanager.sh)
+#   3. tandem bench through PROXY_P into AGG_P (durable, acknowledged end to end)
+#   4. the same with the full pair running (AGG_B, PROXY_B and the gateway replicating)
+# Needs rsyslog and prometheus-alertmanager (apt-get install rsyslog prometheus-alertmanager)
+# and a release build (cargo build --release). Usage: bench/compare.sh [EVENTS]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+T=${TANDEM:-$here/../target/release/tandem}
+N=${1:-1000000}
+work=$(mktemp -d)
+pids=()
+stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+trap 'stop; rm -rf "$work"' EXIT
+settle() { sync; sleep 2; }
+# Each component must still be running after its start: one that could not take its port
+# (something else listening there) would have the benchmark measure that something else.
+alive() { sleep "$1"; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a component did not start (port taken?); see $work" >&2; exit 1; }; done; }
+rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["events_per_s"]))'; }
+
+rsyslog=$("$here/peers/rsyslog-relay.sh" "$N" 200 2>/dev/null | tail -1)
+echo "$rsyslog"
+rsyslog_rate=$(echo "$rsyslog" | sed -E 's/.*: ([0-9]+) lines\/s/\1/')
+am=$("$here/peers/alertmanager.sh" "$N" 200 | tail -1)
+echo "$am"
+am_rate=$(echo "$am" | sed -E 's/.*: ([0-9]+) alerts\/s.*/\1/')
+
+settle
+mkdir "$work/primary"
+"$T" store --name AGG_P --data-dir "$work/primary" > "$work/primary/agg_p.log" 2>&1 & pids+=($!)
+"$T" proxy --name PROXY_P --data-dir "$work/primary" > "$work/primary/proxy_p.log" 2>&1 & pids+=($!)
+alive 1
+one=$("$T" bench --data-dir "$work/primary" --events "$N" --identifiers 10000 --probes 4 --json)
+echo "tandem, PROXY_P -> AGG_P: $one"
+stop
+
+settle
+mkdir "$work/pair"
+"$T" up --data-dir "$work/pair" > "$work/pair/up.log" 2>&1 & pids+=($!)
+alive 3
+pair=$("$T" bench --data-dir "$work/pair" --events "$N" --identifiers 10000 --probes 4 --json)
+echo "tandem, full pair with replication: $pair"
+stop
+
+one_rate=$(echo "$one" | rate)
+pair_rate=$(echo "$pair" | rate)
+python3 - "$rsyslog_rate" "$am_rate" "$one_rate" "$pair_rate" <<'PY'
+import sys
+rs, am, one, pair = map(float, sys.argv[1:])
+print(f"tandem (PROXY_P -> AGG_P) / rsyslog relay     = {one:,.0f} / {rs:,.0f} = {one / rs:.2f}  (target >= 1)")
+print(f"tandem (full pair) / tandem (PROXY_P -> AGG_P) = {pair:,.0f} / {one:,.0f} = {pair / one:.2f}  (target >= 0.7)")
+print(f"tandem (PROXY_P -> AGG_P) / Alertmanager      = {one:,.0f} / {am:,.0f} = {one / am:.1f}  (target >= 10)")
+PY
