@@ -99,6 +99,14 @@ pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// Deserialises the value at the start of `bytes`, ignoring what follows: to read the first
+/// field of a record (a log entry's LSN) without decoding the rest.
+pub fn from_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    bincode::serde::decode_from_slice::<T, _>(bytes, config())
+        .map(|(value, _)| value)
+        .map_err(|e| CodecError::Decode(e.to_string()))
+}
+
 /// Length-delimited bincode frames carrying [`Message`]s.
 #[derive(Debug)]
 pub struct MessageCodec {
@@ -507,6 +515,47 @@ mod tests {
             let mut appended = Vec::new();
             append_bytes(&by_ref, &mut appended).unwrap();
             prop_assert_eq!(appended, to_bytes(&entry).unwrap());
+        }
+
+        #[test]
+        fn log_entries_travel_as_stored_and_decode_as_sent(
+            entries in proptest::collection::vec(any::<crate::message::LogEntry>(), 0..5),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut batch = crate::message::LogBatch::default();
+            let mut stored = crate::message::LogBatch::default();
+            for entry in &entries {
+                batch.push(entry).unwrap();
+                // What a store sends: the stored encoding, not decoded on the way.
+                stored.push_encoded(&to_bytes(entry).unwrap());
+            }
+            prop_assert_eq!(&batch, &stored);
+            let msg = Message::Replicate { batch: 1, peer: "AGG_P".into(), after: 0, cursor: 9, entries: batch };
+            let back: Message = from_bytes(&to_bytes(&msg).unwrap()).unwrap();
+            let Message::Replicate { entries: back, .. } = back else {
+                return Err(TestCaseError::fail("not a Replicate"));
+            };
+            prop_assert_eq!(back.decode().unwrap(), entries.clone());
+            // A stored block cut short anywhere reads as the whole entries before the cut and
+            // then an error: never a panic, never a wrong entry.
+            let mut block = Vec::new();
+            let mut ends = vec![0];
+            for entry in &entries {
+                let bytes = to_bytes(entry).unwrap();
+                block.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                block.extend_from_slice(&bytes);
+                ends.push(block.len());
+            }
+            let at = cut.index(block.len() + 1);
+            let read: Vec<_> = crate::message::Records::of(&block[..at]).collect();
+            let whole = ends.iter().filter(|&&end| end <= at && end > 0).count();
+            prop_assert_eq!(read.iter().filter(|r| r.is_ok()).count(), whole);
+            for (record, entry) in read.iter().zip(&entries) {
+                if let Ok(record) = record {
+                    prop_assert_eq!(&from_bytes::<crate::message::LogEntry>(record).unwrap(), entry);
+                }
+            }
+            prop_assert_eq!(read.last().is_some_and(|r| r.is_err()), !ends.contains(&at));
         }
     }
 

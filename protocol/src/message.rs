@@ -127,6 +127,114 @@ pub struct LogEntry {
     pub event: Event,
 }
 
+/// Log entries in their stored form, each one's encoding after its length (u32,
+/// little-endian): the form of a store's log blocks. A store sends its log in this form
+/// without decoding it, and the gateway passes it to the peer untouched; only the store that
+/// applies the entries decodes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LogBatch {
+    count: u32,
+    #[serde(with = "serde_bytes")]
+    bytes: Vec<u8>,
+}
+
+/// Bytes before each entry in a [`LogBatch`] and a stored log block: its length.
+pub const ENTRY_LEN_PREFIX: usize = 4;
+
+impl LogBatch {
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends one entry's encoding, as stored.
+    pub fn push_encoded(&mut self, entry: &[u8]) {
+        self.bytes
+            .extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(entry);
+        self.count += 1;
+    }
+
+    /// Appends one entry, encoding it.
+    pub fn push(&mut self, entry: &LogEntry) -> Result<(), crate::codec::CodecError> {
+        let before = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; ENTRY_LEN_PREFIX]);
+        if let Err(e) = crate::codec::append_bytes(entry, &mut self.bytes) {
+            self.bytes.truncate(before);
+            return Err(e);
+        }
+        let len = (self.bytes.len() - before - ENTRY_LEN_PREFIX) as u32;
+        self.bytes[before..before + ENTRY_LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The entries' encodings, in order; an error where the bytes end inside an entry.
+    pub fn records(&self) -> Records<'_> {
+        Records { rest: &self.bytes }
+    }
+
+    /// Decodes every entry.
+    pub fn decode(&self) -> Result<Vec<LogEntry>, crate::codec::CodecError> {
+        let mut out = Vec::with_capacity(self.len());
+        for record in self.records() {
+            out.push(crate::codec::from_bytes(record?)?);
+        }
+        if out.len() != self.len() {
+            return Err(crate::codec::CodecError::Decode(format!(
+                "a log batch said {} entries and held {}",
+                self.len(),
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The encodings of the entries in a [`LogBatch`] or a stored log block.
+pub struct Records<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Records<'a> {
+    /// Over bytes in the stored form (a log block).
+    pub fn of(bytes: &'a [u8]) -> Records<'a> {
+        Records { rest: bytes }
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<&'a [u8], crate::codec::CodecError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let entry = self
+            .rest
+            .get(..ENTRY_LEN_PREFIX)
+            .and_then(|len| <[u8; ENTRY_LEN_PREFIX]>::try_from(len).ok())
+            .map(|len| u32::from_le_bytes(len) as usize)
+            .and_then(|len| self.rest.get(ENTRY_LEN_PREFIX..ENTRY_LEN_PREFIX + len));
+        match entry {
+            Some(entry) => {
+                self.rest = &self.rest[ENTRY_LEN_PREFIX + entry.len()..];
+                Some(Ok(entry))
+            }
+            None => {
+                self.rest = &[];
+                Some(Err(crate::codec::CodecError::Decode(
+                    "log entries end inside an entry".into(),
+                )))
+            }
+        }
+    }
+}
+
 /// A [`LogEntry`] by reference: encodes to exactly the same bytes, without owning the event.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LogEntryRef<'a> {
@@ -255,7 +363,7 @@ pub enum Message {
         skip_source: Option<String>,
     },
     LogEntries {
-        entries: Vec<LogEntry>,
+        entries: LogBatch,
         /// The highest LSN this page covers, entries left out included: the subscriber's new
         /// position even when every entry was filtered away.
         last_lsn: u64,
@@ -273,7 +381,7 @@ pub enum Message {
         peer: String,
         after: u64,
         cursor: u64,
-        entries: Vec<LogEntry>,
+        entries: LogBatch,
     },
     GetCursor {
         peer: String,

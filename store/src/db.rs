@@ -1,7 +1,10 @@
 //! Durable storage of a store in fjall: the records a commit writes and what start-up reads.
 //!
 //! Keyspaces: `alerts` (identifier → [`Row`]), `applied` (origin → applied sequence ranges),
-//! `clears` (clear key → newest resolution version), `log` (LSN, big-endian → [`LogEntry`]) and
+//! `clears` (clear key → newest resolution version), `log` (blocks of [`LogEntry`]s with
+//! consecutive LSNs: `L` and the first LSN, big-endian → each entry after its u32
+//! little-endian length; one key per up to [`BLOCK_ENTRIES`] entries, because a key per event
+//! made the storage engine's per-key work a sixth of the commit thread) and
 //! `meta` (head LSN, next serial, housekeeping sequence, the epoch, replication cursors).
 //! Everything one group commit changed goes into one fjall write batch, and the batch is synced
 //! before any acknowledgement leaves, so after a crash the records always agree.
@@ -20,8 +23,8 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use tandem_protocol::AlertState;
-use tandem_protocol::codec::{append_bytes, from_bytes, to_bytes};
-use tandem_protocol::message::{LogEntry, ResyncPoint, SnapshotKey};
+use tandem_protocol::codec::{append_bytes, from_bytes, from_prefix, to_bytes};
+use tandem_protocol::message::{LogBatch, LogEntry, Records, ResyncPoint, SnapshotKey};
 use tandem_protocol::state::AppliedRanges;
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{CodecError, Origin, Version};
@@ -54,6 +57,33 @@ const NEXT_SERIAL: &str = "next_serial";
 const HOUSEKEEPING_SEQ: &str = "housekeeping_seq";
 const EPOCH: &str = "epoch";
 const CHECKPOINT_LSN: &str = "checkpoint_lsn";
+
+/// Log entries in one stored block at most.
+pub const BLOCK_ENTRIES: usize = 256;
+const BLOCK_TAG: u8 = b'L';
+
+fn block_key(first_lsn: u64) -> [u8; 9] {
+    let mut key = [BLOCK_TAG; 9];
+    key[1..].copy_from_slice(&first_lsn.to_be_bytes());
+    key
+}
+
+/// The first LSN of the block stored under `key`; None for a key from before blocks (one
+/// entry under its 8-byte LSN).
+fn block_first(key: &[u8]) -> Option<u64> {
+    (key.len() == 9 && key[0] == BLOCK_TAG).then(|| u64_value(&key[1..]))
+}
+
+/// The entries of a stored block, each as its encoded bytes.
+fn block_entries(block: &[u8]) -> impl Iterator<Item = Result<&[u8], DbError>> {
+    Records::of(block).map(|record| {
+        record.map_err(|source| DbError::Corrupt {
+            what: "log block",
+            key: "an entry's length".into(),
+            source,
+        })
+    })
+}
 const CURSOR_PREFIX: &str = "cursor:";
 /// A peer's cursor as of the checkpoint (absent: the same as `cursor:`).
 const CHECKPOINT_CURSOR_PREFIX: &str = "checkpoint_cursor:";
@@ -122,6 +152,15 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A log entry's LSN, its first field, without decoding the rest.
+fn entry_lsn(block: u64, bytes: &[u8]) -> Result<u64, DbError> {
+    from_prefix(bytes).map_err(|source| DbError::Corrupt {
+        what: "log entry",
+        key: format!("in the block at LSN {block}"),
+        source,
+    })
+}
+
 fn u64_value(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or_default()
 }
@@ -166,6 +205,7 @@ impl Db {
 
     /// Reads everything back into `table`; returns the counters.
     pub fn load(&self, table: &mut Table, new_epoch: u64) -> Result<Meta, DbError> {
+        self.convert_log()?;
         table.reserve(self.alerts.approximate_len());
         for item in self.alerts.iter() {
             let (key, value) = item.into_inner()?;
@@ -249,11 +289,11 @@ impl Db {
         if let Some(cursors) = checkpoint {
             self.write_checkpoint(&mut batch, table, changes, meta, cursors, scratch)?;
         }
-        for (lsn, bytes) in log.entries() {
-            batch.insert(&self.log, lsn.to_be_bytes(), bytes);
+        for (first, block) in log.blocks(BLOCK_ENTRIES) {
+            batch.insert(&self.log, block_key(first), block);
         }
-        for lsn in trim {
-            batch.remove(&self.log, lsn.to_be_bytes());
+        if !trim.is_empty() {
+            self.trim_blocks(&mut batch, trim.end)?;
         }
         for (peer, lsn) in &peers.cursors {
             batch.insert(
@@ -278,6 +318,26 @@ impl Db {
         );
         batch.commit()?;
         self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Removes every block whose entries are all below `first_lsn`. A block is wholly below
+    /// it when the next block starts at or below it.
+    fn trim_blocks(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        first_lsn: u64,
+    ) -> Result<(), DbError> {
+        let mut previous: Option<u64> = None;
+        for item in self.log.range(..=block_key(first_lsn)) {
+            let Some(first) = block_first(&item.key()?) else {
+                continue;
+            };
+            if let Some(previous) = previous {
+                batch.remove(&self.log, block_key(previous));
+            }
+            previous = (first < first_lsn).then_some(first);
+        }
         Ok(())
     }
 
@@ -335,24 +395,141 @@ impl Db {
         Ok(())
     }
 
+    /// Calls `visit` with each log entry from `from` on, as (LSN, encoding), until it
+    /// returns false or the log ends.
+    fn scan_log(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, DbError>,
+    ) -> Result<(), DbError> {
+        let start = self.block_holding(from)?.unwrap_or(from);
+        for item in self.log.range(block_key(start)..) {
+            let (key, value) = item.into_inner()?;
+            let Some(first) = block_first(&key) else {
+                break;
+            };
+            for bytes in block_entries(&value) {
+                let bytes = bytes?;
+                let lsn = entry_lsn(first, bytes)?;
+                if lsn >= from && !visit(lsn, bytes)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Log entries with LSN >= `from`, at most `max`.
     pub fn read_log(&self, from: u64, max: usize) -> Result<Vec<LogEntry>, DbError> {
         let mut out = Vec::new();
-        for item in self.log.range(from.to_be_bytes()..).take(max) {
-            let (key, value) = item.into_inner()?;
-            let entry: LogEntry = decode("log entry", u64_value(&key), &value)?;
-            out.push(entry);
-        }
+        self.scan_log(from, |lsn, bytes| {
+            out.push(decode("log entry", lsn, bytes)?);
+            Ok(out.len() < max)
+        })?;
         Ok(out)
+    }
+
+    /// Log entries from `from` on as stored, at most `max` looked at, leaving out those whose
+    /// source is `skip_source`: for a subscriber, without decoding them. Returns the entries
+    /// and the first and last LSN looked at (None: nothing from `from` on).
+    pub fn read_log_raw(
+        &self,
+        from: u64,
+        max: usize,
+        skip_source: Option<&str>,
+    ) -> Result<(LogBatch, Option<(u64, u64)>), DbError> {
+        let mut batch = LogBatch::default();
+        let mut seen: Option<(u64, u64)> = None;
+        let mut looked = 0;
+        self.scan_log(from, |lsn, bytes| {
+            seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
+            let skip = match skip_source {
+                Some(skip) => {
+                    let (_, source): (u64, String) =
+                        from_prefix(bytes).map_err(|source| DbError::Corrupt {
+                            what: "log entry",
+                            key: lsn.to_string(),
+                            source,
+                        })?;
+                    source == skip
+                }
+                None => false,
+            };
+            if !skip {
+                batch.push_encoded(bytes);
+            }
+            looked += 1;
+            Ok(looked < max)
+        })?;
+        Ok((batch, seen))
+    }
+
+    /// The first LSN of the block that holds `lsn`, if any block starts at or before it.
+    fn block_holding(&self, lsn: u64) -> Result<Option<u64>, DbError> {
+        match self.log.range(..=block_key(lsn)).next_back() {
+            Some(item) => Ok(block_first(&item.key()?)),
+            None => Ok(None),
+        }
     }
 
     /// One log entry, if retained.
     pub fn log_entry(&self, lsn: u64) -> Result<Option<LogEntry>, DbError> {
-        let Some(value) = self.log.get(lsn.to_be_bytes())? else {
+        let Some(first) = self.block_holding(lsn)? else {
             return Ok(None);
         };
-        let entry = decode("log entry", lsn, &value)?;
-        Ok(Some(entry))
+        let Some(value) = self.log.get(block_key(first))? else {
+            return Ok(None);
+        };
+        for bytes in block_entries(&value) {
+            let bytes = bytes?;
+            if entry_lsn(first, bytes)? == lsn {
+                return Ok(Some(decode("log entry", lsn, bytes)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rewrites a log stored one entry per key (before blocks) as blocks, a few hundred
+    /// blocks per atomic batch: the two kinds of key never collide, so a start interrupted
+    /// half-way finishes the job the next time.
+    fn convert_log(&self) -> Result<(), DbError> {
+        let mut converted = 0u64;
+        loop {
+            let mut batch = self.db.batch();
+            let mut block = Vec::new();
+            let mut first = None;
+            let mut keys = 0;
+            for item in self.log.iter().take(BLOCK_ENTRIES * 256) {
+                let (key, value) = item.into_inner()?;
+                if block_first(&key).is_some() {
+                    break;
+                }
+                let lsn = u64_value(&key);
+                if first.is_some() && (keys % BLOCK_ENTRIES == 0) {
+                    batch.insert(&self.log, block_key(first.unwrap_or(lsn)), block.as_slice());
+                    block.clear();
+                    first = None;
+                }
+                first.get_or_insert(lsn);
+                block.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                block.extend_from_slice(&value);
+                batch.remove(&self.log, key);
+                keys += 1;
+            }
+            if keys == 0 {
+                break;
+            }
+            if let Some(first) = first {
+                batch.insert(&self.log, block_key(first), block.as_slice());
+            }
+            batch.commit()?;
+            converted += keys as u64;
+        }
+        if converted > 0 {
+            self.db.persist(PersistMode::SyncAll)?;
+            tracing::info!(entries = converted, "stored the log in blocks");
+        }
+        Ok(())
     }
 
     /// A full resync from `peer` that is under way here.
@@ -496,5 +673,125 @@ mod tests {
         std::fs::create_dir_all(&path).unwrap();
         let db = Db::open(&path).unwrap();
         assert_eq!(db.load(&mut Table::new("AGG_B"), 9).unwrap().head_lsn, 0);
+    }
+
+    fn event(seq: u64) -> tandem_protocol::Event {
+        tandem_protocol::Event {
+            origin: Origin::new("probe", 1),
+            seq,
+            time: 1,
+            body: tandem_protocol::EventBody::Occurrence(tandem_protocol::AlertFields {
+                identifier: format!("alert-{seq}"),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Commits the entries `lsns` as one group, trimming the log to `first_lsn`.
+    fn commit(db: &Db, meta: &mut Meta, lsns: std::ops::RangeInclusive<u64>, first_lsn: u64) {
+        let mut log = LogBuf::default();
+        for lsn in lsns {
+            let e = event(lsn);
+            log.push(tandem_protocol::message::LogEntryRef {
+                lsn,
+                source: "AGG_P",
+                source_serial: lsn,
+                event: &e,
+            });
+            meta.head_lsn = lsn;
+        }
+        let trim = meta.first_lsn..first_lsn;
+        meta.first_lsn = first_lsn;
+        let table = Table::new("AGG_P");
+        db.commit(
+            &table,
+            &Changes::default(),
+            &log,
+            meta,
+            &PeerWrites::default(),
+            trim,
+            &mut Vec::new(),
+            None,
+        )
+        .unwrap();
+    }
+
+    fn lsns(entries: &[LogEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.lsn).collect()
+    }
+
+    #[test]
+    fn the_log_reads_back_from_any_lsn_across_blocks_and_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("s")).unwrap();
+        let mut meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
+        // Groups of 1, 300, 700 and 5 entries: blocks at 1, 2, 258, 302, 558, 814 and 1002.
+        commit(&db, &mut meta, 1..=1, 1);
+        commit(&db, &mut meta, 2..=301, 1);
+        commit(&db, &mut meta, 302..=1001, 1);
+        commit(&db, &mut meta, 1002..=1006, 1);
+        for from in [
+            1, 2, 3, 257, 258, 301, 302, 557, 558, 813, 814, 1001, 1002, 1006,
+        ] {
+            let all = db.read_log(from, 10_000).unwrap();
+            assert_eq!(lsns(&all), (from..=1006).collect::<Vec<_>>(), "from {from}");
+            assert_eq!(all[0].event, event(from));
+            let some = db.read_log(from, 7).unwrap();
+            assert_eq!(lsns(&some), (from..=1006).take(7).collect::<Vec<_>>());
+        }
+        assert!(db.read_log(1007, 10).unwrap().is_empty());
+        for lsn in 1..=1006 {
+            assert_eq!(db.log_entry(lsn).unwrap().map(|e| e.lsn), Some(lsn));
+        }
+        assert!(db.log_entry(1007).unwrap().is_none());
+
+        // Trimmed to 600: the blocks wholly below go, the one holding 600 stays.
+        commit(&db, &mut meta, 1007..=1010, 600);
+        assert!(db.log_entry(557).unwrap().is_none());
+        assert!(db.log_entry(2).unwrap().is_none());
+        assert_eq!(
+            lsns(&db.read_log(600, 10_000).unwrap()),
+            (600..=1010).collect::<Vec<_>>()
+        );
+        let blocks: Vec<u64> = db
+            .log
+            .iter()
+            .map(|item| block_first(&item.key().unwrap()).unwrap())
+            .collect();
+        assert_eq!(blocks, vec![558, 814, 1002, 1007]);
+    }
+
+    #[test]
+    fn a_log_stored_one_entry_per_key_is_converted_to_blocks_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let db = Db::open(&path).unwrap();
+            for lsn in 1..=600u64 {
+                let entry = LogEntry {
+                    lsn,
+                    source: "AGG_P".into(),
+                    source_serial: lsn,
+                    event: event(lsn),
+                };
+                db.log
+                    .insert(lsn.to_be_bytes(), to_bytes(&entry).unwrap())
+                    .unwrap();
+            }
+            db.meta.insert(HEAD_LSN, 600u64.to_be_bytes()).unwrap();
+            db.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
+        assert_eq!(meta.head_lsn, 600);
+        let all = db.read_log(1, 10_000).unwrap();
+        assert_eq!(lsns(&all), (1..=600).collect::<Vec<_>>());
+        assert_eq!(all[599].event, event(600));
+        let keys: Vec<Option<u64>> = db
+            .log
+            .iter()
+            .map(|item| block_first(&item.key().unwrap()))
+            .collect();
+        assert_eq!(keys, vec![Some(1), Some(257), Some(513)]);
     }
 }

@@ -282,13 +282,17 @@ fn check<'a>(events: impl ExactSizeIterator<Item = &'a Event>) -> Result<(), (u3
     Ok(())
 }
 
-/// New log entries of one group commit, encoded back to back in one reused buffer.
+/// New log entries of one group commit, encoded back to back in one reused buffer, each after
+/// its length: the layout of a stored log block (see `db.rs`), so blocks are written as slices
+/// of this buffer without another copy.
 #[derive(Debug, Default)]
 pub struct LogBuf {
     pub bytes: Vec<u8>,
-    /// (LSN, end offset in `bytes`) per entry; each starts where the previous ended.
+    /// (LSN, end offset in `bytes`) per entry; each record starts where the previous ended.
     pub ends: Vec<(u64, usize)>,
 }
+
+use tandem_protocol::message::ENTRY_LEN_PREFIX as LEN_PREFIX;
 
 impl LogBuf {
     fn clear(&mut self) {
@@ -300,14 +304,27 @@ impl LogBuf {
     pub fn entries(&self) -> impl Iterator<Item = (u64, &[u8])> {
         let mut start = 0;
         self.ends.iter().map(move |&(lsn, end)| {
-            let bytes = &self.bytes[start..end];
+            let bytes = &self.bytes[start + LEN_PREFIX..end];
             start = end;
             (lsn, bytes)
         })
     }
 
-    fn push(&mut self, entry: LogEntryRef<'_>) {
+    /// Runs of at most `per_block` consecutive entries as (first LSN, block bytes).
+    pub fn blocks(&self, per_block: usize) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut start = 0;
+        self.ends.chunks(per_block.max(1)).map(move |run| {
+            let first = run[0].0;
+            let end = run[run.len() - 1].1;
+            let block = &self.bytes[start..end];
+            start = end;
+            (first, block)
+        })
+    }
+
+    pub(crate) fn push(&mut self, entry: LogEntryRef<'_>) {
         let before = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; LEN_PREFIX]);
         if let Err(e) = append_bytes(&entry, &mut self.bytes) {
             // Encoding to memory cannot fail for these types; if it ever does, the entry is
             // not logged rather than logged half.
@@ -315,6 +332,8 @@ impl LogBuf {
             self.bytes.truncate(before);
             return;
         }
+        let len = (self.bytes.len() - before - LEN_PREFIX) as u32;
+        self.bytes[before..before + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
         self.ends.push((entry.lsn, self.bytes.len()));
     }
 }

@@ -13,7 +13,7 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
-use tandem_protocol::message::LogEntry;
+use tandem_protocol::message::LogBatch;
 use tandem_protocol::{
     ClientKind, Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome,
 };
@@ -215,6 +215,15 @@ impl Handler {
                             pending.push(answer_of(batch, rx, sync));
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
+                            // Decoded here, on this connection's task, not on the commit thread.
+                            let entries = match entries.decode() {
+                                Ok(entries) => entries,
+                                Err(e) => {
+                                    let reason = format!("the log entries do not decode: {e}");
+                                    conn.send(&Message::Refused { batch, index: 0, reason }).await.map_err(|e| e.to_string())?;
+                                    continue;
+                                }
+                            };
                             let (reply, rx) = oneshot::channel();
                             self.submit(Request::Replicate { peer, after, cursor, entries, reply }).await?;
                             pending.push(answer_of(batch, rx, None));
@@ -261,7 +270,7 @@ impl Handler {
                             if from_lsn.max(1) > head && from_lsn.max(1) >= self.shared.first_lsn.load(Ordering::Relaxed) {
                                 // Nothing to send yet: say where the head is, so the subscriber
                                 // knows it has caught up.
-                                conn.send(&Message::LogEntries { entries: Vec::new(), last_lsn: head, head_lsn: head })
+                                conn.send(&Message::LogEntries { entries: LogBatch::default(), last_lsn: head, head_lsn: head })
                                     .await
                                     .map_err(|e| e.to_string())?;
                             }
@@ -322,15 +331,16 @@ impl Handler {
                 return Ok(());
             }
             let want = ((head - sub.next + 1) as usize).min(LOG_CHUNK);
-            let entries = self
+            // As stored: the entries are not decoded on their way out.
+            let (entries, seen) = self
                 .shared
                 .db
-                .read_log(sub.next, want)
+                .read_log_raw(sub.next, want, sub.skip_source.as_deref())
                 .map_err(|e| e.to_string())?;
-            let Some(last) = entries.last().map(|e| e.lsn) else {
+            let Some((first_seen, last)) = seen else {
                 return Ok(());
             };
-            if entries.first().map(|e| e.lsn) != Some(sub.next) {
+            if first_seen != sub.next {
                 // Trimmed while this subscriber was reading: it has a gap and must resync.
                 let first = self.shared.first_lsn.load(Ordering::Relaxed);
                 conn.send(&Message::LogTrimmed { first_lsn: first })
@@ -340,10 +350,6 @@ impl Handler {
                 return Ok(());
             }
             sub.next = last + 1;
-            let entries: Vec<LogEntry> = match &sub.skip_source {
-                Some(skip) => entries.into_iter().filter(|e| e.source != *skip).collect(),
-                None => entries,
-            };
             conn.send(&Message::LogEntries {
                 entries,
                 last_lsn: last,

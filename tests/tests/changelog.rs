@@ -15,7 +15,7 @@ async fn read_entries(conn: &mut tandem_probe::Connection, want: usize) -> Vec<L
     let mut got = Vec::new();
     while got.len() < want {
         match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
-            Ok(Ok(Message::LogEntries { entries, .. })) => got.extend(entries),
+            Ok(Ok(Message::LogEntries { entries, .. })) => got.extend(entries.decode().unwrap()),
             other => panic!(
                 "expected log entries, got {other:?} after {} entries",
                 got.len()
