@@ -5,7 +5,7 @@
 #   3. tandem bench through PROXY_P into AGG_P (durable, acknowledged end to end)
 #   4. the same with the full pair running (AGG_B, PROXY_B and the gateway replicating)
 # Needs rsyslog and prometheus-alertmanager (apt-get install rsyslog prometheus-alertmanager)
-# and a release build (cargo build --release). Usage: bench/compare.sh [EVENTS]
+# and a release build (cargo build --release). Usage: [ROUNDS=3] bench/compare.sh [EVENTS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 T=${TANDEM:-$here/../target/release/tandem}
@@ -20,32 +20,45 @@ settle() { sync; sleep 2; }
 alive() { sleep "$1"; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a component did not start (port taken?); see $work" >&2; exit 1; }; done; }
 rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["events_per_s"]))'; }
 
-rsyslog=$("$here/peers/rsyslog-relay.sh" "$N" 200 2>/dev/null | tail -1)
-echo "$rsyslog"
-rsyslog_rate=$(echo "$rsyslog" | sed -E 's/.*: ([0-9]+) lines\/s/\1/')
+# Runs alternate (rsyslog, tandem alone, tandem as a pair), ROUNDS times (default 3), so that
+# the machine's drift hits them alike; the ratios use the medians.
+ROUNDS=${ROUNDS:-3}
+median() { python3 -c 'import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:])))' "$@"; }
+rs_rates=(); one_rates=(); pair_rates=()
+for round in $(seq "$ROUNDS"); do
+  settle
+  rsyslog=$("$here/peers/rsyslog-relay.sh" "$N" 200 2>/dev/null | tail -1)
+  echo "round $round: $rsyslog"
+  rs_rates+=("$(echo "$rsyslog" | sed -E 's/.*: ([0-9]+) lines\/s/\1/')")
+
+  settle
+  mkdir "$work/primary-$round"
+  "$T" store --name AGG_P --data-dir "$work/primary-$round" > "$work/primary-$round/agg_p.log" 2>&1 & pids+=($!)
+  "$T" proxy --name PROXY_P --data-dir "$work/primary-$round" > "$work/primary-$round/proxy_p.log" 2>&1 & pids+=($!)
+  alive 1
+  one=$("$T" bench --data-dir "$work/primary-$round" --events "$N" --identifiers 10000 --probes 4 --json)
+  echo "round $round: tandem, PROXY_P -> AGG_P: $one"
+  one_rates+=("$(echo "$one" | rate)")
+  stop
+
+  settle
+  mkdir "$work/pair-$round"
+  "$T" up --data-dir "$work/pair-$round" > "$work/pair-$round/up.log" 2>&1 & pids+=($!)
+  alive 3
+  pair=$("$T" bench --data-dir "$work/pair-$round" --events "$N" --identifiers 10000 --probes 4 --json)
+  echo "round $round: tandem, full pair with replication: $pair"
+  pair_rates+=("$(echo "$pair" | rate)")
+  stop
+done
+settle
 am=$("$here/peers/alertmanager.sh" "$N" 200 | tail -1)
 echo "$am"
 am_rate=$(echo "$am" | sed -E 's/.*: ([0-9]+) alerts\/s.*/\1/')
 
-settle
-mkdir "$work/primary"
-"$T" store --name AGG_P --data-dir "$work/primary" > "$work/primary/agg_p.log" 2>&1 & pids+=($!)
-"$T" proxy --name PROXY_P --data-dir "$work/primary" > "$work/primary/proxy_p.log" 2>&1 & pids+=($!)
-alive 1
-one=$("$T" bench --data-dir "$work/primary" --events "$N" --identifiers 10000 --probes 4 --json)
-echo "tandem, PROXY_P -> AGG_P: $one"
-stop
-
-settle
-mkdir "$work/pair"
-"$T" up --data-dir "$work/pair" > "$work/pair/up.log" 2>&1 & pids+=($!)
-alive 3
-pair=$("$T" bench --data-dir "$work/pair" --events "$N" --identifiers 10000 --probes 4 --json)
-echo "tandem, full pair with replication: $pair"
-stop
-
-one_rate=$(echo "$one" | rate)
-pair_rate=$(echo "$pair" | rate)
+rsyslog_rate=$(median "${rs_rates[@]}")
+one_rate=$(median "${one_rates[@]}")
+pair_rate=$(median "${pair_rates[@]}")
+echo "medians over $ROUNDS rounds:"
 python3 - "$rsyslog_rate" "$am_rate" "$one_rate" "$pair_rate" <<'PY'
 import sys
 rs, am, one, pair = map(float, sys.argv[1:])
