@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::{ClientKind, Directive, EventBody, Message, RejectReason};
+use tandem_protocol::codec::to_bytes;
+use tandem_protocol::message::EventsRef;
+use tandem_protocol::{ClientKind, Directive, EventBody, Message, RawFrame, RejectReason};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -195,11 +197,18 @@ enum Report {
     },
 }
 
+/// What the writer task of a link sends.
+enum Outgoing {
+    Message(Message),
+    /// An event batch, already encoded.
+    Frame(RawFrame),
+}
+
 /// The current link: its id, the member and its writer queue; its tasks die with it.
 struct Link {
     id: u64,
     member: Member,
-    writer: mpsc::Sender<Message>,
+    writer: mpsc::Sender<Outgoing>,
     tasks: Vec<AbortHandle>,
 }
 
@@ -524,7 +533,7 @@ impl Driver {
         self.next_id += 1;
         let id = self.next_id;
         let (mut reader, mut writer) = conn.split();
-        let (tx, mut rx) = mpsc::channel::<Message>(64);
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
         let reports = self.reports.clone();
         let read = self.tasks.spawn(async move {
             loop {
@@ -552,8 +561,12 @@ impl Driver {
         });
         let reports = self.reports.clone();
         let write = self.tasks.spawn(async move {
-            while let Some(msg) = rx.recv().await {
-                if let Err(e) = writer.send(&msg).await {
+            while let Some(out) = rx.recv().await {
+                let sent = match out {
+                    Outgoing::Message(msg) => writer.send(&msg).await,
+                    Outgoing::Frame(frame) => writer.send_raw(frame).await,
+                };
+                if let Err(e) = sent {
                     let _ = reports
                         .send(Report::Closed {
                             link: id,
@@ -600,7 +613,9 @@ impl Driver {
                 }
                 Action::SendPing => {
                     if let Some(link) = &self.link {
-                        let _ = link.writer.try_send(Message::Ping { nonce: 0 });
+                        let _ = link
+                            .writer
+                            .try_send(Outgoing::Message(Message::Ping { nonce: 0 }));
                     }
                 }
                 Action::PollPrimary => {
@@ -648,11 +663,19 @@ impl Driver {
             self.next_id += 1;
             let batch = self.next_id;
             let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-            if link
-                .writer
-                .try_send(Message::Events { batch, events })
-                .is_err()
-            {
+            // Encoded here from the spool's shared events: no copy of each event to build a
+            // message first.
+            let frame = match to_bytes(&EventsRef {
+                batch,
+                events: &events,
+            }) {
+                Ok(frame) => RawFrame(frame.into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "a batch could not be encoded; it stays spooled");
+                    return;
+                }
+            };
+            if link.writer.try_send(Outgoing::Frame(frame)).is_err() {
                 return;
             }
             self.sent_upto = last;

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -101,7 +102,8 @@ pub enum SpoolError {
 pub struct Spool {
     origin: Origin,
     next_seq: u64,
-    events: BTreeMap<u64, Event>,
+    /// Shared with the batches in flight: sending does not copy an event.
+    events: BTreeMap<u64, Arc<Event>>,
     /// How far the probe has read its source (a file offset, a line number), stored with the
     /// events read up to there, so a restarted probe neither reads a line twice nor skips one.
     source_cursor: Option<Vec<u8>>,
@@ -148,7 +150,11 @@ impl Spool {
     /// On disk, the events and the next sequence number are synced before this returns, so a
     /// crash right after can neither lose them nor reuse their numbers. On error nothing was
     /// issued.
-    pub fn push(&mut self, time: i64, bodies: Vec<EventBody>) -> Result<Vec<Event>, SpoolError> {
+    pub fn push(
+        &mut self,
+        time: i64,
+        bodies: Vec<EventBody>,
+    ) -> Result<Vec<Arc<Event>>, SpoolError> {
         self.push_from(time, bodies, None)
     }
 
@@ -164,7 +170,7 @@ impl Spool {
         time: i64,
         bodies: Vec<EventBody>,
         cursor: Option<&[u8]>,
-    ) -> Result<Vec<Event>, SpoolError> {
+    ) -> Result<Vec<Arc<Event>>, SpoolError> {
         if bodies.is_empty() && cursor.is_none() {
             return Ok(Vec::new());
         }
@@ -195,6 +201,7 @@ impl Spool {
         // Only after the disk has them: a failed write must not advance the numbering in a
         // way the disk does not know about.
         self.next_seq = next;
+        let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         self.events
             .extend(events.iter().map(|event| (event.seq, event.clone())));
         Ok(events)
@@ -226,7 +233,7 @@ impl Spool {
 
     /// Unacknowledged events in seq order, at most `max`, starting after seq `after`
     /// (0 = from the start).
-    pub fn unacked(&self, after: u64, max: usize) -> Vec<Event> {
+    pub fn unacked(&self, after: u64, max: usize) -> Vec<Arc<Event>> {
         self.events
             .range((Bound::Excluded(after), Bound::Unbounded))
             .take(max)
@@ -443,7 +450,7 @@ fn load_events(
     disk: &Disk,
     origin: &Origin,
     next_seq: u64,
-) -> Result<BTreeMap<u64, Event>, SpoolError> {
+) -> Result<BTreeMap<u64, Arc<Event>>, SpoolError> {
     let mut events = BTreeMap::new();
     for item in disk.events.iter() {
         let (key, value) = item
@@ -471,12 +478,12 @@ fn load_events(
             from_bytes(&value).map_err(|e| corrupt(&disk.path, &what(), e.to_string()))?;
         events.insert(
             seq,
-            Event {
+            Arc::new(Event {
                 origin: origin.clone(),
                 seq,
                 time,
                 body,
-            },
+            }),
         );
     }
     Ok(events)
@@ -543,7 +550,7 @@ mod tests {
         range.map(body).collect()
     }
 
-    fn seqs(events: &[Event]) -> Vec<u64> {
+    fn seqs(events: &[Arc<Event>]) -> Vec<u64> {
         events.iter().map(|event| event.seq).collect()
     }
 
@@ -810,22 +817,22 @@ mod tests {
                     Op::Reopen => {}
                 }
 
-                let want: Vec<Event> = model
+                let want: Vec<Arc<Event>> = model
                     .iter()
-                    .map(|(seq, (time, body))| Event {
+                    .map(|(seq, (time, body))| Arc::new(Event {
                         origin: origin.clone(),
                         seq: *seq,
                         time: *time,
                         body: body.clone(),
-                    })
+                    }))
                     .collect();
                 prop_assert_eq!(spool.origin(), &origin);
                 prop_assert_eq!(spool.unacked(0, usize::MAX), want.clone());
                 prop_assert_eq!(spool.len(), model.len());
                 prop_assert_eq!(spool.next_seq(), next_seq);
-                let in_memory: Vec<Event> = want
-                    .into_iter()
-                    .map(|event| Event { origin: memory.origin().clone(), ..event })
+                let in_memory: Vec<Arc<Event>> = want
+                    .iter()
+                    .map(|event| Arc::new(Event { origin: memory.origin().clone(), ..(**event).clone() }))
                     .collect();
                 prop_assert_eq!(memory.unacked(0, usize::MAX), in_memory);
                 prop_assert_eq!(memory.next_seq(), next_seq);

@@ -518,6 +518,17 @@ mod tests {
         }
 
         #[test]
+        fn shared_events_encode_like_an_events_message(
+            batch in any::<u64>(),
+            events in proptest::collection::vec(any::<crate::Event>(), 0..4),
+        ) {
+            let shared: Vec<std::sync::Arc<crate::Event>> =
+                events.iter().cloned().map(std::sync::Arc::new).collect();
+            let by_ref = crate::message::EventsRef { batch, events: &shared };
+            prop_assert_eq!(to_bytes(&by_ref).unwrap(), to_bytes(&Message::Events { batch, events }).unwrap());
+        }
+
+        #[test]
         fn log_entries_travel_as_stored_and_decode_as_sent(
             entries in proptest::collection::vec(any::<crate::message::LogEntry>(), 0..5),
             cut in any::<proptest::sample::Index>(),
