@@ -107,11 +107,44 @@ pub fn from_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         .map_err(|e| CodecError::Decode(e.to_string()))
 }
 
+/// Deserialises the value at the start of `bytes` and says how many bytes it took.
+pub(crate) fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice::<T, _>(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))
+}
+
+/// Decodes an `Events` frame event by event, keeping each event's encoding (a slice of the
+/// frame, not a copy) next to it. Equivalent to decoding the frame as a [`Message`].
+fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
+    let ((_, batch, count), mut at) = decode_prefix::<(u32, u64, u64)>(&frame)?;
+    // Every event takes at least a byte: a count beyond what is left is a lie, not an
+    // allocation to make.
+    let room = (count as usize).min(frame.len() - at);
+    let mut events = Vec::with_capacity(room);
+    let mut encoded = Vec::with_capacity(room);
+    for _ in 0..count {
+        let (event, used) = decode_prefix::<crate::Event>(&frame[at..])?;
+        encoded.push(frame.slice(at..at + used));
+        events.push(event);
+        at += used;
+    }
+    if at != frame.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: frame.len() - at,
+        });
+    }
+    Ok((Message::Events { batch, events }, encoded))
+}
+
 /// Length-delimited bincode frames carrying [`Message`]s.
 #[derive(Debug)]
 pub struct MessageCodec {
     frames: LengthDelimitedCodec,
     max_frame: usize,
+    /// Keep the encodings of the events of each `Events` message decoded (a store logs them
+    /// as they came instead of encoding them again).
+    keep_event_bytes: bool,
+    event_bytes: Vec<Bytes>,
 }
 
 impl MessageCodec {
@@ -125,7 +158,22 @@ impl MessageCodec {
                 .max_frame_length(max_frame)
                 .new_codec(),
             max_frame,
+            keep_event_bytes: false,
+            event_bytes: Vec::new(),
         }
+    }
+
+    /// This codec, also keeping the encoding of every event of each `Events` message it
+    /// decodes, for [`MessageCodec::take_event_bytes`].
+    pub fn keeping_event_bytes(mut self) -> Self {
+        self.keep_event_bytes = true;
+        self
+    }
+
+    /// The encodings of the events of the `Events` message decoded last, in order (empty
+    /// unless the codec keeps them). Take them before decoding the next frame.
+    pub fn take_event_bytes(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.event_bytes)
     }
 
     pub fn max_frame(&self) -> usize {
@@ -141,11 +189,18 @@ impl Default for MessageCodec {
 
 /// Recovers the batch id of an `Events`, `Replicate` or `Merge` frame whose body does not decode, so
 /// the refusal can name the batch and the sender can stop waiting for it.
+// Variant indices of Message::Events, Replicate and Merge; each starts with `batch`.
+const EVENTS: u32 = 3;
+const REPLICATE: u32 = 12;
+const MERGE: u32 = 18;
+
+fn peek_variant(frame: &[u8]) -> Option<u32> {
+    bincode::serde::decode_from_slice::<u32, _>(frame, config())
+        .ok()
+        .map(|(variant, _)| variant)
+}
+
 pub fn peek_batch(frame: &[u8]) -> Option<u64> {
-    // Variant indices of Message::Events, Replicate and Merge; each starts with `batch`.
-    const EVENTS: u32 = 3;
-    const REPLICATE: u32 = 12;
-    const MERGE: u32 = 18;
     let ((variant, batch), _) =
         bincode::serde::decode_from_slice::<(u32, u64), _>(frame, config()).ok()?;
     matches!(variant, EVENTS | REPLICATE | MERGE).then_some(batch)
@@ -168,6 +223,17 @@ impl Decoder for MessageCodec {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
+            Ok(Some(frame)) if self.keep_event_bytes && peek_variant(&frame) == Some(EVENTS) => {
+                let frame = frame.freeze();
+                let batch = peek_batch(&frame);
+                Ok(Some(match decode_events(frame) {
+                    Ok((message, encoded)) => {
+                        self.event_bytes = encoded;
+                        Ok(message)
+                    }
+                    Err(error) => Err(BadFrame { error, batch }),
+                }))
+            }
             Ok(Some(frame)) => Ok(Some(from_bytes(&frame).map_err(|error| BadFrame {
                 error,
                 batch: peek_batch(&frame),
@@ -547,6 +613,11 @@ mod tests {
                 return Err(TestCaseError::fail("not a Replicate"));
             };
             prop_assert_eq!(back.decode().unwrap(), entries.clone());
+            let kept = back.clone().decode_keeping_event_bytes().unwrap();
+            prop_assert_eq!(kept.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(), entries.clone());
+            for (entry, event) in &kept {
+                prop_assert_eq!(event.to_vec(), to_bytes(&entry.event).unwrap());
+            }
             // A stored block cut short anywhere reads as the whole entries before the cut and
             // then an error: never a panic, never a wrong entry.
             let mut block = Vec::new();
@@ -588,6 +659,50 @@ mod tests {
             let back = decode_all(&mut codec, &mut buf).unwrap();
             prop_assert_eq!(back, msgs);
             prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn a_codec_keeping_event_bytes_decodes_the_same_and_keeps_each_events_encoding(
+            msgs in proptest::collection::vec(any::<Message>(), 1..4),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut plain = MessageCodec::default();
+            let mut keeping = MessageCodec::default().keeping_event_bytes();
+            for msg in &msgs {
+                let mut buf = BytesMut::new();
+                plain.encode(msg, &mut buf).unwrap();
+                let back = keeping.decode(&mut buf).unwrap().unwrap().unwrap();
+                prop_assert_eq!(&back, msg);
+                let kept = keeping.take_event_bytes();
+                match msg {
+                    Message::Events { events, .. } => {
+                        let want: Vec<Vec<u8>> = events.iter().map(|e| to_bytes(e).unwrap()).collect();
+                        let got: Vec<Vec<u8>> = kept.iter().map(|b| b.to_vec()).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    _ => prop_assert!(kept.is_empty()),
+                }
+            }
+            // Whatever an Events frame holds, both decoders agree on whether it is one.
+            let mut body = vec![3u8];
+            body.extend_from_slice(&junk);
+            let mut framed = BytesMut::new();
+            framed.put_u32(body.len() as u32);
+            framed.extend_from_slice(&body);
+            let mut again = framed.clone();
+            let a = plain.decode(&mut framed).unwrap().unwrap();
+            let b = keeping.decode(&mut again).unwrap().unwrap();
+            prop_assert_eq!(a.is_ok(), b.is_ok());
+            if let (Ok(a), Ok(b)) = (a, b) {
+                prop_assert_eq!(a, b);
+            }
+        }
+
+        #[test]
+        fn a_log_entry_is_its_head_then_its_events_encoding(entry in any::<crate::message::LogEntry>()) {
+            let mut parts = to_bytes(&(entry.lsn, &entry.source, entry.source_serial)).unwrap();
+            parts.extend_from_slice(&to_bytes(&entry.event).unwrap());
+            prop_assert_eq!(parts, to_bytes(&entry).unwrap());
         }
 
         #[test]

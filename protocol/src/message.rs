@@ -178,6 +178,44 @@ impl LogBatch {
         Records { rest: &self.bytes }
     }
 
+    /// Decodes every entry, keeping each event's encoding (a slice of this batch's bytes, not
+    /// a copy) next to it: the applying store logs the event as it came.
+    pub fn decode_keeping_event_bytes(
+        self,
+    ) -> Result<Vec<(LogEntry, bytes::Bytes)>, crate::codec::CodecError> {
+        use crate::codec::{CodecError, decode_prefix};
+        let count = self.len();
+        let bytes = bytes::Bytes::from(self.bytes);
+        let mut out = Vec::with_capacity(count.min(bytes.len()));
+        let mut at = 0;
+        for record in Records::of(&bytes) {
+            let record = record?;
+            let start = at + ENTRY_LEN_PREFIX;
+            let ((lsn, source, source_serial), head) = decode_prefix::<(u64, String, u64)>(record)?;
+            let (event, used) = decode_prefix::<Event>(&record[head..])?;
+            if head + used != record.len() {
+                return Err(CodecError::TrailingBytes {
+                    extra: record.len() - head - used,
+                });
+            }
+            let entry = LogEntry {
+                lsn,
+                source,
+                source_serial,
+                event,
+            };
+            out.push((entry, bytes.slice(start + head..start + head + used)));
+            at = start + record.len();
+        }
+        if out.len() != count {
+            return Err(CodecError::Decode(format!(
+                "a log batch said {count} entries and held {}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
     /// Decodes every entry.
     pub fn decode(&self) -> Result<Vec<LogEntry>, crate::codec::CodecError> {
         let mut out = Vec::with_capacity(self.len());

@@ -190,9 +190,13 @@ async fn fill(path: std::path::PathBuf) {
             .map(|i| event(&origin, i + 1, i))
             .collect();
         let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send(engine::Request::Events { events, reply })
-            .await
-            .expect("queue");
+        tx.send(engine::Request::Events {
+            events,
+            encoded: Vec::new(),
+            reply,
+        })
+        .await
+        .expect("queue");
         pending.push(rx);
         if pending.len() > 8 {
             pending.remove(0).await.expect("ack");

@@ -55,9 +55,11 @@ pub enum Reply {
 
 /// Work for the commit thread.
 pub enum Request {
-    /// Events from a probe, proxy or operator.
+    /// Events from a probe, proxy or operator, with each one's encoding as it arrived when
+    /// the connection kept it (empty otherwise): logged as it came instead of encoded again.
     Events {
         events: Vec<Event>,
+        encoded: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Reply>,
     },
     /// A peer's log entries, applied together with the new cursor for that peer. `after` is
@@ -67,6 +69,8 @@ pub enum Request {
         after: u64,
         cursor: u64,
         entries: Vec<LogEntry>,
+        /// Each entry's event as it arrived encoded (empty when not kept).
+        encoded: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Reply>,
     },
     /// A page of a peer's snapshot, in a full resync.
@@ -322,6 +326,22 @@ impl LogBuf {
         })
     }
 
+    /// Logs an event from its encoding: a log entry is its head (LSN, source, serial) and
+    /// then the event's encoding, so the event need not be encoded again.
+    fn push_encoded(&mut self, lsn: u64, source: &str, source_serial: u64, event: &[u8]) {
+        let before = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; LEN_PREFIX]);
+        if let Err(e) = append_bytes(&(lsn, source, source_serial), &mut self.bytes) {
+            tracing::error!(error = %e, lsn, "log entry not encodable");
+            self.bytes.truncate(before);
+            return;
+        }
+        self.bytes.extend_from_slice(event);
+        let len = (self.bytes.len() - before - LEN_PREFIX) as u32;
+        self.bytes[before..before + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+        self.ends.push((lsn, self.bytes.len()));
+    }
+
     pub(crate) fn push(&mut self, entry: LogEntryRef<'_>) {
         let before = self.bytes.len();
         self.bytes.extend_from_slice(&[0; LEN_PREFIX]);
@@ -352,14 +372,19 @@ struct Group<'a> {
 
 impl Group<'_> {
     /// Applies a batch whole (after checking all of it) or refuses it whole. Each item is an
-    /// event and, for a replicated entry, the store it entered at and its serial there.
-    fn batch(&mut self, items: Vec<(Event, Option<(String, u64)>)>) -> Reply {
-        if let Err((index, reason)) = check(items.iter().map(|(e, _)| e)) {
+    /// event, for a replicated entry the store it entered at and its serial there, and the
+    /// event's encoding when it arrived encoded.
+    fn batch(&mut self, items: Vec<Item>) -> Reply {
+        if let Err((index, reason)) = check(items.iter().map(|(e, _, _)| e)) {
             return Reply::Refused { index, reason };
         }
         let (mut applied, mut duplicates) = (0u32, 0u32);
-        for (mut event, source) in items {
-            self.table.resolve_delete(&mut event);
+        for (mut event, source, mut encoded) in items {
+            if matches!(event.body, EventBody::Delete { .. }) {
+                // Resolving a delete changes the event: its encoding is no longer its own.
+                encoded = None;
+                self.table.resolve_delete(&mut event);
+            }
             // A full resync under way must replay what this store logs for itself meanwhile.
             let noted = (source.is_none() && self.receiving.active())
                 .then(|| event.identifier().to_string());
@@ -369,6 +394,7 @@ impl Group<'_> {
             let outcome = apply_one(
                 self.table,
                 event,
+                encoded.as_deref(),
                 source,
                 self.own_name,
                 self.meta,
@@ -394,10 +420,16 @@ impl Group<'_> {
     }
 }
 
+/// An event to apply: the event, where it entered the pair (for a replicated entry), and its
+/// encoding as it arrived (when kept).
+type Item = (Event, Option<(String, u64)>, Option<bytes::Bytes>);
+
 /// Applies one event that entered the pair here or came from the peer, logging it first.
+#[allow(clippy::too_many_arguments)]
 fn apply_one(
     table: &mut Table,
     event: Event,
+    encoded: Option<&[u8]>,
     source: Option<(&str, u64)>,
     own_name: &str,
     meta: &mut Meta,
@@ -411,12 +443,15 @@ fn apply_one(
     meta.head_lsn += 1;
     let (source, source_serial) =
         source.unwrap_or((own_name, table.serial_for(event.identifier())));
-    log.push(LogEntryRef {
-        lsn: meta.head_lsn,
-        source,
-        source_serial,
-        event: &event,
-    });
+    match encoded {
+        Some(encoded) => log.push_encoded(meta.head_lsn, source, source_serial, encoded),
+        None => log.push(LogEntryRef {
+            lsn: meta.head_lsn,
+            source,
+            source_serial,
+            event: &event,
+        }),
+    }
     let from_peer = (source != own_name).then_some((source, source_serial));
     table.apply(event, from_peer, changes)
 }
@@ -479,8 +514,17 @@ fn commit_loop(
             };
             for req in group.drain(..) {
                 match req {
-                    Request::Events { events, reply } => {
-                        let answer = work.batch(events.into_iter().map(|e| (e, None)).collect());
+                    Request::Events {
+                        events,
+                        encoded,
+                        reply,
+                    } => {
+                        let mut encoded = encoded.into_iter();
+                        let items = events
+                            .into_iter()
+                            .map(|e| (e, None, encoded.next()))
+                            .collect();
+                        let answer = work.batch(items);
                         replies.push((reply, answer));
                     }
                     Request::Replicate {
@@ -488,6 +532,7 @@ fn commit_loop(
                         after,
                         cursor,
                         entries,
+                        encoded,
                         reply,
                     } => {
                         let known = match known_cursors.get(&peer) {
@@ -502,9 +547,10 @@ fn commit_loop(
                             replies.push((reply, Reply::Refused { index: 0, reason }));
                             continue;
                         }
+                        let mut encoded = encoded.into_iter();
                         let items = entries
                             .into_iter()
-                            .map(|e| (e.event, Some((e.source, e.source_serial))))
+                            .map(|e| (e.event, Some((e.source, e.source_serial)), encoded.next()))
                             .collect();
                         let answer = work.batch(items);
                         if matches!(answer, Reply::Ack { .. }) && cursor > known {
@@ -558,6 +604,7 @@ fn commit_loop(
                                         time: now,
                                         body,
                                     },
+                                    None,
                                     None,
                                 )
                             })

@@ -132,7 +132,10 @@ async fn wait_for_peer(shared: &Shared, timeout: std::time::Duration) {
 
 impl Handler {
     async fn run(self, stream: Stream) {
-        let mut conn = Framed::new(stream, MessageCodec::new(self.options.max_frame));
+        let mut conn = Framed::new(
+            stream,
+            MessageCodec::new(self.options.max_frame).keeping_event_bytes(),
+        );
         let Some((kind, client)) = self.handshake(&mut conn).await else {
             return;
         };
@@ -209,15 +212,16 @@ impl Handler {
                     };
                     match msg {
                         Message::Events { batch, events } => {
+                            let encoded = conn.codec_mut().take_event_bytes();
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Events { events, reply }).await?;
+                            self.submit(Request::Events { events, encoded, reply }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
                             pending.push(answer_of(batch, rx, sync));
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
                             // Decoded here, on this connection's task, not on the commit thread.
-                            let entries = match entries.decode() {
-                                Ok(entries) => entries,
+                            let (entries, encoded): (Vec<_>, Vec<_>) = match entries.decode_keeping_event_bytes() {
+                                Ok(entries) => entries.into_iter().unzip(),
                                 Err(e) => {
                                     let reason = format!("the log entries do not decode: {e}");
                                     conn.send(&Message::Refused { batch, index: 0, reason }).await.map_err(|e| e.to_string())?;
@@ -225,7 +229,7 @@ impl Handler {
                                 }
                             };
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Replicate { peer, after, cursor, entries, reply }).await?;
+                            self.submit(Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
                             pending.push(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, chunk } => {
