@@ -28,7 +28,7 @@ use crate::state::{AlertState, AppliedRanges};
 
 /// The version of this protocol. A peer with another version is rejected in the handshake
 /// with [`RejectReason::UnsupportedVersion`], never misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Who is connecting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
