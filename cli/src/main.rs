@@ -180,6 +180,14 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .into());
             }
+            if args.rate == Some(0) {
+                return Err(UsageError(
+                    "bench: --rate must be at least 1 event/s; leave it out to send as fast as \
+                     the pair acknowledges"
+                        .into(),
+                )
+                .into());
+            }
             let pair = load(global)?;
             pair.probe_section()?;
             bench_cmd::run(&pair, &global.data_dir, args)

@@ -99,6 +99,10 @@ pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// The most items a decoder reserves room for on a peer's word; beyond it vectors grow as
+/// items actually decode.
+pub(crate) const PREALLOC_LIMIT: usize = 4096;
+
 /// Deserialises the value at the start of `bytes`, ignoring what follows: to read the first
 /// field of a record (a log entry's LSN) without decoding the rest.
 pub fn from_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -117,9 +121,9 @@ pub(crate) fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usi
 /// frame, not a copy) next to it. Equivalent to decoding the frame as a [`Message`].
 fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
     let ((_, batch, count), mut at) = decode_prefix::<(u32, u64, u64)>(&frame)?;
-    // Every event takes at least a byte: a count beyond what is left is a lie, not an
-    // allocation to make.
-    let room = (count as usize).min(frame.len() - at);
+    // The count comes from the peer: reserve for what it says only up to a bound, so a
+    // lying count costs a bad-frame error, not an allocation of its choosing.
+    let room = (count as usize).min(frame.len() - at).min(PREALLOC_LIMIT);
     let mut events = Vec::with_capacity(room);
     let mut encoded = Vec::with_capacity(room);
     for _ in 0..count {
@@ -548,6 +552,36 @@ mod tests {
             Message::Ping { nonce: 3 },
             "the next frame still decodes"
         );
+    }
+
+    #[test]
+    fn an_events_frame_claiming_more_events_than_it_holds_is_a_bad_frame() {
+        let event = crate::event::Event {
+            origin: crate::event::Origin::new("p", 1),
+            seq: 1,
+            time: 0,
+            body: crate::event::EventBody::Occurrence(Default::default()),
+        };
+        // Variant 3 (Events), batch 8, then a count of 2^64 - 1 in front of one event.
+        let mut body = to_bytes(&(3u32, 8u64, u64::MAX)).unwrap();
+        body.extend_from_slice(&to_bytes(&event).unwrap());
+        for mut codec in [
+            MessageCodec::default(),
+            MessageCodec::default().keeping_event_bytes(),
+        ] {
+            let mut frame = BytesMut::new();
+            frame.put_u32(body.len() as u32);
+            frame.extend_from_slice(&body);
+            let bad = codec.decode(&mut frame).unwrap().unwrap().unwrap_err();
+            assert_eq!(bad.batch, Some(8), "{bad}");
+            assert!(frame.is_empty(), "the bad frame is consumed");
+        }
+        // A log batch saying 2^32 - 1 entries over three bytes.
+        let lying: crate::message::LogBatch =
+            from_bytes(&to_bytes(&(u32::MAX, serde_bytes::Bytes::new(&[0, 0, 0]))).unwrap())
+                .unwrap();
+        assert!(lying.clone().decode_keeping_event_bytes().is_err());
+        assert!(lying.decode().is_err());
     }
 
     proptest! {

@@ -186,7 +186,7 @@ impl LogBatch {
         use crate::codec::{CodecError, decode_prefix};
         let count = self.len();
         let bytes = bytes::Bytes::from(self.bytes);
-        let mut out = Vec::with_capacity(count.min(bytes.len()));
+        let mut out = Vec::with_capacity(count.min(crate::codec::PREALLOC_LIMIT));
         let mut at = 0;
         for record in Records::of(&bytes) {
             let record = record?;
@@ -218,7 +218,7 @@ impl LogBatch {
 
     /// Decodes every entry.
     pub fn decode(&self) -> Result<Vec<LogEntry>, crate::codec::CodecError> {
-        let mut out = Vec::with_capacity(self.len());
+        let mut out = Vec::with_capacity(self.len().min(crate::codec::PREALLOC_LIMIT));
         for record in self.records() {
             out.push(crate::codec::from_bytes(record?)?);
         }

@@ -49,6 +49,14 @@ pub enum DbError {
     },
     #[error("record could not be encoded: {0}")]
     Encode(#[from] CodecError),
+    #[error(
+        "the log is missing entry {missing} (the checkpoint is at {checkpoint}, the log's head at {head}), so the stored alerts would lack acknowledged events: restore the data directory from a backup, or move it aside and start this store empty so that it resyncs from its peer"
+    )]
+    LogGap {
+        missing: u64,
+        checkpoint: u64,
+        head: u64,
+    },
 }
 
 const HEAD_LSN: &str = "head_lsn";
@@ -85,7 +93,8 @@ fn block_entries(block: &[u8]) -> impl Iterator<Item = Result<&[u8], DbError>> {
     })
 }
 const CURSOR_PREFIX: &str = "cursor:";
-/// A peer's cursor as of the checkpoint (absent: the same as `cursor:`).
+/// A peer's cursor as of the checkpoint (absent: 0, none of that peer's log is known to be
+/// in the checkpoint).
 const CHECKPOINT_CURSOR_PREFIX: &str = "checkpoint_cursor:";
 const RESYNC_PREFIX: &str = "resync:";
 
@@ -504,6 +513,16 @@ impl Db {
                 if block_first(&key).is_some() {
                     break;
                 }
+                if key.len() != 8 {
+                    return Err(DbError::Corrupt {
+                        what: "log",
+                        key: format!("{:?}", &key[..]),
+                        source: CodecError::Decode(format!(
+                            "a log key of {} bytes, neither a block's 9 nor an entry's 8",
+                            key.len()
+                        )),
+                    });
+                }
                 let lsn = u64_value(&key);
                 if first.is_some() && (keys % BLOCK_ENTRIES == 0) {
                     batch.insert(&self.log, block_key(first.unwrap_or(lsn)), block.as_slice());
@@ -793,5 +812,46 @@ mod tests {
             .map(|item| block_first(&item.key().unwrap()))
             .collect();
         assert_eq!(keys, vec![Some(1), Some(257), Some(513)]);
+    }
+
+    #[test]
+    fn a_log_missing_entries_after_the_checkpoint_stops_the_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("s")).unwrap();
+        let mut meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
+        commit(&db, &mut meta, 1..=1, 1);
+        commit(&db, &mut meta, 2..=301, 1);
+        commit(&db, &mut meta, 302..=310, 1);
+        let replay = |db: &Db, meta: &Meta| {
+            crate::engine::replay(db, &mut Table::new("AGG_P"), meta, &mut Changes::default())
+        };
+        assert_eq!(replay(&db, &meta).unwrap(), 310);
+        // The block holding 258..=301 is lost.
+        db.log.remove(block_key(258)).unwrap();
+        let err = replay(&db, &meta).unwrap_err();
+        assert!(matches!(err, DbError::LogGap { missing: 258, .. }), "{err}");
+        assert!(err.to_string().contains("resyncs from its peer"), "{err}");
+        // So is the end of the log.
+        commit(&db, &mut meta, 311..=311, 1);
+        db.log.remove(block_key(311)).unwrap();
+        db.log.remove(block_key(302)).unwrap();
+        db.log.remove(block_key(2)).unwrap();
+        let err = replay(&db, &meta).unwrap_err();
+        assert!(matches!(err, DbError::LogGap { missing: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_log_key_of_no_known_layout_is_reported_not_read_as_an_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let db = Db::open(&path).unwrap();
+            db.log.insert([1u8, 2, 3, 4, 5], b"x").unwrap();
+            db.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let err = Db::open(&path)
+            .and_then(|db| db.load(&mut Table::new("AGG_P"), 1).map(|_| ()))
+            .unwrap_err();
+        assert!(err.to_string().contains("a log key of 5 bytes"), "{err}");
     }
 }

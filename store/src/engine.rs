@@ -241,30 +241,39 @@ pub fn start(
 /// were applied when logged (an entry is logged only when it was new, with the source and
 /// serial it was applied with). Returns how many; `changes` then names the rows they changed,
 /// for the next checkpoint.
-fn replay(db: &Db, table: &mut Table, meta: &Meta, changes: &mut Changes) -> Result<u64, DbError> {
+pub(crate) fn replay(
+    db: &Db,
+    table: &mut Table,
+    meta: &Meta,
+    changes: &mut Changes,
+) -> Result<u64, DbError> {
     let own_name = table.name().to_string();
     let mut next = meta.checkpoint_lsn + 1;
     let mut replayed = 0;
     while next <= meta.head_lsn {
-        let entries = db.read_log(next, 10_000)?;
-        let Some(last) = entries.last().map(|e| e.lsn) else {
-            break;
-        };
-        for entry in entries {
+        let before = next;
+        for entry in db.read_log(next, 10_000)? {
+            if entry.lsn != next || entry.lsn > meta.head_lsn {
+                break;
+            }
             let from_peer =
                 (entry.source != own_name).then_some((entry.source.as_str(), entry.source_serial));
             table.apply(entry.event, from_peer, changes);
             replayed += 1;
+            next += 1;
         }
-        next = last + 1;
+        if next == before {
+            break;
+        }
     }
+    // Starting without an entry the table never got would serve, and replicate, a table that
+    // silently lacks acknowledged events.
     if next <= meta.head_lsn {
-        tracing::warn!(
-            from = next,
-            head = meta.head_lsn,
-            "log entries after the checkpoint are missing; the alert table is as of LSN {}",
-            next - 1
-        );
+        return Err(DbError::LogGap {
+            missing: next,
+            checkpoint: meta.checkpoint_lsn,
+            head: meta.head_lsn,
+        });
     }
     Ok(replayed)
 }
@@ -468,6 +477,9 @@ fn commit_loop(
     let mut log = LogBuf::default();
     // Peers whose cursor moved since the last checkpoint, with where it is now.
     let mut checkpoint_cursors: Vec<(String, u64)> = Vec::new();
+    // Trimming stops at the checkpoint: checkpoint well within the retained log, so a short
+    // retention is not overrun while the log waits for the next checkpoint.
+    let checkpoint_entries = CHECKPOINT_ENTRIES.min((log_retention / 4).max(1));
     let mut last_checkpoint = Instant::now();
     // The dirty set is kept from checkpoint to checkpoint: replayed rows are its first members.
     let mut checkpointed = false;
@@ -622,13 +634,14 @@ fn commit_loop(
             let unchanged = changes.rows.is_empty()
                 && changes.origins.is_empty()
                 && changes.clears.is_empty()
+                && checkpoint_cursors.is_empty()
                 && meta.head_lsn == meta.checkpoint_lsn;
             // Trimming never passes the checkpoint; when it would, checkpoint now.
             let checkpoint = merged
                 || changes.unlogged
                 || (!unchanged
                     && (last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
-                        || meta.head_lsn - meta.checkpoint_lsn >= CHECKPOINT_ENTRIES
+                        || meta.head_lsn - meta.checkpoint_lsn >= checkpoint_entries
                         || changes.rows.len() >= CHECKPOINT_ROWS
                         || (retained > log_retention && meta.first_lsn > meta.checkpoint_lsn)));
             if checkpoint {
@@ -683,7 +696,11 @@ fn commit_loop(
     }
     let started = Instant::now();
     // A last checkpoint, so the next start has no log to replay.
-    if meta.head_lsn != meta.checkpoint_lsn || !changes.rows.is_empty() || changes.unlogged {
+    if meta.head_lsn != meta.checkpoint_lsn
+        || !changes.rows.is_empty()
+        || !checkpoint_cursors.is_empty()
+        || changes.unlogged
+    {
         if let Ok(table) = shared.table.read() {
             meta.next_serial = table.next_serial();
             meta.checkpoint_lsn = meta.head_lsn;

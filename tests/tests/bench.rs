@@ -74,25 +74,32 @@ async fn bench_reports_durable_throughput_of_events_the_store_holds() {
 }
 
 #[test]
-fn bench_refuses_zero_probes_as_a_usage_error() {
+fn bench_refuses_zero_probes_or_a_zero_rate_as_a_usage_error() {
     let pair = Pair::new(|t| t);
-    let out = pair.run(
-        &[
-            "bench",
-            "--events",
-            "10",
-            "--identifiers",
-            "1",
+    for (flag, value, says) in [
+        (
             "--probes",
             "0",
-        ],
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("--probes and --identifiers must be at least 1"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+            "--probes and --identifiers must be at least 1",
+        ),
+        (
+            "--identifiers",
+            "0",
+            "--probes and --identifiers must be at least 1",
+        ),
+        ("--rate", "0", "--rate must be at least 1 event/s"),
+    ] {
+        let mut args = vec!["bench", "--events", "10"];
+        for (default_flag, default_value) in [("--identifiers", "1"), ("--probes", "1")] {
+            if default_flag != flag {
+                args.extend([default_flag, default_value]);
+            }
+        }
+        args.extend([flag, value]);
+        let out = pair.run(&args, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
