@@ -4,8 +4,9 @@
 //! milliseconds instead of waiting for a timeout) and when the proxy holds `max_probes`
 //! connections. A connected probe is told to leave the moment the store link drops, and gets
 //! every directive the store sends. Each probe may have `max_in_flight_per_probe` events
-//! unacknowledged; past that the proxy stops reading from it, which slows it down without
-//! dropping anything.
+//! unacknowledged; past that, and while its batch waits for room in the queue to the store, the
+//! proxy stops reading from it, which slows it down without dropping anything; its
+//! acknowledgements, directives and a `Leave` still reach it meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -212,9 +213,22 @@ impl Handler {
         let max_events = self.options.max_in_flight_per_probe;
         let mut in_flight: HashMap<u64, usize> = HashMap::new();
         let mut in_flight_events = 0usize;
+        // A batch the upstream queue had no room for. While one waits the probe is not read
+        // (backpressure), but its acknowledgements, directives and the store link's loss still
+        // reach it: a full queue behind a hung store must not keep probes from being told to
+        // leave.
+        let mut waiting: Option<Forward> = None;
         loop {
-            let room = in_flight_events < max_events && in_flight.len() < MAX_BATCHES_PER_PROBE;
+            let room = waiting.is_none()
+                && in_flight_events < max_events
+                && in_flight.len() < MAX_BATCHES_PER_PROBE;
             tokio::select! {
+                permit = self.forwards.reserve(), if waiting.is_some() => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    if let Some(forward) = waiting.take() {
+                        permit.send(forward);
+                    }
+                }
                 frame = conn.next(), if room => {
                     let body = match frame {
                         None => return Ok(()),
@@ -245,8 +259,10 @@ impl Handler {
                             }
                         };
                         let forward = Forward { probe: id, head, frame: body };
-                        if self.forwards.send(forward).await.is_err() {
-                            return Ok(());
+                        match self.forwards.try_send(forward) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(forward)) => waiting = Some(forward),
+                            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                         }
                         continue;
                     }

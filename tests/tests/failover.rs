@@ -340,3 +340,100 @@ async fn a_probe_does_not_send_to_a_server_that_is_not_its_proxy() {
     );
     assert!(alerts(b_addr).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_queued_behind_a_hung_store_are_still_told_to_leave() {
+    use tandem_protocol::{ClientKind, Directive, Message, Origin};
+    const PROBES: usize = 16;
+    const BATCHES: u64 = 250;
+    const EVENTS: u64 = 40;
+
+    let pair = Pair::new(|t| t);
+    let mut agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let http = pair.file.proxy("PROXY_P").unwrap().http.unwrap().0;
+    wait_http_ok(http, "/readyz", Duration::from_secs(30));
+    let listen = pair.file.proxy("PROXY_P").unwrap().listen.0;
+    let mut conns = Vec::new();
+    for i in 0..PROBES {
+        let name = format!("probe-{i}");
+        let conn =
+            tandem_tests::client::dial(listen, ClientKind::Probe, &name, Duration::from_secs(10))
+                .await
+                .unwrap();
+        conns.push((name, conn));
+    }
+
+    // The store hangs (it does not die: its connections stay open) while every probe sends
+    // more than the proxy's queue to the store holds, so the proxy stops reading from some
+    // probes with a batch of theirs waiting for room.
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &agg_p.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let mut told = Vec::new();
+    for (name, conn) in conns {
+        let (mut reader, mut writer) = conn.split();
+        let origin = Origin::new(name.as_str(), 1);
+        tokio::spawn(async move {
+            for batch in 1..=BATCHES {
+                let events = (0..EVENTS)
+                    .map(|n| {
+                        let seq = (batch - 1) * EVENTS + n + 1;
+                        let mut e =
+                            tandem_tests::client::occurrence(&origin, seq, format!("id-{n}"));
+                        if let tandem_protocol::EventBody::Occurrence(f) = &mut e.body {
+                            f.summary = "x".repeat(500);
+                        }
+                        e
+                    })
+                    .collect();
+                // Blocks once the proxy stops reading; the test ends with it pending.
+                if writer
+                    .send(&Message::Events { batch, events })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        told.push(tokio::spawn(async move {
+            loop {
+                match reader.recv().await {
+                    Ok(Message::Directive(Directive::Leave { reason })) => return Ok(reason),
+                    Ok(_) => continue,
+                    Err(e) => return Err(format!("{name}: the link ended untold: {e}")),
+                }
+            }
+        }));
+    }
+    let deadline = Duration::from_secs(30);
+    let results = tokio::time::timeout(deadline, futures_join(told)).await;
+    signal("-CONT");
+    agg_p.kill();
+    let results = results.unwrap_or_else(|_| {
+        panic!("not every probe was told to leave within {deadline:?} of the store hanging")
+    });
+    for result in results {
+        let reason = result.unwrap();
+        assert!(reason.contains("lost its store AGG_P"), "{reason}");
+    }
+    println!(
+        "all {PROBES} probes told to leave {} ms after the store hung",
+        started.elapsed().as_millis()
+    );
+}
+
+async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
