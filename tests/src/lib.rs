@@ -24,10 +24,40 @@ pub fn tandem_bin() -> PathBuf {
         .expect("test binaries live in target/<profile>/deps")
         .to_path_buf();
     BUILT.get_or_init(|| {
+        // The binary as `cargo test --workspace` builds it, with the features the workspace's
+        // tests unify (`cargo build -p tandem-cli` resolves them without dev-dependencies and
+        // rebuilt every crate a second time, minutes on a small machine). Asking for
+        // tandem-cli's own `usage` test is what makes cargo build the binary, and only it.
         let mut cargo = Command::new(env!("CARGO"));
         cargo
-            .args(["build", "--quiet", "-p", "tandem-cli", "--bin", "tandem"])
+            .args([
+                "test",
+                "--workspace",
+                "--no-run",
+                "--quiet",
+                "--test",
+                "usage",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // What cargo sets for a running test is not what it sets for a build: build scripts
+        // that watch such variables (ring's watches CARGO_MANIFEST_DIR) would rerun, and every
+        // crate above them rebuild, here and again at the next `cargo test`.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_TARGET_TMPDIR"
+            {
+                cargo.env_remove(&*name);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
