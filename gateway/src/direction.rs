@@ -287,12 +287,21 @@ impl Direction {
                     after: after.clone(),
                     limit: self.tuning.page,
                 };
-                let chunk = match self
+                let mut answer = self
                     .sender
                     .request(&ask, wait)
                     .await
-                    .map_err(|e| format!("{from}: {e}"))?
-                {
+                    .map_err(|e| format!("{from}: {e}"))?;
+                // The answer to a heartbeat sent while streaming may still be on its way.
+                while let Message::Pong { .. } = answer {
+                    answer = tokio::time::timeout(wait, self.sender.recv())
+                        .await
+                        .map_err(|_| {
+                            format!("{from} did not answer SnapshotRequest within {wait:?}")
+                        })?
+                        .map_err(|e| format!("{from}: {e}"))?;
+                }
+                let chunk = match answer {
                     Message::SnapshotChunk(chunk) => chunk,
                     Message::Error { message } => return Err(format!("{from}: {message}")),
                     other => {

@@ -238,12 +238,24 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
             );
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "after healing: AGG_P {} and AGG_B {} of {total} (TANDEM_SEED above replays this)",
-            sum(&p),
-            sum(&b)
-        );
+        if Instant::now() > deadline {
+            // The end of every part's latest log, to say where the missing events stopped.
+            let tails: String = world
+                .logs
+                .iter()
+                .map(|(part, log)| {
+                    let text = world.pair.log(log);
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                    format!("--- {part:?} ({log}.log), last lines:\n{tail}\n")
+                })
+                .collect();
+            panic!(
+                "after healing: AGG_P {} and AGG_B {} of {total} (TANDEM_SEED above replays this)\n{tails}",
+                sum(&p),
+                sum(&b)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(world);
