@@ -287,21 +287,12 @@ impl Direction {
                     after: after.clone(),
                     limit: self.tuning.page,
                 };
-                let mut answer = self
+                let chunk = match self
                     .sender
                     .request(&ask, wait)
                     .await
-                    .map_err(|e| format!("{from}: {e}"))?;
-                // The answer to a heartbeat sent while streaming may still be on its way.
-                while let Message::Pong { .. } = answer {
-                    answer = tokio::time::timeout(wait, self.sender.recv())
-                        .await
-                        .map_err(|_| {
-                            format!("{from} did not answer SnapshotRequest within {wait:?}")
-                        })?
-                        .map_err(|e| format!("{from}: {e}"))?;
-                }
-                let chunk = match answer {
+                    .map_err(|e| format!("{from}: {e}"))?
+                {
                     Message::SnapshotChunk(chunk) => chunk,
                     Message::Error { message } => return Err(format!("{from}: {message}")),
                     other => {

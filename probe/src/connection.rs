@@ -252,7 +252,8 @@ impl Connection {
         )
     }
 
-    /// Sends `msg` and waits up to `timeout` for the next message.
+    /// Sends `msg` and waits up to `timeout` for its answer: the next message that is not the
+    /// Pong of a heartbeat sent earlier on this connection (unless `msg` is itself a Ping).
     pub async fn request(
         &mut self,
         msg: &Message,
@@ -260,12 +261,20 @@ impl Connection {
     ) -> Result<Message, ClientError> {
         self.send(msg).await?;
         let addr = self.addr;
-        tokio::time::timeout(timeout, self.recv())
-            .await
-            .map_err(|_| ClientError::Timeout {
-                addr,
-                after: timeout,
-            })?
+        let pinged = matches!(msg, Message::Ping { .. });
+        tokio::time::timeout(timeout, async {
+            loop {
+                match self.recv().await? {
+                    Message::Pong { .. } if !pinged => continue,
+                    answer => return Ok(answer),
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr,
+            after: timeout,
+        })?
     }
 }
 
