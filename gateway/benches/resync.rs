@@ -179,6 +179,8 @@ async fn full_resync() {
     let p = Store::start("AGG_P", Role::Primary, dir.path(), 1_000).await;
     fill(p.addr, "filler", n, n).await;
     let b = Store::start("AGG_B", Role::Backup, dir.path(), 1_000).await;
+    // Said before the timed part, so a profiler can be attached to it alone.
+    println!("sender filled with {n} alerts; resync starts");
     let started = Instant::now();
     let (gw, task) = gateway(&p, &b);
     let shared = b.shared.clone();

@@ -7,14 +7,16 @@
 //! refuses any batch that would leave a gap and a failure never skips entries. Snapshot pages
 //! are pipelined the same way, bounded by [`MAX_PAGES_IN_FLIGHT`] pages of at most the
 //! configured page size, so a full resync holds a few pages in memory whatever the size of the
-//! store, and runs no faster than the configured rate, leaving room for live traffic.
+//! store, and runs no faster than the configured rate, leaving room for live traffic. A page is
+//! passed on as the sender encoded it: the gateway reads its head and decodes no record.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tandem_probe::Connection;
-use tandem_protocol::Message;
+use tandem_protocol::codec::{from_bytes, merge_frame, snapshot_head};
 use tandem_protocol::message::ResyncPoint;
+use tandem_protocol::{Message, RawFrame};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -274,8 +276,8 @@ impl Direction {
         let mut total = resume.as_ref().map_or(0, |p| p.total);
         self.progress
             .send_modify(|p| p.full_resync = Some((merged, total)));
-        // Pages sent to the receiver and not yet acknowledged: (batch, records, done, lsn).
-        let mut in_flight: VecDeque<(u64, u64, bool, u64)> = VecDeque::new();
+        // Pages sent to the receiver and not yet acknowledged: (batch, done, lsn).
+        let mut in_flight: VecDeque<(u64, bool, u64)> = VecDeque::new();
         let mut batch = 0u64;
         let mut requested_done = false;
         loop {
@@ -287,48 +289,46 @@ impl Direction {
                     after: after.clone(),
                     limit: self.tuning.page,
                 };
-                let chunk = match self
+                // The page is passed on as the sender encoded it: only its head is read here.
+                let frame = self
                     .sender
-                    .request(&ask, wait)
+                    .request_frame(&ask, wait)
                     .await
-                    .map_err(|e| format!("{from}: {e}"))?
-                {
-                    Message::SnapshotChunk(chunk) => chunk,
-                    Message::Error { message } => return Err(format!("{from}: {message}")),
-                    other => {
-                        return Err(format!(
-                            "{from} answered SnapshotRequest with {}",
-                            other.name()
-                        ));
-                    }
+                    .map_err(|e| format!("{from}: {e}"))?;
+                let Some(head) = snapshot_head(&frame) else {
+                    return Err(match from_bytes::<Message>(&frame) {
+                        Ok(Message::Error { message }) => format!("{from}: {message}"),
+                        Ok(other) => {
+                            format!("{from} answered SnapshotRequest with {}", other.name())
+                        }
+                        Err(e) => format!(
+                            "{from} answered SnapshotRequest with an undecodable frame: {e}"
+                        ),
+                    });
                 };
-                if chunk.snapshot != snapshot && snapshot != 0 {
-                    tracing::warn!(%from, %to, old = snapshot, new = chunk.snapshot, "the snapshot being resumed is no longer held; starting again from a new one");
+                if head.snapshot != snapshot && snapshot != 0 {
+                    tracing::warn!(%from, %to, old = snapshot, new = head.snapshot, "the snapshot being resumed is no longer held; starting again from a new one");
                     merged = 0;
                     start_merged = 0;
                 }
-                snapshot = chunk.snapshot;
-                total = chunk.total;
-                after = chunk.next.clone();
-                requested_done = chunk.done;
-                let records = (chunk.alerts.len() + chunk.clears.len()) as u64;
-                let (done, lsn) = (chunk.done, chunk.lsn);
+                snapshot = head.snapshot;
+                total = head.total;
+                after = head.next.clone();
+                requested_done = head.done;
                 batch += 1;
-                let merge = Message::Merge {
-                    batch,
-                    peer: from.clone(),
-                    chunk,
-                };
+                let merge = merge_frame(batch, &from, &frame)
+                    .map_err(|e| format!("{from}: a snapshot page could not be passed on: {e}"))?;
                 self.receiver
-                    .send(&merge)
+                    .send_raw(RawFrame(merge))
                     .await
                     .map_err(|e| format!("{to}: {e}"))?;
-                in_flight.push_back((batch, records, done, lsn));
-                requested += records;
+                in_flight.push_back((batch, head.done, head.lsn));
+                // Paced on the records asked for: a page holds at most that many.
+                requested += u64::from(self.tuning.page);
                 self.pace(started, requested).await;
                 continue;
             }
-            let Some((b, records, done, lsn)) = in_flight.pop_front() else {
+            let Some((b, done, lsn)) = in_flight.pop_front() else {
                 return Err(format!(
                     "the full resync from {from} to {to} ended without a last page"
                 ));
@@ -339,8 +339,9 @@ impl Direction {
                     .map_err(|e| format!("{to}: {e}"))?,
                 _ = self.session.cancelled() => return Err("the session ended".into()),
             };
-            match answer {
-                Message::Ack { batch, .. } if batch == b => {}
+            // The receiver's count of what it merged: the gateway does not decode the page.
+            let records = match answer {
+                Message::Ack { batch, applied, .. } if batch == b => u64::from(applied),
                 Message::Refused { reason, .. } => {
                     return Err(format!(
                         "{to} refused a page of {from}'s snapshot: {reason}"
@@ -349,7 +350,7 @@ impl Direction {
                 other => {
                     return Err(format!("{to} answered Merge with {}", other.name()));
                 }
-            }
+            };
             merged += records;
             metrics::counter!("tandem_gateway_resync_records_total").increment(records);
             self.progress

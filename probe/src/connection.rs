@@ -3,10 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::{ClientTls, Stream};
+use tandem_protocol::codec::{from_bytes, is_pong};
 use tandem_protocol::{
-    ClientKind, CodecError, Hello, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Welcome,
+    ClientKind, CodecError, FrameCodec, Hello, Message, MessageCodec, PROTOCOL_VERSION, RawFrame,
+    RejectReason, Welcome,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -96,7 +99,8 @@ fn tls_refusal(addr: SocketAddr, source: CodecError) -> ClientError {
 }
 
 pub struct Connection {
-    framed: Framed<Stream, MessageCodec>,
+    // Frames, decoded in `recv`: a caller may take a frame undecoded (`request_frame`).
+    framed: Framed<Stream, FrameCodec>,
     addr: SocketAddr,
     pub welcome: Welcome,
 }
@@ -135,7 +139,7 @@ impl Connection {
                     message: e.message,
                     certificate: e.certificate,
                 })?;
-            let mut framed = Framed::new(stream, MessageCodec::new(max_frame));
+            let mut framed = Framed::new(stream, FrameCodec::new(max_frame));
             let hello = Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 kind,
@@ -226,7 +230,30 @@ impl Connection {
 
     /// The next message; a frame that does not decode is an error.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        received(self.addr, self.framed.next().await)
+        let frame = self.recv_frame().await?;
+        from_bytes(&frame).map_err(|e| ClientError::BadFrame {
+            addr: self.addr,
+            message: e.to_string(),
+        })
+    }
+
+    /// The next frame, undecoded.
+    pub async fn recv_frame(&mut self) -> Result<BytesMut, ClientError> {
+        let addr = self.addr;
+        match self.framed.next().await {
+            None => Err(ClientError::Closed { addr }),
+            Some(Err(source)) => Err(ClientError::Codec { addr, source }),
+            Some(Ok(frame)) => Ok(frame),
+        }
+    }
+
+    /// Sends an already encoded frame body (a gateway passing a snapshot page on).
+    pub async fn send_raw(&mut self, frame: RawFrame) -> Result<(), ClientError> {
+        let addr = self.addr;
+        self.framed
+            .send(frame)
+            .await
+            .map_err(|source| ClientError::Codec { addr, source })
     }
 
     /// Splits the link so that reading never waits for writing: a peer that is itself
@@ -259,14 +286,28 @@ impl Connection {
         msg: &Message,
         timeout: Duration,
     ) -> Result<Message, ClientError> {
+        let frame = self.request_frame(msg, timeout).await?;
+        from_bytes(&frame).map_err(|e| ClientError::BadFrame {
+            addr: self.addr,
+            message: e.to_string(),
+        })
+    }
+
+    /// [`Connection::request`], with the answer's frame undecoded: for a caller that passes
+    /// it on (a snapshot page) or reads only its head.
+    pub async fn request_frame(
+        &mut self,
+        msg: &Message,
+        timeout: Duration,
+    ) -> Result<BytesMut, ClientError> {
         self.send(msg).await?;
         let addr = self.addr;
         let pinged = matches!(msg, Message::Ping { .. });
         tokio::time::timeout(timeout, async {
             loop {
-                match self.recv().await? {
-                    Message::Pong { .. } if !pinged => continue,
-                    answer => return Ok(answer),
+                let frame = self.recv_frame().await?;
+                if pinged || !is_pong(&frame) {
+                    return Ok(frame);
                 }
             }
         })

@@ -18,7 +18,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::message::Message;
+use crate::event::Version;
+use crate::message::{Message, SnapshotHead};
+use crate::state::AppliedRanges;
 
 /// Largest frame accepted or sent unless configured otherwise: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -336,6 +338,10 @@ impl FrameCodec {
             messages: MessageCodec::new(max_frame),
         }
     }
+
+    pub fn max_frame(&self) -> usize {
+        self.messages.max_frame
+    }
 }
 
 impl Decoder for FrameCodec {
@@ -419,6 +425,88 @@ pub fn with_batch(frame: &[u8], head: &EventsHead, batch: u64) -> Result<Bytes, 
     append_bytes(&(EVENTS_VARIANT, batch), &mut out)?;
     out.extend_from_slice(frame.get(head.head_len..).unwrap_or_default());
     Ok(Bytes::from(out))
+}
+
+const SNAPSHOT_CHUNK: u32 = 17;
+const PONG: u32 = 7;
+
+/// Whether `frame` is a `Pong`: for a client that reads answers as frames and skips the Pong
+/// of a heartbeat sent earlier.
+pub fn is_pong(frame: &[u8]) -> bool {
+    peek_variant(frame) == Some(PONG)
+}
+
+/// The value at the start of `bytes` and the rest after it: to step over a record's leading
+/// field (a row's serial) without decoding what follows.
+pub fn split_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), CodecError> {
+    let (value, used) = decode_prefix::<T>(bytes)?;
+    Ok((value, bytes.get(used..).unwrap_or_default()))
+}
+
+/// Reads where a `SnapshotChunk` frame's page stands; `None` for any other message.
+pub fn snapshot_head(frame: &[u8]) -> Option<SnapshotHead> {
+    let (variant, rest) = split_prefix::<u32>(frame).ok()?;
+    if variant != SNAPSHOT_CHUNK {
+        return None;
+    }
+    from_prefix::<SnapshotHead>(rest).ok()
+}
+
+/// The `Merge` frame that hands the page in a `SnapshotChunk` frame to a receiver: the
+/// page's bytes are copied, not decoded and encoded again.
+pub fn merge_frame(batch: u64, peer: &str, snapshot_frame: &[u8]) -> Result<Bytes, CodecError> {
+    let (variant, page) = split_prefix::<u32>(snapshot_frame)?;
+    if variant != SNAPSHOT_CHUNK {
+        return Err(CodecError::Decode(format!(
+            "a Merge wraps a SnapshotChunk frame, not message variant {variant}"
+        )));
+    }
+    let mut out = Vec::with_capacity(page.len() + peer.len() + 16);
+    append_bytes(&(MERGE, batch, peer), &mut out)?;
+    out.extend_from_slice(page);
+    Ok(Bytes::from(out))
+}
+
+/// Builds a `SnapshotChunk` frame from alert states that are already encoded (as a store keeps
+/// them on disk): the same bytes as encoding the typed message, without decoding a state.
+#[derive(Debug, Default)]
+pub struct SnapshotPageWriter {
+    alerts: Vec<u8>,
+    count: u64,
+}
+
+impl SnapshotPageWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an alert: its identifier and its `AlertState` as encoded by [`to_bytes`].
+    pub fn push_alert(&mut self, identifier: &str, state: &[u8]) -> Result<(), CodecError> {
+        append_bytes(identifier, &mut self.alerts)?;
+        self.alerts.extend_from_slice(state);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Alerts added so far.
+    pub fn alerts(&self) -> u64 {
+        self.count
+    }
+
+    pub fn finish(
+        self,
+        head: &SnapshotHead,
+        applied: &[AppliedRanges],
+        clears: &[(String, Version)],
+    ) -> Result<Bytes, CodecError> {
+        let mut out = Vec::with_capacity(self.alerts.len() + 256);
+        append_bytes(
+            &(SNAPSHOT_CHUNK, head, applied, clears, self.count),
+            &mut out,
+        )?;
+        out.extend_from_slice(&self.alerts);
+        Ok(Bytes::from(out))
+    }
 }
 
 #[cfg(test)]
@@ -555,6 +643,16 @@ mod tests {
     }
 
     #[test]
+    fn only_a_snapshot_page_can_become_a_merge_and_a_pong_is_recognised() {
+        let pong = to_bytes(&Message::Pong { nonce: 9 }).unwrap();
+        assert!(is_pong(&pong));
+        assert!(!is_pong(&to_bytes(&Message::Ping { nonce: 9 }).unwrap()));
+        assert_eq!(snapshot_head(&pong), None);
+        let err = merge_frame(1, "AGG_P", &pong).unwrap_err();
+        assert!(err.to_string().contains("SnapshotChunk"), "{err}");
+    }
+
+    #[test]
     fn an_events_frame_claiming_more_events_than_it_holds_is_a_bad_frame() {
         let event = crate::event::Event {
             origin: crate::event::Origin::new("p", 1),
@@ -672,6 +770,36 @@ mod tests {
                 }
             }
             prop_assert_eq!(read.last().is_some_and(|r| r.is_err()), !ends.contains(&at));
+        }
+    }
+
+    proptest! {
+        // A snapshot chunk nests alert states several levels deep: few, small cases.
+        #![proptest_config(ProptestConfig {
+            cases: 24,
+            max_default_size_range: 4,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn a_snapshot_page_built_from_encoded_states_is_the_typed_encoding(
+            chunk in any::<crate::message::SnapshotChunk>(),
+            batch in any::<u64>(),
+            peer in ".{0,12}",
+        ) {
+            let mut writer = SnapshotPageWriter::new();
+            for (id, state) in &chunk.alerts {
+                writer.push_alert(id, &to_bytes(state).unwrap()).unwrap();
+            }
+            prop_assert_eq!(writer.alerts(), chunk.alerts.len() as u64);
+            let frame = writer.finish(&chunk.head(), &chunk.applied, &chunk.clears).unwrap();
+            let typed = Message::SnapshotChunk(Box::new(chunk.clone()));
+            prop_assert_eq!(&frame[..], &to_bytes(&typed).unwrap()[..]);
+            prop_assert_eq!(snapshot_head(&frame), Some(chunk.head()));
+            prop_assert!(!is_pong(&frame));
+            let merge = merge_frame(batch, &peer, &frame).unwrap();
+            let decoded: Message = from_bytes(&merge).unwrap();
+            prop_assert_eq!(decoded, Message::Merge { batch, peer, chunk: Box::new(chunk) });
         }
     }
 

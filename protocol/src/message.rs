@@ -28,7 +28,7 @@ use crate::state::{AlertState, AppliedRanges};
 
 /// The version of this protocol. A peer with another version is rejected in the handshake
 /// with [`RejectReason::UnsupportedVersion`], never misread.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Who is connecting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -311,6 +311,9 @@ pub enum SnapshotKey {
 }
 
 /// One page of a store's snapshot, consistent with its log at `lsn`.
+///
+/// The fields of [`SnapshotHead`] come first, in the same order, so that a gateway reads a
+/// page's position from the head of its frame and passes the records on undecoded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct SnapshotChunk {
@@ -324,14 +327,40 @@ pub struct SnapshotChunk {
     pub from: Option<SnapshotKey>,
     /// Where it ends: the key to ask after next.
     pub next: Option<SnapshotKey>,
+    /// Records (clears and alerts) in the whole snapshot, for progress; approximate.
+    pub total: u64,
+    pub done: bool,
     /// Every origin's applied set; in the first page only.
     pub applied: Vec<AppliedRanges>,
     /// Generic-clear keys and their newest resolution versions.
     pub clears: Vec<(String, Version)>,
     pub alerts: Vec<(String, AlertState)>,
-    /// Records (clears and alerts) in the whole snapshot, for progress; approximate.
+}
+
+/// The leading fields of a [`SnapshotChunk`]: where the page stands, without its records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHead {
+    pub snapshot: u64,
+    pub lsn: u64,
+    pub peer_cursor: u64,
+    pub from: Option<SnapshotKey>,
+    pub next: Option<SnapshotKey>,
     pub total: u64,
     pub done: bool,
+}
+
+impl SnapshotChunk {
+    pub fn head(&self) -> SnapshotHead {
+        SnapshotHead {
+            snapshot: self.snapshot,
+            lsn: self.lsn,
+            peer_cursor: self.peer_cursor,
+            from: self.from.clone(),
+            next: self.next.clone(),
+            total: self.total,
+            done: self.done,
+        }
+    }
 }
 
 /// How far a receiver has merged a peer's snapshot, so that a resync resumes there.

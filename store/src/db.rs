@@ -22,8 +22,9 @@
 use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
-use tandem_protocol::AlertState;
-use tandem_protocol::codec::{append_bytes, from_bytes, from_prefix, to_bytes};
+use tandem_protocol::codec::{
+    SnapshotPageWriter, append_bytes, from_bytes, from_prefix, split_prefix, to_bytes,
+};
 use tandem_protocol::message::{LogBatch, LogEntry, Records, ResyncPoint, SnapshotKey};
 use tandem_protocol::state::AppliedRanges;
 use tandem_protocol::state::SeqRanges;
@@ -58,6 +59,9 @@ pub enum DbError {
         head: u64,
     },
 }
+
+/// Generic-clear keys with their newest resolution versions.
+pub type Clears = Vec<(String, Version)>;
 
 const HEAD_LSN: &str = "head_lsn";
 const FIRST_LSN: &str = "first_lsn";
@@ -595,24 +599,17 @@ impl Db {
     }
 
     /// Up to `limit` records of a snapshot after `after`: clears first, then alerts, each in
-    /// key order. Returns them and the key of the last one (None when there were none).
-    #[allow(clippy::type_complexity)] // a page: clears, alerts, where it ended
+    /// key order. Alert states go into `alerts` as stored (a row's bytes after its serial),
+    /// never decoded: a resync's sender only copies them. Returns the clears and the last key.
     pub fn snapshot_page(
         &self,
         snap: &Snapshot,
         after: Option<&SnapshotKey>,
         limit: usize,
-    ) -> Result<
-        (
-            Vec<(String, Version)>,
-            Vec<(String, AlertState)>,
-            Option<SnapshotKey>,
-        ),
-        DbError,
-    > {
+        alerts: &mut SnapshotPageWriter,
+    ) -> Result<(Clears, Option<SnapshotKey>), DbError> {
         use std::ops::Bound;
         let mut clears = Vec::new();
-        let mut alerts = Vec::new();
         let mut last = None;
         let after_bound = |key: &str| Bound::Excluded(key.as_bytes().to_vec());
         let clear_from = match after {
@@ -638,18 +635,33 @@ impl Db {
                 Some(SnapshotKey::Alert(key)) => after_bound(key),
                 _ => Bound::Unbounded,
             };
+            let mut last_key = None;
             for item in snap
                 .range(&self.alerts, (from, Bound::Unbounded))
                 .take(room)
             {
                 let (key, value) = item.into_inner()?;
-                let id = String::from_utf8_lossy(&key).into_owned();
-                let row: Row = decode("alert", &id, &value)?;
-                last = Some(SnapshotKey::Alert(id.clone()));
-                alerts.push((id, row.state));
+                let id = std::str::from_utf8(&key).map_err(|e| DbError::Corrupt {
+                    what: "alert key",
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    source: CodecError::Decode(e.to_string()),
+                })?;
+                let (_serial, state) =
+                    split_prefix::<u64>(&value).map_err(|source| DbError::Corrupt {
+                        what: "alert",
+                        key: id.to_string(),
+                        source,
+                    })?;
+                alerts.push_alert(id, state)?;
+                last_key = Some(key);
+            }
+            if let Some(key) = last_key {
+                last = Some(SnapshotKey::Alert(
+                    String::from_utf8_lossy(&key).into_owned(),
+                ));
             }
         }
-        Ok((clears, alerts, last))
+        Ok((clears, last))
     }
 
     /// How far this store has applied `peer`'s log.

@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fjall::Snapshot;
-use tandem_protocol::message::{ResyncPoint, SnapshotChunk, SnapshotKey};
+use tandem_protocol::codec::SnapshotPageWriter;
+use tandem_protocol::message::{ResyncPoint, SnapshotChunk, SnapshotHead, SnapshotKey};
 use tandem_protocol::state::{AppliedRanges, SeqRanges};
 use tandem_protocol::{Event, Origin};
 
@@ -71,8 +72,9 @@ impl Snapshots {
         }
     }
 
-    /// The next page for `peer`: of snapshot `id` after `after` while it is held, else the
-    /// first page of a new snapshot. Reads the disk: call it off the async workers.
+    /// The next page for `peer`, as a `SnapshotChunk` frame: of snapshot `id` after `after`
+    /// while it is held, else the first page of a new snapshot. Reads the disk: call it off the
+    /// async workers.
     pub fn page(
         &self,
         db: &Db,
@@ -80,7 +82,7 @@ impl Snapshots {
         id: u64,
         after: Option<SnapshotKey>,
         limit: usize,
-    ) -> Result<SnapshotChunk, DbError> {
+    ) -> Result<bytes::Bytes, DbError> {
         let limit = limit.clamp(1, MAX_PAGE);
         let (snap, from, id, lsn, peer_cursor, applied, total) = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,24 +134,23 @@ impl Snapshots {
                 }
             }
         };
-        let (clears, alerts, last) = db.snapshot_page(&snap, from.as_ref(), limit)?;
-        let done = clears.len() + alerts.len() < limit;
+        let mut alerts = SnapshotPageWriter::new();
+        let (clears, last) = db.snapshot_page(&snap, from.as_ref(), limit, &mut alerts)?;
+        let done = clears.len() as u64 + alerts.alerts() < limit as u64;
         if done {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.retain(|h| h.id != id);
         }
-        Ok(SnapshotChunk {
+        let head = SnapshotHead {
             snapshot: id,
             lsn,
             peer_cursor,
             next: last.or_else(|| from.clone()),
             from,
-            applied,
-            clears,
-            alerts,
             total,
             done,
-        })
+        };
+        Ok(alerts.finish(&head, &applied, &clears)?)
     }
 }
 

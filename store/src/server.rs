@@ -13,6 +13,7 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
+use tandem_protocol::RawFrame;
 use tandem_protocol::message::LogBatch;
 use tandem_protocol::{
     ClientKind, Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome,
@@ -243,12 +244,13 @@ impl Handler {
                                 shared.snapshots.page(&shared.db, &peer, snapshot, after, limit as usize)
                             })
                             .await;
-                            let answer = match page {
-                                Ok(Ok(chunk)) => Message::SnapshotChunk(Box::new(chunk)),
-                                Ok(Err(e)) => Message::Error { message: format!("snapshot: {e}") },
-                                Err(e) => Message::Error { message: format!("snapshot: {e}") },
+                            // The page is encoded as the alert states are stored: sent as is.
+                            let sent = match page {
+                                Ok(Ok(frame)) => conn.send(RawFrame(frame)).await,
+                                Ok(Err(e)) => conn.send(&Message::Error { message: format!("snapshot: {e}") }).await,
+                                Err(e) => conn.send(&Message::Error { message: format!("snapshot: {e}") }).await,
                             };
-                            conn.send(&answer).await.map_err(|e| e.to_string())?;
+                            sent.map_err(|e| e.to_string())?;
                         }
                         Message::CursorReport { peer, lsn } => {
                             // How far the peer has applied this store's log; answered with

@@ -6,7 +6,8 @@
 //! along the way.
 //!
 //! `TANDEM_SEED` replays a schedule; `TANDEM_CHAOS_STEPS` sets its length (default 12, about a
-//! minute; a long run: `TANDEM_CHAOS_STEPS=200`).
+//! minute; a long run: `TANDEM_CHAOS_STEPS=200`). `TANDEM_CHAOS_HOLD=S` keeps a failed run's
+//! processes and directory for S seconds before failing, to inspect them (stacks, `/status`).
 
 #![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
 
@@ -250,6 +251,22 @@ async fn random_kills_and_cuts_end_in_the_oracle() {
                     format!("--- {part:?} ({log}.log), last lines:\n{tail}\n")
                 })
                 .collect();
+            if let Some(hold) = std::env::var("TANDEM_CHAOS_HOLD")
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                let pids: Vec<String> = world
+                    .procs
+                    .iter()
+                    .filter_map(|(part, p)| p.as_ref().map(|p| format!("{part:?}={}", p.pid())))
+                    .collect();
+                eprintln!(
+                    "holding for {hold} s: dir {}, pids {}",
+                    world.pair.dir.path().display(),
+                    pids.join(" ")
+                );
+                std::thread::sleep(Duration::from_secs(hold));
+            }
             panic!(
                 "after healing: AGG_P {} and AGG_B {} of {total} (TANDEM_SEED above replays this)\n{tails}",
                 sum(&p),
