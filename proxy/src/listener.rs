@@ -6,11 +6,13 @@
 //! every directive the store sends. Each probe may have `max_in_flight_per_probe` events
 //! unacknowledged; past that, and while its batch waits for room in the queue to the store, the
 //! proxy stops reading from it, which slows it down without dropping anything; its
-//! acknowledgements, directives and a `Leave` still reach it meanwhile.
+//! acknowledgements, directives and a `Leave` still reach it meanwhile, and so does a `Pong`
+//! each heartbeat, since its own pings wait unread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
@@ -218,6 +220,13 @@ impl Handler {
         // reach it: a full queue behind a hung store must not keep probes from being told to
         // leave.
         let mut waiting: Option<Forward> = None;
+        // While the probe is not read, its heartbeats wait unread behind its batches, and a
+        // commit slower than the probe's `dead_after` would look like a dead link and fail it
+        // over. A Pong each heartbeat tells it the link and the store behind it are alive (the
+        // store link has its own heartbeat; losing it still sends `Leave`).
+        let mut keepalive =
+            tokio::time::interval(self.options.heartbeat.max(Duration::from_millis(10)));
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = waiting.is_none()
                 && in_flight_events < max_events
@@ -313,6 +322,9 @@ impl Handler {
                         let _ = send(conn, Message::Directive(Directive::Leave { reason })).await;
                         return Ok(());
                     }
+                }
+                _ = keepalive.tick(), if !room => {
+                    send(conn, Message::Pong { nonce: 0 }).await?;
                 }
                 _ = self.shutdown.cancelled() => return Ok(()),
             }
