@@ -2,7 +2,9 @@
 //!
 //! The link is (re)made with exponential backoff and watched by heartbeat: silence for
 //! `dead_after` counts as a dead store, so probes are told to leave well within the failover
-//! deadline even when no TCP error arrives (a frozen host, a cut cable). Batches from every
+//! deadline even when no TCP error arrives (a frozen host, a cut cable). So does a store that
+//! keeps answering heartbeats but acknowledges nothing for ten `dead_after`s (at least 2 s)
+//! while batches wait (a hung disk): slow commits are waited for, a stuck one is not. Batches from every
 //! probe are renumbered onto the link and each answer is routed back to the probe that sent
 //! the batch under its own number. Reading from the store never waits on writing to it, so a
 //! store that is itself busy writing acknowledgements to us can always make progress.
@@ -74,6 +76,13 @@ impl Registry {
         }
     }
 }
+
+/// How many `dead_after`s a store may go without acknowledging anything while batches wait,
+/// before the proxy gives up on it: long enough for a slow commit (a big checkpoint, a busy
+/// disk), short enough that probes leave a store whose disk hangs.
+const STALL_FACTOR: u32 = 10;
+/// Whatever the deadline, a sync may take this long without the store counting as stuck.
+const MIN_STALL: Duration = Duration::from_secs(2);
 
 pub async fn run(
     options: ProxyOptions,
@@ -174,6 +183,9 @@ async fn session(
     let mut ping = tokio::time::interval(options.heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    // The last acknowledgement, or when batches started waiting after none did: a store that
+    // answers heartbeats but commits nothing (a hung disk) is dead to its probes all the same.
+    let mut last_progress = Instant::now();
     let mut nonce = 0u64;
     let mut writer_gone = false;
     loop {
@@ -191,6 +203,9 @@ async fn session(
                         continue;
                     }
                 };
+                if pending.is_empty() {
+                    last_progress = Instant::now();
+                }
                 pending.insert(next_batch, (f.probe, f.head.batch));
                 let n = f.head.events;
                 if wtx.try_send(Outgoing::Raw(RawFrame(frame))).is_err() {
@@ -210,11 +225,13 @@ async fn session(
                 last_heard = Instant::now();
                 match msg {
                     Message::Ack { batch, applied, duplicates } => {
+                        last_progress = Instant::now();
                         if let Some((probe, b)) = pending.remove(&batch) {
                             registry.route(probe, Message::Ack { batch: b, applied, duplicates });
                         }
                     }
                     Message::Refused { batch, index, reason } => {
+                        last_progress = Instant::now();
                         if let Some((probe, b)) = pending.remove(&batch) {
                             registry.route(probe, Message::Refused { batch: b, index, reason });
                         }
@@ -244,6 +261,11 @@ async fn session(
                 }
             }
             _ = ping.tick() => {
+                let stalled = (options.dead_after * STALL_FACTOR).max(MIN_STALL);
+                if !pending.is_empty() && last_progress.elapsed() > stalled {
+                    tracing::warn!(store = %options.store_name, waiting = pending.len(), stalled_ms = last_progress.elapsed().as_millis() as u64, "the store answers heartbeats but has acknowledged nothing; treating it as down");
+                    break;
+                }
                 if last_heard.elapsed() > options.dead_after {
                     tracing::warn!(store = %options.store_name, silent_ms = last_heard.elapsed().as_millis() as u64, "store stopped answering heartbeats");
                     break;
