@@ -792,10 +792,10 @@ mod tests {
                 writer.push_alert(id, &to_bytes(state).unwrap()).unwrap();
             }
             prop_assert_eq!(writer.alerts(), chunk.alerts.len() as u64);
-            let frame = writer.finish(&chunk.head(), &chunk.applied, &chunk.clears).unwrap();
+            let frame = writer.finish(&chunk.head, &chunk.applied, &chunk.clears).unwrap();
             let typed = Message::SnapshotChunk(Box::new(chunk.clone()));
             prop_assert_eq!(&frame[..], &to_bytes(&typed).unwrap()[..]);
-            prop_assert_eq!(snapshot_head(&frame), Some(chunk.head()));
+            prop_assert_eq!(snapshot_head(&frame), Some(chunk.head.clone()));
             prop_assert!(!is_pong(&frame));
             let merge = merge_frame(batch, &peer, &frame).unwrap();
             let decoded: Message = from_bytes(&merge).unwrap();

@@ -310,13 +310,12 @@ pub enum SnapshotKey {
     Alert(String),
 }
 
-/// One page of a store's snapshot, consistent with its log at `lsn`.
-///
-/// The fields of [`SnapshotHead`] come first, in the same order, so that a gateway reads a
-/// page's position from the head of its frame and passes the records on undecoded.
+/// Where a page of a snapshot stands, without its records: the leading fields of a
+/// [`SnapshotChunk`], so that a gateway reads them from the head of the frame and passes the
+/// records on undecoded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
-pub struct SnapshotChunk {
+pub struct SnapshotHead {
     /// The snapshot's id at the sender; pages of one id are one consistent view.
     pub snapshot: u64,
     /// The sender's log position the snapshot is consistent with.
@@ -330,37 +329,19 @@ pub struct SnapshotChunk {
     /// Records (clears and alerts) in the whole snapshot, for progress; approximate.
     pub total: u64,
     pub done: bool,
+}
+
+/// One page of a store's snapshot, consistent with its log at `head.lsn`. A nested struct
+/// encodes as its fields in line, so the head's fields are the frame's first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct SnapshotChunk {
+    pub head: SnapshotHead,
     /// Every origin's applied set; in the first page only.
     pub applied: Vec<AppliedRanges>,
     /// Generic-clear keys and their newest resolution versions.
     pub clears: Vec<(String, Version)>,
     pub alerts: Vec<(String, AlertState)>,
-}
-
-/// The leading fields of a [`SnapshotChunk`]: where the page stands, without its records.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotHead {
-    pub snapshot: u64,
-    pub lsn: u64,
-    pub peer_cursor: u64,
-    pub from: Option<SnapshotKey>,
-    pub next: Option<SnapshotKey>,
-    pub total: u64,
-    pub done: bool,
-}
-
-impl SnapshotChunk {
-    pub fn head(&self) -> SnapshotHead {
-        SnapshotHead {
-            snapshot: self.snapshot,
-            lsn: self.lsn,
-            peer_cursor: self.peer_cursor,
-            from: self.from.clone(),
-            next: self.next.clone(),
-            total: self.total,
-            done: self.done,
-        }
-    }
 }
 
 /// How far a receiver has merged a peer's snapshot, so that a resync resumes there.

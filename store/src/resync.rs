@@ -202,20 +202,20 @@ impl Receiving {
         table: &mut Table,
         io: MergeIo<'_>,
     ) -> Result<(Reply, Option<u64>), DbError> {
-        if chunk.from.is_none() {
+        if chunk.head.from.is_none() {
             let point = ResyncPoint {
-                snapshot: chunk.snapshot,
-                lsn: chunk.lsn,
-                peer_cursor: chunk.peer_cursor,
+                snapshot: chunk.head.snapshot,
+                lsn: chunk.head.lsn,
+                peer_cursor: chunk.head.peer_cursor,
                 after: None,
                 merged: 0,
-                total: chunk.total,
+                total: chunk.head.total,
             };
             tracing::info!(
                 peer,
-                snapshot = chunk.snapshot,
-                lsn = chunk.lsn,
-                records = chunk.total,
+                snapshot = chunk.head.snapshot,
+                lsn = chunk.head.lsn,
+                records = chunk.head.total,
                 "full resync started"
             );
             let own = own_entries(&io, point.peer_cursor)?;
@@ -230,10 +230,10 @@ impl Receiving {
         let Some(resync) = self.by_peer.get_mut(peer) else {
             return Ok((refuse(peer, &chunk, None), None));
         };
-        if resync.point.snapshot != chunk.snapshot || chunk.from > resync.point.after {
+        if resync.point.snapshot != chunk.head.snapshot || chunk.head.from > resync.point.after {
             return Ok((refuse(peer, &chunk, Some(&resync.point)), None));
         }
-        let fresh = chunk.from == resync.point.after;
+        let fresh = chunk.head.from == resync.point.after;
         let records = (chunk.clears.len() + chunk.alerts.len()) as u32;
         let MergeIo {
             db,
@@ -275,10 +275,10 @@ impl Receiving {
         if fresh {
             resync.point.merged += u64::from(records);
         }
-        if chunk.next > resync.point.after {
-            resync.point.after = chunk.next;
+        if chunk.head.next > resync.point.after {
+            resync.point.after = chunk.head.next;
         }
-        if chunk.done {
+        if chunk.head.done {
             let lsn = resync.point.lsn;
             tracing::info!(
                 peer,
@@ -315,7 +315,7 @@ fn refuse(peer: &str, chunk: &SnapshotChunk, at: Option<&ResyncPoint>) -> Reply 
         ),
         Some(point) => format!(
             "this page of {peer}'s snapshot {} does not follow on: this store has merged snapshot {} up to {:?}; resume from there",
-            chunk.snapshot, point.snapshot, point.after
+            chunk.head.snapshot, point.snapshot, point.after
         ),
     };
     Reply::Refused { index: 0, reason }
