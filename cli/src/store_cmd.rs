@@ -53,6 +53,8 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
             hold_down: Duration::from_millis(pair.pair.failback_hold_down_ms),
             auto_failback: pair.pair.failback == Failback::Auto,
         },
+        // The clients' heartbeat (a fifth of the deadline; they give up after half of it).
+        keepalive: Duration::from_millis((pair.pair.failover_deadline_ms / 5).max(10)),
     })
 }
 

@@ -38,20 +38,13 @@ struct Store {
 impl Store {
     async fn start(name: &str, role: Role, dir: &std::path::Path, retention: u64) -> Store {
         let options = StoreOptions {
-            name: name.into(),
-            role,
-            listen: "127.0.0.1:0".parse().expect("address"),
-            data_path: dir.join(name),
-            max_frame: DEFAULT_MAX_FRAME,
-            max_connections: 10_000,
-            clear_delete_after: Duration::from_secs(120),
-            housekeeping: false,
-            housekeeping_interval: Duration::from_secs(3600),
             log_retention: retention,
-            sync_replication: None,
-            tls: None,
-            peer: None,
-            role_settings: tandem_store::role::RoleSettings::default(),
+            ..StoreOptions::new(
+                name,
+                role,
+                "127.0.0.1:0".parse().expect("address"),
+                dir.join(name),
+            )
         };
         let stop = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();

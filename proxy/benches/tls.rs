@@ -77,20 +77,13 @@ async fn pair(dir: &Path, tls: Option<&Tls>, shutdown: &CancellationToken) -> So
     let (store_tx, store_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(tandem_store::run(
         tandem_store::StoreOptions {
-            name: "AGG_P".into(),
-            role: Role::Primary,
-            listen: "127.0.0.1:0".parse().expect("address"),
-            data_path: dir.join("store"),
-            max_frame: DEFAULT_MAX_FRAME,
-            max_connections: 10_000,
-            clear_delete_after: Duration::from_secs(120),
-            housekeeping: false,
-            housekeeping_interval: Duration::from_secs(3600),
-            log_retention: tandem_store::engine::DEFAULT_LOG_RETENTION,
-            sync_replication: None,
             tls: tls.map(|t| t.server.clone()),
-            peer: None,
-            role_settings: tandem_store::role::RoleSettings::default(),
+            ..tandem_store::StoreOptions::new(
+                "AGG_P",
+                Role::Primary,
+                "127.0.0.1:0".parse().expect("address"),
+                dir.join("store"),
+            )
         },
         shutdown.clone(),
         |_, addr| {

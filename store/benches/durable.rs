@@ -24,22 +24,12 @@ use tandem_store::{StoreOptions, engine};
 use tokio_util::sync::CancellationToken;
 
 fn options(dir: &std::path::Path) -> StoreOptions {
-    StoreOptions {
-        name: "AGG_P".into(),
-        role: Role::Primary,
-        listen: "127.0.0.1:0".parse().expect("address"),
-        data_path: dir.to_path_buf(),
-        max_frame: DEFAULT_MAX_FRAME,
-        max_connections: 10_000,
-        clear_delete_after: Duration::from_secs(120),
-        housekeeping: false,
-        housekeeping_interval: Duration::from_secs(3600),
-        log_retention: engine::DEFAULT_LOG_RETENTION,
-        sync_replication: None,
-        tls: None,
-        peer: None,
-        role_settings: tandem_store::role::RoleSettings::default(),
-    }
+    StoreOptions::new(
+        "AGG_P",
+        Role::Primary,
+        "127.0.0.1:0".parse().expect("address"),
+        dir.to_path_buf(),
+    )
 }
 
 fn event(origin: &Origin, seq: u64, id: u64) -> Event {

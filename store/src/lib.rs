@@ -89,6 +89,34 @@ pub struct StoreOptions {
     /// The primary, watched by the backup (`None`: no watch; the primary never needs one).
     pub peer: Option<peer::PeerOptions>,
     pub role_settings: role::RoleSettings,
+    /// How often a connection this store is not reading (its batches wait on the commit) is
+    /// sent a `Pong` anyway: the clients' heartbeat, so that a slow commit is not taken for a
+    /// dead store.
+    pub keepalive: Duration,
+}
+
+impl StoreOptions {
+    /// A store with the defaults of an embedded or test store: no peer, no housekeeping,
+    /// plaintext, async replication.
+    pub fn new(name: &str, role: Role, listen: SocketAddr, data_path: PathBuf) -> StoreOptions {
+        StoreOptions {
+            name: name.into(),
+            role,
+            listen,
+            data_path,
+            max_frame: tandem_protocol::DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            clear_delete_after: Duration::from_secs(120),
+            housekeeping: false,
+            housekeeping_interval: Duration::from_secs(3600),
+            log_retention: engine::DEFAULT_LOG_RETENTION,
+            sync_replication: None,
+            tls: None,
+            peer: None,
+            role_settings: role::RoleSettings::default(),
+            keepalive: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Runs a store until `shutdown` is cancelled. `ready` is called once the table is loaded and
@@ -157,6 +185,7 @@ pub async fn run(
         max_connections: options.max_connections,
         sync_replication: options.sync_replication,
         tls: options.tls.clone(),
+        keepalive: options.keepalive.max(Duration::from_millis(10)),
     };
     server::serve(
         listener,

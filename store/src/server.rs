@@ -43,6 +43,8 @@ pub struct ServerOptions {
     /// `sync` replication: how long an acknowledgement waits for the peer.
     pub sync_replication: Option<std::time::Duration>,
     pub tls: Option<Arc<tandem_net::tls::ServerTls>>,
+    /// How often a connection this store is not reading is sent a `Pong` anyway.
+    pub keepalive: std::time::Duration,
 }
 
 pub async fn serve(
@@ -180,6 +182,11 @@ impl Handler {
         let moved = matches!(kind, ClientKind::Probe | ClientKind::Proxy);
         let mut directives = self.shared.directives.subscribe();
         let mut role_changes = self.shared.role_changes.subscribe();
+        // While batches wait on a commit slower than the client's `dead_after`, this handler
+        // does not read the client, so its pings wait unanswered; a Pong each heartbeat says
+        // the store is alive, only slow (its commit watchdog is the proxy's stall check).
+        let mut keepalive = tokio::time::interval(self.options.keepalive);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 directive = directives.recv(), if moved => {
@@ -215,7 +222,7 @@ impl Handler {
                         Message::Events { batch, events } => {
                             let encoded = conn.codec_mut().take_event_bytes();
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Events { events, encoded, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
                             pending.push(answer_of(batch, rx, sync));
                         }
@@ -230,12 +237,12 @@ impl Handler {
                                 }
                             };
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
                             pending.push(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, chunk } => {
                             let (reply, rx) = oneshot::channel();
-                            self.submit(Request::Merge { peer, chunk: *chunk, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, reply }).await?;
                             pending.push(answer_of(batch, rx, None));
                         }
                         Message::SnapshotRequest { peer, snapshot, after, limit } => {
@@ -302,16 +309,35 @@ impl Handler {
                     }
                     self.push_log(conn, &mut subscription).await?;
                 }
+                _ = keepalive.tick(), if pending.len() >= MAX_PENDING_BATCHES => {
+                    conn.send(&Message::Pong { nonce: 0 }).await.map_err(|e| e.to_string())?;
+                }
                 _ = self.shutdown.cancelled() => return Ok(()),
             }
         }
     }
 
-    async fn submit(&self, request: Request) -> Result<(), String> {
-        self.tx
-            .send(request)
-            .await
-            .map_err(|_| "the store is shutting down".to_string())
+    /// Queues `request` for the commit thread. A full queue means commits are behind: the
+    /// client still gets its keepalive meanwhile.
+    async fn submit(
+        &self,
+        conn: &mut Conn,
+        keepalive: &mut tokio::time::Interval,
+        request: Request,
+    ) -> Result<(), String> {
+        loop {
+            tokio::select! {
+                biased;
+                permit = self.tx.reserve() => {
+                    let permit = permit.map_err(|_| "the store is shutting down".to_string())?;
+                    permit.send(request);
+                    return Ok(());
+                }
+                _ = keepalive.tick() => {
+                    conn.send(&Message::Pong { nonce: 0 }).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
     }
 
     /// Sends every durable entry the subscriber has not had yet.
