@@ -48,6 +48,8 @@ pub enum DbError {
         #[source]
         source: CodecError,
     },
+    #[error("the storage engine did not write its memtables out within {0:?}")]
+    FlushTimeout(std::time::Duration),
     #[error("record could not be encoded: {0}")]
     Encode(#[from] CodecError),
     #[error(
@@ -394,15 +396,30 @@ impl Db {
 
     /// Writes every memtable out, so the next start opens tables instead of replaying the
     /// journal. For a clean shutdown; after a crash the journal replay is what recovers.
-    pub fn flush(&self) -> Result<(), DbError> {
-        for keyspace in [
+    ///
+    /// The journal is synced first, so nothing depends on the tables being written: if the
+    /// storage engine's flush cannot finish (a worker that failed on an I/O error never takes
+    /// its memtable), this gives up after `within` instead of holding the shutdown forever.
+    pub fn flush(&self, within: std::time::Duration) -> Result<(), DbError> {
+        self.db.persist(PersistMode::SyncAll)?;
+        let keyspaces = [
             &self.alerts,
             &self.applied,
             &self.clears,
             &self.log,
             &self.meta,
-        ] {
-            keyspace.rotate_memtable_and_wait()?;
+        ];
+        for keyspace in keyspaces {
+            keyspace.rotate_memtable()?;
+        }
+        let deadline = std::time::Instant::now() + within;
+        while keyspaces.iter().any(|k| k.sealed_memtable_count() > 0) {
+            // Fails once the engine is poisoned by a failed write or flush.
+            self.db.persist(PersistMode::Buffer)?;
+            if std::time::Instant::now() > deadline {
+                return Err(DbError::FlushTimeout(within));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())

@@ -35,6 +35,10 @@ pub const MAX_BATCH_EVENTS: usize = 10_000;
 /// How many log entries a store retains at most; a peer further behind needs a full resync.
 pub const DEFAULT_LOG_RETENTION: u64 = 2_000_000;
 
+/// How long a clean shutdown waits for the storage engine to write its memtables out: only a
+/// quicker next start depends on it, the journal already holds everything.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Log entries removed per commit at most, so trimming never makes one commit slow.
 const TRIM_PER_COMMIT: u64 = 8_192;
 
@@ -721,7 +725,7 @@ fn commit_loop(
             }
         }
     }
-    match shared.db.flush() {
+    match shared.db.flush(FLUSH_WITHIN) {
         Ok(()) => tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "flushed the storage engine for a quick start"
