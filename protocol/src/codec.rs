@@ -142,15 +142,62 @@ fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
     Ok((Message::Events { batch, events }, encoded))
 }
 
+/// Decodes a `Merge` frame record by record, keeping each alert state's encoding (a slice of
+/// the frame) next to it, so a receiver can store a state it takes unchanged as it came.
+/// Equivalent to decoding the frame as a [`Message`].
+fn decode_merge(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
+    type Head = (
+        u32,
+        u64,
+        String,
+        SnapshotHead,
+        Vec<AppliedRanges>,
+        Vec<(String, Version)>,
+        u64,
+    );
+    let ((_, batch, peer, head, applied, clears, count), mut at) = decode_prefix::<Head>(&frame)?;
+    let room = (count as usize).min(frame.len() - at).min(PREALLOC_LIMIT);
+    let mut alerts = Vec::with_capacity(room);
+    let mut encoded = Vec::with_capacity(room);
+    for _ in 0..count {
+        let (identifier, used) = decode_prefix::<String>(&frame[at..])?;
+        at += used;
+        let (state, used) = decode_prefix::<crate::state::AlertState>(&frame[at..])?;
+        encoded.push(frame.slice(at..at + used));
+        alerts.push((identifier, state));
+        at += used;
+    }
+    if at != frame.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: frame.len() - at,
+        });
+    }
+    let chunk = crate::message::SnapshotChunk {
+        head,
+        applied,
+        clears,
+        alerts,
+    };
+    Ok((
+        Message::Merge {
+            batch,
+            peer,
+            chunk: Box::new(chunk),
+        },
+        encoded,
+    ))
+}
+
 /// Length-delimited bincode frames carrying [`Message`]s.
 #[derive(Debug)]
 pub struct MessageCodec {
     frames: LengthDelimitedCodec,
     max_frame: usize,
     /// Keep the encodings of the events of each `Events` message decoded (a store logs them
-    /// as they came instead of encoding them again).
-    keep_event_bytes: bool,
-    event_bytes: Vec<Bytes>,
+    /// as they came instead of encoding them again), and of the alert states of each `Merge`
+    /// (a store writes a state it takes unchanged as it came).
+    keep_record_bytes: bool,
+    record_bytes: Vec<Bytes>,
 }
 
 impl MessageCodec {
@@ -164,22 +211,23 @@ impl MessageCodec {
                 .max_frame_length(max_frame)
                 .new_codec(),
             max_frame,
-            keep_event_bytes: false,
-            event_bytes: Vec::new(),
+            keep_record_bytes: false,
+            record_bytes: Vec::new(),
         }
     }
 
-    /// This codec, also keeping the encoding of every event of each `Events` message it
-    /// decodes, for [`MessageCodec::take_event_bytes`].
-    pub fn keeping_event_bytes(mut self) -> Self {
-        self.keep_event_bytes = true;
+    /// This codec, also keeping the encoding of every event of each `Events` message and of
+    /// every alert state of each `Merge` it decodes, for [`MessageCodec::take_record_bytes`].
+    pub fn keeping_record_bytes(mut self) -> Self {
+        self.keep_record_bytes = true;
         self
     }
 
-    /// The encodings of the events of the `Events` message decoded last, in order (empty
-    /// unless the codec keeps them). Take them before decoding the next frame.
-    pub fn take_event_bytes(&mut self) -> Vec<Bytes> {
-        std::mem::take(&mut self.event_bytes)
+    /// The encodings of the events (or, for a `Merge`, the alert states) of the message decoded
+    /// last, in order (empty unless the codec keeps them). Take them before decoding the next
+    /// frame.
+    pub fn take_record_bytes(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.record_bytes)
     }
 
     pub fn max_frame(&self) -> usize {
@@ -229,12 +277,20 @@ impl Decoder for MessageCodec {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
-            Ok(Some(frame)) if self.keep_event_bytes && peek_variant(&frame) == Some(EVENTS) => {
+            Ok(Some(frame))
+                if self.keep_record_bytes
+                    && matches!(peek_variant(&frame), Some(EVENTS | MERGE)) =>
+            {
                 let frame = frame.freeze();
                 let batch = peek_batch(&frame);
-                Ok(Some(match decode_events(frame) {
+                let decoded = if peek_variant(&frame) == Some(EVENTS) {
+                    decode_events(frame)
+                } else {
+                    decode_merge(frame)
+                };
+                Ok(Some(match decoded {
                     Ok((message, encoded)) => {
-                        self.event_bytes = encoded;
+                        self.record_bytes = encoded;
                         Ok(message)
                     }
                     Err(error) => Err(BadFrame { error, batch }),
@@ -665,7 +721,7 @@ mod tests {
         body.extend_from_slice(&to_bytes(&event).unwrap());
         for mut codec in [
             MessageCodec::default(),
-            MessageCodec::default().keeping_event_bytes(),
+            MessageCodec::default().keeping_record_bytes(),
         ] {
             let mut frame = BytesMut::new();
             frame.put_u32(body.len() as u32);
@@ -824,39 +880,46 @@ mod tests {
         }
 
         #[test]
-        fn a_codec_keeping_event_bytes_decodes_the_same_and_keeps_each_events_encoding(
+        fn a_codec_keeping_record_bytes_decodes_the_same_and_keeps_each_records_encoding(
             msgs in proptest::collection::vec(any::<Message>(), 1..4),
             junk in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let mut plain = MessageCodec::default();
-            let mut keeping = MessageCodec::default().keeping_event_bytes();
+            let mut keeping = MessageCodec::default().keeping_record_bytes();
             for msg in &msgs {
                 let mut buf = BytesMut::new();
                 plain.encode(msg, &mut buf).unwrap();
                 let back = keeping.decode(&mut buf).unwrap().unwrap().unwrap();
                 prop_assert_eq!(&back, msg);
-                let kept = keeping.take_event_bytes();
+                let kept = keeping.take_record_bytes();
                 match msg {
                     Message::Events { events, .. } => {
                         let want: Vec<Vec<u8>> = events.iter().map(|e| to_bytes(e).unwrap()).collect();
                         let got: Vec<Vec<u8>> = kept.iter().map(|b| b.to_vec()).collect();
                         prop_assert_eq!(got, want);
                     }
+                    Message::Merge { chunk, .. } => {
+                        let want: Vec<Vec<u8>> = chunk.alerts.iter().map(|(_, s)| to_bytes(s).unwrap()).collect();
+                        let got: Vec<Vec<u8>> = kept.iter().map(|b| b.to_vec()).collect();
+                        prop_assert_eq!(got, want);
+                    }
                     _ => prop_assert!(kept.is_empty()),
                 }
             }
-            // Whatever an Events frame holds, both decoders agree on whether it is one.
-            let mut body = vec![3u8];
-            body.extend_from_slice(&junk);
-            let mut framed = BytesMut::new();
-            framed.put_u32(body.len() as u32);
-            framed.extend_from_slice(&body);
-            let mut again = framed.clone();
-            let a = plain.decode(&mut framed).unwrap().unwrap();
-            let b = keeping.decode(&mut again).unwrap().unwrap();
-            prop_assert_eq!(a.is_ok(), b.is_ok());
-            if let (Ok(a), Ok(b)) = (a, b) {
-                prop_assert_eq!(a, b);
+            // Whatever an Events or Merge frame holds, both decoders agree on whether it is one.
+            for variant in [EVENTS as u8, MERGE as u8] {
+                let mut body = vec![variant];
+                body.extend_from_slice(&junk);
+                let mut framed = BytesMut::new();
+                framed.put_u32(body.len() as u32);
+                framed.extend_from_slice(&body);
+                let mut again = framed.clone();
+                let a = plain.decode(&mut framed).unwrap().unwrap();
+                let b = keeping.decode(&mut again).unwrap().unwrap();
+                prop_assert_eq!(a.is_ok(), b.is_ok());
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    prop_assert_eq!(a, b);
+                }
             }
         }
 

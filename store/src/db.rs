@@ -365,10 +365,18 @@ impl Db {
         cursors: &[(String, u64)],
         scratch: &mut Vec<u8>,
     ) -> Result<(), DbError> {
+        let kept = !changes.stored.is_empty();
         for id in &changes.rows {
             if let Some(row) = table.row(id) {
                 scratch.clear();
-                append_bytes(row, scratch)?;
+                match kept.then(|| changes.stored.get(id)).flatten() {
+                    // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
+                    Some(state) => {
+                        append_bytes(&row.serial, scratch)?;
+                        scratch.extend_from_slice(state);
+                    }
+                    None => append_bytes(row, scratch)?,
+                }
                 batch.insert(&self.alerts, id.as_bytes(), scratch.as_slice());
             }
         }

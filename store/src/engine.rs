@@ -81,6 +81,8 @@ pub enum Request {
     Merge {
         peer: String,
         chunk: SnapshotChunk,
+        /// Each alert's state as it arrived encoded (empty when not kept).
+        encoded: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Reply>,
     },
     /// Changes this store makes itself (expiry, deletion of clear alerts), numbered with its
@@ -576,7 +578,12 @@ fn commit_loop(
                         }
                         replies.push((reply, answer));
                     }
-                    Request::Merge { peer, chunk, reply } => {
+                    Request::Merge {
+                        peer,
+                        chunk,
+                        encoded,
+                        reply,
+                    } => {
                         // Snapshot records are not logged: only a checkpoint keeps them.
                         merged = true;
                         let io = MergeIo {
@@ -587,21 +594,22 @@ fn commit_loop(
                             changes: work.changes,
                             writes: &mut peers,
                         };
-                        let answer = match work.receiving.merge(&peer, chunk, work.table, io) {
-                            Ok((answer, finished)) => {
-                                if let Some(lsn) = finished {
-                                    // Exactly the snapshot's position, even if lower: the peer
-                                    // may have lost its data and started its log again.
-                                    known_cursors.insert(peer.clone(), lsn);
-                                    peers.set_cursor(&peer, lsn);
+                        let answer =
+                            match work.receiving.merge(&peer, chunk, encoded, work.table, io) {
+                                Ok((answer, finished)) => {
+                                    if let Some(lsn) = finished {
+                                        // Exactly the snapshot's position, even if lower: the peer
+                                        // may have lost its data and started its log again.
+                                        known_cursors.insert(peer.clone(), lsn);
+                                        peers.set_cursor(&peer, lsn);
+                                    }
+                                    answer
                                 }
-                                answer
-                            }
-                            Err(e) => Reply::Refused {
-                                index: 0,
-                                reason: format!("merging the snapshot failed: {e}"),
-                            },
-                        };
+                                Err(e) => Reply::Refused {
+                                    index: 0,
+                                    reason: format!("merging the snapshot failed: {e}"),
+                                },
+                            };
                         replies.push((reply, answer));
                     }
                     Request::Housekeeping { bodies } => {

@@ -199,6 +199,7 @@ impl Receiving {
         &mut self,
         peer: &str,
         chunk: SnapshotChunk,
+        encoded: Vec<bytes::Bytes>,
         table: &mut Table,
         io: MergeIo<'_>,
     ) -> Result<(Reply, Option<u64>), DbError> {
@@ -253,7 +254,11 @@ impl Receiving {
             .iter()
             .map(|set| (&set.origin, &set.ranges))
             .collect();
+        // Each state's bytes, when the connection kept them: a row taken unchanged is written
+        // as they came instead of encoded again.
+        let mut encoded = (encoded.len() == chunk.alerts.len()).then(|| encoded.into_iter());
         for (id, state) in chunk.alerts {
+            let stored = encoded.as_mut().and_then(Iterator::next);
             let own = match &resync.own {
                 None => None,
                 Some(index) => {
@@ -270,7 +275,7 @@ impl Receiving {
                     Some(events)
                 }
             };
-            table.merge_row(&id, state, own, changes);
+            table.merge_row(&id, state, stored, own, changes);
         }
         if fresh {
             resync.point.merged += u64::from(records);

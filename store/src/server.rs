@@ -137,7 +137,7 @@ impl Handler {
     async fn run(self, stream: Stream) {
         let mut conn = Framed::new(
             stream,
-            MessageCodec::new(self.options.max_frame).keeping_event_bytes(),
+            MessageCodec::new(self.options.max_frame).keeping_record_bytes(),
         );
         let Some((kind, client)) = self.handshake(&mut conn).await else {
             return;
@@ -220,7 +220,7 @@ impl Handler {
                     };
                     match msg {
                         Message::Events { batch, events } => {
-                            let encoded = conn.codec_mut().take_event_bytes();
+                            let encoded = conn.codec_mut().take_record_bytes();
                             let (reply, rx) = oneshot::channel();
                             self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
@@ -242,7 +242,8 @@ impl Handler {
                         }
                         Message::Merge { batch, peer, chunk } => {
                             let (reply, rx) = oneshot::channel();
-                            self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, reply }).await?;
+                            let encoded = conn.codec_mut().take_record_bytes();
+                            self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, encoded, reply }).await?;
                             pending.push(answer_of(batch, rx, None));
                         }
                         Message::SnapshotRequest { peer, snapshot, after, limit } => {

@@ -53,6 +53,10 @@ pub struct Changes {
     /// A row changed without a log entry to replay it from (a duplicate that taught the row
     /// who inserted it first): the commit must be a checkpoint.
     pub unlogged: bool,
+    /// Rows whose state is exactly one a peer's snapshot sent, with its encoding as it came:
+    /// the checkpoint writes those bytes instead of encoding the state again. Any later change
+    /// to such a row drops its entry (in [`Table::mark`]).
+    pub stored: HashMap<Arc<str>, bytes::Bytes>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,9 +349,15 @@ impl Table {
         changes.origins.clear();
         changes.clears.clear();
         changes.unlogged = false;
+        changes.stored.clear();
     }
 
+    /// Records that a row changed. Called by every change to a row, so that no encoding kept
+    /// from before the change is written for it.
     fn mark(changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
+        if !changes.stored.is_empty() {
+            changes.stored.remove(id);
+        }
         if !row.dirty {
             row.dirty = true;
             changes.rows.push(id.clone());
@@ -528,14 +538,18 @@ impl Table {
     /// Sets an alert's state to `state` from the peer's snapshot and then folds in `own`,
     /// this store's logged events for the alert since the peer's cursor, each marked whether
     /// the snapshot already holds it; or, when those are not known (`own` is None), joins the
-    /// two states. The row keeps its serial.
+    /// two states. The row keeps its serial. `stored` is the state's encoding as it arrived,
+    /// if known: the checkpoint writes it when the row ends up exactly `state`.
     pub fn merge_row(
         &mut self,
         identifier: &str,
         mut state: AlertState,
+        stored: Option<bytes::Bytes>,
         own: Option<Vec<(Event, bool)>>,
         changes: &mut Changes,
     ) {
+        // Taken as it came: replaced outright, and nothing of this store's own to fold in.
+        let mut unchanged = stored.is_some() && own.as_ref().is_some_and(Vec::is_empty);
         self.intern_state(&mut state);
         let id = self.row_key(identifier);
         let Some(row) = self.rows.get_mut(&id) else {
@@ -570,8 +584,12 @@ impl Table {
                     .and_then(|row| self.clear_for(hash, &row.state.latest.value).cloned());
                 if let (Some(clear), Some(row)) = (clear, self.rows.get_mut(&id)) {
                     fold::generic_clear(&mut row.state, &clear);
+                    unchanged = false;
                 }
             }
+        }
+        if let (true, Some(stored)) = (unchanged, stored) {
+            changes.stored.insert(id.clone(), stored);
         }
         for (event, in_snapshot) in own.into_iter().flatten() {
             if !in_snapshot {
@@ -812,7 +830,12 @@ mod tests {
     /// Folds a sender's table into a receiver's the way a full resync does: applied sets and
     /// clears first, then every sender row with the receiver's own events the sender lacks
     /// (`exact`), or joined (`!exact`).
-    fn resync(sender: &Table, receiver: &mut Table, receiver_events: &[Event], exact: bool) {
+    fn resync(
+        sender: &Table,
+        receiver: &mut Table,
+        receiver_events: &[Event],
+        exact: bool,
+    ) -> Changes {
         let mut ch = Changes::default();
         for (origin, set) in sender.applied_sets() {
             receiver.merge_applied(origin, set, &mut ch);
@@ -828,8 +851,86 @@ mod tests {
                     .map(|e| (e.clone(), sender.seen(&e.origin, e.seq)))
                     .collect()
             });
-            receiver.merge_row(id, row.state.clone(), own, &mut ch);
+            // The state's bytes as a snapshot page carries them.
+            let stored = tandem_protocol::codec::to_bytes(&row.state)
+                .ok()
+                .map(bytes::Bytes::from);
+            receiver.merge_row(id, row.state.clone(), stored, own, &mut ch);
         }
+        ch
+    }
+
+    /// Every state a checkpoint would write from the bytes a snapshot sent is the row's state
+    /// now: a kept encoding is never stale.
+    fn kept_encodings_are_current(table: &Table, ch: &Changes) -> Result<(), TestCaseError> {
+        for (id, bytes) in &ch.stored {
+            let row = table.row(id);
+            prop_assert!(row.is_some(), "{id} kept but not in the table");
+            let now = tandem_protocol::codec::to_bytes(&row.unwrap().state).unwrap();
+            prop_assert_eq!(&now[..], &bytes[..], "{} kept a stale encoding", id);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_bytes_are_the_serial_then_the_state() {
+        // What a snapshot page copies out of a row, and how a merged row is written back.
+        let mut t = Table::new("AGG_P");
+        let mut ch = Changes::default();
+        t.apply(
+            event("p", 1, 10, problem("a", "n", 5, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        let row = t.row("a").unwrap();
+        let mut want = tandem_protocol::codec::to_bytes(&row.serial).unwrap();
+        want.extend(tandem_protocol::codec::to_bytes(&row.state).unwrap());
+        assert_eq!(tandem_protocol::codec::to_bytes(row).unwrap(), want);
+    }
+
+    #[test]
+    fn a_merged_row_keeps_its_snapshot_encoding_until_it_changes() {
+        let mut sender = Table::new("AGG_P");
+        let mut ch = Changes::default();
+        sender.apply(
+            event("p", 1, 10, problem("a", "n", 5, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        let mut receiver = Table::new("AGG_B");
+        let mut ch = resync(&sender, &mut receiver, &[], true);
+        assert!(
+            ch.stored.contains_key("a"),
+            "a row taken as sent keeps its encoding"
+        );
+        receiver.apply(
+            event("q", 1, 20, problem("a", "n", 4, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        assert!(
+            !ch.stored.contains_key("a"),
+            "a changed row must be encoded again"
+        );
+        // Cleared on arrival by a resolution only the receiver has: not as sent.
+        let mut resolved = Table::new("AGG_B");
+        let mut rch = Changes::default();
+        let clear = event("q", 1, 20, problem("a-clear", "n", 0, Kind::Resolution));
+        resolved.apply(clear, None, &mut rch);
+        let ch = resync(&sender, &mut resolved, &[], true);
+        assert_ne!(
+            resolved.row("a").map(|r| &r.state),
+            sender.row("a").map(|r| &r.state),
+            "the receiver's resolution clears the problem as it arrives"
+        );
+        assert!(
+            !ch.stored.contains_key("a"),
+            "a row cleared on arrival must be encoded again"
+        );
+        // Joined (the receiver's own events unknown): never kept.
+        let mut other = Table::new("AGG_B");
+        let ch = resync(&sender, &mut other, &[], false);
+        assert!(ch.stored.is_empty());
     }
 
     proptest! {
@@ -858,9 +959,21 @@ mod tests {
                 }
                 all.apply(e.clone(), None, &mut ch);
             }
-            resync(&sender, &mut receiver, &mine, true);
+            let mut kept = resync(&sender, &mut receiver, &mine, true);
             prop_assert_eq!(snapshot(&receiver), snapshot(&all));
             prop_assert_eq!(receiver.alive(), all.alive());
+            kept_encodings_are_current(&receiver, &kept)?;
+            // What arrives after the page, before its checkpoint: the events again (the
+            // duplicates may teach a row its inserter), then new ones from another origin.
+            for e in &events {
+                receiver.apply(e.clone(), Some(("AGG_B", 1)), &mut kept);
+            }
+            for e in events.iter().take(10) {
+                let mut later = e.clone();
+                later.origin = Origin::new("later", 1);
+                receiver.apply(later, None, &mut kept);
+            }
+            kept_encodings_are_current(&receiver, &kept)?;
         }
 
         /// Without the receiver's own log, the join never counts an occurrence twice.
