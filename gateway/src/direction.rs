@@ -35,6 +35,17 @@ pub fn pages_in_flight(page: u32) -> usize {
     (RECORDS_IN_FLIGHT / (page.max(1) as usize)).clamp(3, 8)
 }
 
+/// The receiver's next answer. A store sends a `Pong` to a connection whose batches wait on a
+/// slow commit (its keepalive): that says it is alive, and answers nothing.
+async fn next_answer(receiver: &mut Connection) -> Result<Message, tandem_probe::ClientError> {
+    loop {
+        match receiver.recv().await? {
+            Message::Pong { .. } => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
 /// Where one direction stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -188,7 +199,7 @@ impl Direction {
                         Message::LogTrimmed { first_lsn } => {
                             // Let what is in flight land first: its cursor is worth keeping.
                             while let Some((b, lsn, n, _)) = in_flight.pop_front() {
-                                let answer = tokio::time::timeout(wait, self.receiver.recv())
+                                let answer = tokio::time::timeout(wait, next_answer(&mut self.receiver))
                                     .await
                                     .map_err(|_| format!("{to} did not answer batch {b} within {wait:?}"))?
                                     .map_err(|e| format!("{to}: {e}"))?;
@@ -201,7 +212,7 @@ impl Direction {
                         other => tracing::debug!(%from, message = other.name(), "unexpected message"),
                     }
                 }
-                answer = self.receiver.recv(), if !in_flight.is_empty() => {
+                answer = next_answer(&mut self.receiver), if !in_flight.is_empty() => {
                     let answer = answer.map_err(|e| format!("{to}: {e}"))?;
                     let Some((b, lsn, n, _)) = in_flight.pop_front() else { continue };
                     self.acked(answer, b, lsn, n).await?;
@@ -344,7 +355,7 @@ impl Direction {
                 ));
             };
             let answer = tokio::select! {
-                answer = tokio::time::timeout(wait, self.receiver.recv()) => answer
+                answer = tokio::time::timeout(wait, next_answer(&mut self.receiver)) => answer
                     .map_err(|_| format!("{to} did not answer page {b} of the snapshot within {wait:?}"))?
                     .map_err(|e| format!("{to}: {e}"))?,
                 _ = self.session.cancelled() => return Err("the session ended".into()),
@@ -399,5 +410,67 @@ impl Direction {
         if let Some(ahead) = due.checked_sub(started.elapsed()) {
             tokio::time::sleep(ahead).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot set itself up should fail
+
+    use futures::{SinkExt, StreamExt};
+    use tandem_protocol::{
+        ClientKind, DEFAULT_MAX_FRAME, MessageCodec, PROTOCOL_VERSION, Role, Welcome,
+    };
+    use tokio_util::codec::Framed;
+
+    use super::*;
+
+    /// A receiver whose commit is behind sends keepalives before it answers: the gateway must
+    /// wait for the answer, not take the keepalive for it (and drop its session).
+    #[tokio::test]
+    async fn a_receivers_keepalive_is_not_its_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = Framed::new(tcp, MessageCodec::new(DEFAULT_MAX_FRAME));
+            let _hello = conn.next().await;
+            let welcome = Message::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                name: "AGG_B".into(),
+                role: Role::Backup,
+                acting_primary: false,
+                resynced: true,
+            });
+            conn.send(&welcome).await.unwrap();
+            for _ in 0..3 {
+                conn.send(&Message::Pong { nonce: 0 }).await.unwrap();
+            }
+            let ack = Message::Ack {
+                batch: 7,
+                applied: 1,
+                duplicates: 0,
+            };
+            conn.send(&ack).await.unwrap();
+            // Held open until the client has read.
+            let _ = conn.next().await;
+        });
+        let mut receiver = Connection::connect(
+            addr,
+            ClientKind::Gateway,
+            "GW",
+            DEFAULT_MAX_FRAME,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), next_answer(&mut receiver))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(got, Message::Ack { batch: 7, .. }),
+            "answered {got:?}"
+        );
     }
 }
