@@ -55,6 +55,10 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         },
         // The clients' heartbeat (a fifth of the deadline; they give up after half of it).
         keepalive: Duration::from_millis((pair.pair.failover_deadline_ms / 5).max(10)),
+        // As a proxy gives up on its store: ten of its `dead_after`s, at least 2 s.
+        stall_after: Duration::from_millis(
+            pair.pair.failover_deadline_ms.saturating_mul(5).max(2_000),
+        ),
     })
 }
 
@@ -67,7 +71,7 @@ struct StoreView {
 
 impl OpsView for StoreView {
     fn ready(&self) -> bool {
-        self.shared.loaded.load(Ordering::Relaxed)
+        self.shared.loaded.load(Ordering::Relaxed) && !self.shared.stalled.load(Ordering::Relaxed)
     }
 
     fn active(&self) -> bool {
@@ -93,6 +97,8 @@ impl OpsView for StoreView {
                 (true, true) => "degraded",
             },
             "peer_cursor": *s.peer_cursor.borrow(),
+            // A commit running past the stall limit (a hung disk): see the store's watchdog.
+            "stalled": s.stalled.load(Ordering::Relaxed),
         })
     }
 

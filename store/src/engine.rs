@@ -128,6 +128,14 @@ pub struct Shared {
     pub role_changes: tokio::sync::broadcast::Sender<bool>,
     /// Snapshots being read by a peer's full resync.
     pub snapshots: Snapshots,
+    /// The alerts that exist, as of the last commit: read without the table's lock, which a
+    /// stuck commit may hold (async tasks must not wait on it).
+    pub alive: AtomicU64,
+    /// When the commit under way started (ms since the epoch; 0: none under way).
+    pub commit_started_ms: AtomicU64,
+    /// The commit under way has run past the stall limit (see `watchdog`): this store then
+    /// refuses probes and proxies and does not answer its peer's heartbeat.
+    pub stalled: AtomicBool,
     /// The commit queue, weakly: the store's own notices go through it, without keeping the
     /// commit thread alive past shutdown.
     requests: std::sync::OnceLock<mpsc::WeakSender<Request>>,
@@ -169,9 +177,17 @@ impl Shared {
         }
     }
 
-    /// The alerts that exist now.
+    /// How long the commit under way has been running; None when none is.
+    pub fn commit_running_for(&self) -> Option<std::time::Duration> {
+        let started = self.commit_started_ms.load(Ordering::Relaxed);
+        (started != 0).then(|| {
+            std::time::Duration::from_millis(crate::now_ms().saturating_sub(started as i64) as u64)
+        })
+    }
+
+    /// The alerts that exist, as of the last commit.
     pub fn alert_count(&self) -> u64 {
-        self.table.read().map(|t| t.alive()).unwrap_or(0)
+        self.alive.load(Ordering::Relaxed)
     }
 
     pub fn head_lsn(&self) -> u64 {
@@ -212,6 +228,7 @@ pub fn start(
         "loaded the alert table"
     );
     let (head, _) = watch::channel(meta.head_lsn);
+    let alive = table.alive();
     let shared = Arc::new(Shared {
         name: name.to_string(),
         table: RwLock::new(table),
@@ -231,6 +248,9 @@ pub fn start(
         directives: tokio::sync::broadcast::channel(16).0,
         role_changes: tokio::sync::broadcast::channel(16).0,
         snapshots: Snapshots::new(meta.epoch),
+        alive: AtomicU64::new(alive),
+        commit_started_ms: AtomicU64::new(0),
+        stalled: AtomicBool::new(false),
         requests: std::sync::OnceLock::new(),
     });
     let (tx, rx) = mpsc::channel(queue);
@@ -498,6 +518,9 @@ fn commit_loop(
     let mut known_cursors: std::collections::HashMap<String, u64> = Default::default();
 
     while let Some(first) = rx.blocking_recv() {
+        shared
+            .commit_started_ms
+            .store(crate::now_ms().max(1) as u64, Ordering::Relaxed);
         let mut events = first.len();
         group.push(first);
         while events < MAX_GROUP_EVENTS {
@@ -638,6 +661,7 @@ fn commit_loop(
                 }
             }
             (applied_total, dup_total) = (work.applied, work.duplicates);
+            shared.alive.store(table.alive(), Ordering::Relaxed);
             for (peer, lsn) in &peers.cursors {
                 checkpoint_cursors.retain(|(p, _)| p != peer);
                 checkpoint_cursors.push((peer.clone(), *lsn));
@@ -703,6 +727,7 @@ fn commit_loop(
             // A connection that went away no longer wants its answer; the events are durable.
             let _ = reply.send(answer);
         }
+        shared.commit_started_ms.store(0, Ordering::Relaxed);
         log.clear();
         peers.clear();
     }

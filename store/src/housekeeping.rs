@@ -35,7 +35,12 @@ pub async fn run(
         if !shared.acting_primary.load(Ordering::Relaxed) {
             continue;
         }
-        let bodies = due(&shared, crate::now_ms(), clear_delete_after);
+        // Off the async workers: it scans the table, under the lock a commit holds.
+        let scan = shared.clone();
+        let bodies =
+            tokio::task::spawn_blocking(move || due(&scan, crate::now_ms(), clear_delete_after))
+                .await
+                .unwrap_or_default();
         if bodies.is_empty() {
             continue;
         }

@@ -33,6 +33,7 @@ pub mod resync;
 pub mod role;
 pub mod server;
 pub mod table;
+pub mod watchdog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,6 +94,8 @@ pub struct StoreOptions {
     /// sent a `Pong` anyway: the clients' heartbeat, so that a slow commit is not taken for a
     /// dead store.
     pub keepalive: Duration,
+    /// A commit running longer than this marks the store stalled (see [`watchdog`]).
+    pub stall_after: Duration,
 }
 
 impl StoreOptions {
@@ -115,6 +118,7 @@ impl StoreOptions {
             peer: None,
             role_settings: role::RoleSettings::default(),
             keepalive: Duration::from_millis(200),
+            stall_after: Duration::from_secs(5),
         }
     }
 }
@@ -178,6 +182,11 @@ pub async fn run(
     if let Some(peer) = options.peer.clone() {
         tasks.spawn(peer::watch(shared.clone(), peer, shutdown.child_token()));
     }
+    tasks.spawn(watchdog::run(
+        shared.clone(),
+        options.stall_after.max(Duration::from_millis(10)),
+        shutdown.child_token(),
+    ));
     let server_options = server::ServerOptions {
         role: options.role,
         on_role_change: options.peer.as_ref().and_then(|p| p.on_role_change.clone()),

@@ -16,7 +16,7 @@ use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
 use tandem_protocol::RawFrame;
 use tandem_protocol::message::LogBatch;
 use tandem_protocol::{
-    ClientKind, Message, MessageCodec, PROTOCOL_VERSION, Role, StoreStatus, Welcome,
+    ClientKind, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Role, StoreStatus, Welcome,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -151,6 +151,20 @@ impl Handler {
     async fn handshake(&self, conn: &mut Conn) -> Option<(ClientKind, String)> {
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await;
         match check_hello(first, &self.shared.name) {
+            Ok(hello)
+                if self.shared.stalled.load(Ordering::Relaxed)
+                    && matches!(hello.kind, ClientKind::Probe | ClientKind::Proxy) =>
+            {
+                let reject = Message::Reject {
+                    reason: RejectReason::StoreUnavailable,
+                    message: format!(
+                        "{}'s commits are stuck; use the other member of the pair",
+                        self.shared.name
+                    ),
+                };
+                let _ = conn.send(&reject).await;
+                None
+            }
             Ok(hello) => {
                 let welcome = Message::Welcome(Welcome {
                     version: PROTOCOL_VERSION,
@@ -290,8 +304,17 @@ impl Handler {
                             }
                             self.push_log(conn, &mut subscription).await?;
                         }
+                        Message::Query(q) => {
+                            // Off the async workers: it reads the whole table, under the lock
+                            // that a commit holds.
+                            let shared = self.shared.clone();
+                            let answer = tokio::task::spawn_blocking(move || run_query(&shared, &q))
+                                .await
+                                .unwrap_or_else(|e| Message::Error { message: format!("query: {e}") });
+                            conn.send(&answer).await.map_err(|e| e.to_string())?;
+                        }
                         other => {
-                            let answer = self.answer(other);
+                            let answer = self.answer(other, kind);
                             conn.send(&answer).await.map_err(|e| e.to_string())?;
                         }
                     }
@@ -311,11 +334,22 @@ impl Handler {
                     self.push_log(conn, &mut subscription).await?;
                 }
                 _ = keepalive.tick(), if pending.len() >= MAX_PENDING_BATCHES => {
-                    conn.send(&Message::Pong { nonce: 0 }).await.map_err(|e| e.to_string())?;
+                    self.keepalive(conn).await?;
                 }
                 _ = self.shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Tells a client this store is alive though it is not reading it; not once the commit
+    /// is stalled, so that the client's own heartbeat gives up on it too.
+    async fn keepalive(&self, conn: &mut Conn) -> Result<(), String> {
+        if self.shared.stalled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        conn.send(&Message::Pong { nonce: 0 })
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Queues `request` for the commit thread. A full queue means commits are behind: the
@@ -334,9 +368,7 @@ impl Handler {
                     permit.send(request);
                     return Ok(());
                 }
-                _ = keepalive.tick() => {
-                    conn.send(&Message::Pong { nonce: 0 }).await.map_err(|e| e.to_string())?;
-                }
+                _ = keepalive.tick() => self.keepalive(conn).await?,
             }
         }
     }
@@ -393,26 +425,18 @@ impl Handler {
         }
     }
 
-    fn answer(&self, msg: Message) -> Message {
+    fn answer(&self, msg: Message, kind: ClientKind) -> Message {
         match msg {
             Message::Ping { nonce } => Message::Pong { nonce },
-            Message::StatusRequest => Message::Status(self.status()),
-            Message::Query(q) => {
-                let alerts: Vec<_> = match self.shared.table.read() {
-                    Ok(table) => table.alerts().collect(),
-                    Err(_) => {
-                        return Message::Error {
-                            message: "the alert table is unavailable".into(),
-                        };
-                    }
-                };
-                match query::run(alerts.iter(), &q) {
-                    Ok((alerts, total)) => Message::Alerts { alerts, total },
-                    Err(e) => Message::Error {
-                        message: format!("filter: {}", e.render(&q.filter)),
-                    },
+            // The peer's heartbeat: a stalled store is as good as down to its backup.
+            Message::StatusRequest
+                if kind == ClientKind::Store && self.shared.stalled.load(Ordering::Relaxed) =>
+            {
+                Message::Error {
+                    message: format!("{}'s commits are stuck", self.shared.name),
                 }
             }
+            Message::StatusRequest => Message::Status(self.status()),
             Message::GetCursor { peer } => {
                 let found = self
                     .shared
@@ -473,5 +497,23 @@ impl Handler {
             first_lsn: self.shared.first_lsn.load(Ordering::Relaxed),
             clients: 0,
         }
+    }
+}
+
+/// An operator's query against the table as of now.
+fn run_query(shared: &Shared, q: &tandem_protocol::Query) -> Message {
+    let alerts: Vec<_> = match shared.table.read() {
+        Ok(table) => table.alerts().collect(),
+        Err(_) => {
+            return Message::Error {
+                message: "the alert table is unavailable".into(),
+            };
+        }
+    };
+    match query::run(alerts.iter(), q) {
+        Ok((alerts, total)) => Message::Alerts { alerts, total },
+        Err(e) => Message::Error {
+            message: format!("filter: {}", e.render(&q.filter)),
+        },
     }
 }
