@@ -269,6 +269,17 @@ pub struct BadFrame {
     pub batch: Option<u64>,
 }
 
+/// Decodes a frame keeping each record's encoding ([`decode_events`], [`decode_merge`]).
+type KeepingDecoder = fn(Bytes) -> Result<(Message, Vec<Bytes>), CodecError>;
+
+/// A frame decoded as a [`Message`], or why it is not one (with its batch id, if it names one).
+fn decode_message(frame: &[u8]) -> Result<Message, BadFrame> {
+    from_bytes(frame).map_err(|error| BadFrame {
+        error,
+        batch: peek_batch(frame),
+    })
+}
+
 impl Decoder for MessageCodec {
     type Item = Result<Message, BadFrame>;
     type Error = CodecError;
@@ -277,18 +288,15 @@ impl Decoder for MessageCodec {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
-            Ok(Some(frame))
-                if self.keep_record_bytes
-                    && matches!(peek_variant(&frame), Some(EVENTS | MERGE)) =>
-            {
+            Ok(Some(frame)) if self.keep_record_bytes => {
+                let decode: KeepingDecoder = match peek_variant(&frame) {
+                    Some(EVENTS) => decode_events,
+                    Some(MERGE) => decode_merge,
+                    _ => return Ok(Some(decode_message(&frame))),
+                };
                 let frame = frame.freeze();
                 let batch = peek_batch(&frame);
-                let decoded = if peek_variant(&frame) == Some(EVENTS) {
-                    decode_events(frame)
-                } else {
-                    decode_merge(frame)
-                };
-                Ok(Some(match decoded {
+                Ok(Some(match decode(frame) {
                     Ok((message, encoded)) => {
                         self.record_bytes = encoded;
                         Ok(message)
@@ -296,10 +304,7 @@ impl Decoder for MessageCodec {
                     Err(error) => Err(BadFrame { error, batch }),
                 }))
             }
-            Ok(Some(frame)) => Ok(Some(from_bytes(&frame).map_err(|error| BadFrame {
-                error,
-                batch: peek_batch(&frame),
-            }))),
+            Ok(Some(frame)) => Ok(Some(decode_message(&frame))),
             Ok(None) => Ok(None),
             Err(e)
                 if e.get_ref().is_some_and(|inner| {

@@ -369,7 +369,9 @@ impl Db {
         for id in &changes.rows {
             if let Some(row) = table.row(id) {
                 scratch.clear();
-                match kept.then(|| changes.stored.get(id)).flatten() {
+                // Looked up only when a merge kept any: it hashes the identifier.
+                let state = if kept { changes.stored.get(id) } else { None };
+                match state {
                     // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
                     Some(state) => {
                         append_bytes(&row.serial, scratch)?;

@@ -131,8 +131,11 @@ pub struct Shared {
     /// The alerts that exist, as of the last commit: read without the table's lock, which a
     /// stuck commit may hold (async tasks must not wait on it).
     pub alive: AtomicU64,
-    /// When the commit under way started (ms since the epoch; 0: none under way).
-    pub commit_started_ms: AtomicU64,
+    /// When the commit under way started, in ms after `clock` plus one (0: none under way).
+    commit_started_ms: AtomicU64,
+    /// The monotonic origin of `commit_started_ms`: a wall-clock step must not look like a
+    /// stuck commit.
+    clock: std::time::Instant,
     /// The commit under way has run past the stall limit (see `watchdog`): this store then
     /// refuses probes and proxies and does not answer its peer's heartbeat.
     pub stalled: AtomicBool,
@@ -180,9 +183,18 @@ impl Shared {
     /// How long the commit under way has been running; None when none is.
     pub fn commit_running_for(&self) -> Option<std::time::Duration> {
         let started = self.commit_started_ms.load(Ordering::Relaxed);
-        (started != 0).then(|| {
-            std::time::Duration::from_millis(crate::now_ms().saturating_sub(started as i64) as u64)
-        })
+        (started != 0)
+            .then(|| std::time::Duration::from_millis(self.clock_ms().saturating_sub(started - 1)))
+    }
+
+    fn clock_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Marks a commit as under way (`true`) or finished, for [`Shared::commit_running_for`].
+    fn commit_running(&self, running: bool) {
+        let at = if running { self.clock_ms() + 1 } else { 0 };
+        self.commit_started_ms.store(at, Ordering::Relaxed);
     }
 
     /// The alerts that exist, as of the last commit.
@@ -250,6 +262,7 @@ pub fn start(
         snapshots: Snapshots::new(meta.epoch),
         alive: AtomicU64::new(alive),
         commit_started_ms: AtomicU64::new(0),
+        clock: std::time::Instant::now(),
         stalled: AtomicBool::new(false),
         requests: std::sync::OnceLock::new(),
     });
@@ -518,9 +531,7 @@ fn commit_loop(
     let mut known_cursors: std::collections::HashMap<String, u64> = Default::default();
 
     while let Some(first) = rx.blocking_recv() {
-        shared
-            .commit_started_ms
-            .store(crate::now_ms().max(1) as u64, Ordering::Relaxed);
+        shared.commit_running(true);
         let mut events = first.len();
         group.push(first);
         while events < MAX_GROUP_EVENTS {
@@ -727,7 +738,7 @@ fn commit_loop(
             // A connection that went away no longer wants its answer; the events are durable.
             let _ = reply.send(answer);
         }
-        shared.commit_started_ms.store(0, Ordering::Relaxed);
+        shared.commit_running(false);
         log.clear();
         peers.clear();
     }

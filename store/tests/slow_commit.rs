@@ -159,6 +159,21 @@ async fn connect(
     Connection::connect(addr, kind, name, DEFAULT_MAX_FRAME, Duration::from_secs(5)).await
 }
 
+/// Reads `conn` until a message `wanted` accepts arrives, for at most 10 s.
+async fn recv_until(conn: &mut Connection, what: &str, wanted: impl Fn(&Message) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, conn.recv())
+            .await
+            .unwrap_or_else(|_| panic!("not {what} within 10 s"))
+            .unwrap();
+        if wanted(&msg) {
+            return;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_whose_commit_is_stuck_sends_probes_away_until_it_goes_through() {
     const STALL: Duration = Duration::from_millis(500);
@@ -211,20 +226,13 @@ async fn a_store_whose_commit_is_stuck_sends_probes_away_until_it_goes_through()
         .unwrap();
 
     // The connected probe is told to leave.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let msg = tokio::time::timeout(left, probe.recv())
-            .await
-            .expect("told to leave within 10 s")
-            .unwrap();
-        if matches!(
+    recv_until(&mut probe, "told to leave", |msg| {
+        matches!(
             msg,
             Message::Directive(tandem_protocol::Directive::Leave { .. })
-        ) {
-            break;
-        }
-    }
+        )
+    })
+    .await;
     // New probes are refused, and the peer's heartbeat fails, while the commit is stuck.
     let refused = connect(addr, ClientKind::Probe, "probe-b").await;
     assert!(refused.is_err(), "a stuck store took a new probe");
@@ -246,17 +254,12 @@ async fn a_store_whose_commit_is_stuck_sends_probes_away_until_it_goes_through()
     tokio::task::spawn_blocking(move || holder.join().unwrap())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let msg = tokio::time::timeout(left, probe.recv())
-            .await
-            .expect("acknowledged within 10 s of the commit going through")
-            .unwrap();
-        if matches!(msg, Message::Ack { batch: 1, .. }) {
-            break;
-        }
-    }
+    recv_until(
+        &mut probe,
+        "acknowledged once the commit went through",
+        |msg| matches!(msg, Message::Ack { batch: 1, .. }),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while connect(addr, ClientKind::Probe, "probe-c").await.is_err() {
         assert!(
