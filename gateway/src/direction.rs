@@ -252,6 +252,11 @@ impl Direction {
         let (from, to) = (&self.from, &self.to);
         match answer {
             Message::Ack { batch: b, .. } if b == batch => {}
+            Message::Ack { batch: b, .. } => {
+                return Err(format!(
+                    "{to} answered batch {b} of Replicate while batch {batch} was the oldest waiting"
+                ));
+            }
             Message::Refused { reason, index, .. } => {
                 return Err(format!(
                     "{to} refused entry {index} of {from}'s log: {reason}"

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::stream::FuturesUnordered;
+use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
@@ -188,7 +188,10 @@ impl Handler {
     }
 
     async fn serve(&self, conn: &mut Conn, kind: ClientKind) -> Result<(), String> {
-        let mut pending = FuturesUnordered::new();
+        // Answers in the order the batches came: the gateway pairs each answer with its oldest
+        // batch in flight. (Unordered, an answer whose reply raced the polling of an older one
+        // overtook it.)
+        let mut pending = FuturesOrdered::new();
         let mut subscription: Option<Subscription> = None;
         let mut head = self.shared.head.subscribe();
         // Directives move probes (directly or through their proxy); the gateway's and
@@ -238,7 +241,7 @@ impl Handler {
                             let (reply, rx) = oneshot::channel();
                             self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
-                            pending.push(answer_of(batch, rx, sync));
+                            pending.push_back(answer_of(batch, rx, sync));
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
                             // Decoded here, on this connection's task, not on the commit thread.
@@ -252,13 +255,13 @@ impl Handler {
                             };
                             let (reply, rx) = oneshot::channel();
                             self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
-                            pending.push(answer_of(batch, rx, None));
+                            pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, chunk } => {
                             let (reply, rx) = oneshot::channel();
                             let encoded = conn.codec_mut().take_record_bytes();
                             self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, encoded, reply }).await?;
-                            pending.push(answer_of(batch, rx, None));
+                            pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::SnapshotRequest { peer, snapshot, after, limit } => {
                             let shared = self.shared.clone();
