@@ -436,6 +436,7 @@ impl Driver {
                 });
                 match result {
                     Ok(conn) => {
+                        tracing::debug!(?member, unacked = self.spool.len(), "connected");
                         self.open_link(member, conn);
                         let actions = self.failover.handle(Input::Connected(member), now);
                         self.perform(actions)
@@ -511,6 +512,7 @@ impl Driver {
         };
         self.in_flight_events -= seqs.len();
         let n = seqs.len() as u64;
+        tracing::trace!(batch, events = n, "acknowledged");
         if let Err(e) = self.spool.ack(&seqs) {
             tracing::warn!(error = %e, "could not forget acknowledged events; they will be resent");
         }

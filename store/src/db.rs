@@ -14,8 +14,11 @@
 //! clears changed since the previous checkpoint, together with `checkpoint_lsn` (the head they
 //! are the fold of) and each peer's cursor as of then. Writing a hot alert's row once per
 //! checkpoint instead of once per commit is what the durable rate depends on (a row is about
-//! as big as an event). Start-up loads the checkpoint and replays the log after
-//! `checkpoint_lsn`, so the log is never trimmed past it; a full resync's snapshot is the
+//! as big as an event). A periodic checkpoint is encoded under the table's lock by the commit
+//! that takes it and written in a batch of its own by another thread once that commit is
+//! durable (see [`Checkpoint`]); a checkpoint that holds what no log entry does (a merged
+//! snapshot page) goes into its commit's batch. Start-up loads the checkpoint and replays the
+//! log after `checkpoint_lsn`, so the log is never trimmed past a durable one; a full resync's snapshot is the
 //! checkpoint, consistent by construction. A data directory without `checkpoint_lsn` was
 //! written with every commit a checkpoint: its checkpoint is its head.
 
@@ -64,6 +67,102 @@ pub enum DbError {
 
 /// Generic-clear keys with their newest resolution versions.
 pub type Clears = Vec<(String, Version)>;
+
+/// The keyspace a checkpoint record goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Space {
+    Alerts,
+    Applied,
+    Clears,
+    Meta,
+}
+
+/// A checkpoint's records, encoded: the rows, applied sets and clears a run of commits
+/// changed, each peer's cursor, and the LSN and serial it stands at.
+///
+/// Encoded under the table's lock, so it is a consistent cut of the table; writing it (the
+/// storage engine's batch, its journal and the sync) needs no lock and can happen on another
+/// thread while the next commits go on.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    /// Every record's key and then value, back to back.
+    buf: Vec<u8>,
+    /// Each record's keyspace and where its key and value end in `buf`.
+    records: Vec<(Space, usize, usize)>,
+    /// The LSN the checkpoint stands at: the log after it is what a start replays.
+    pub lsn: u64,
+}
+
+impl Checkpoint {
+    /// Encodes the records `changes` names, as `table` holds them now, and the cursors and
+    /// positions of `meta`. Reuses this checkpoint's buffers.
+    pub fn encode(
+        &mut self,
+        table: &Table,
+        changes: &Changes,
+        meta: &Meta,
+        cursors: &[(String, u64)],
+    ) -> Result<(), DbError> {
+        self.buf.clear();
+        self.records.clear();
+        self.lsn = meta.head_lsn;
+        let kept = !changes.stored.is_empty();
+        for id in &changes.rows {
+            if let Some(row) = table.row(id) {
+                self.buf.extend_from_slice(id.as_bytes());
+                let key_end = self.buf.len();
+                // Looked up only when a merge kept any: it hashes the identifier.
+                match if kept { changes.stored.get(id) } else { None } {
+                    // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
+                    Some(state) => {
+                        append_bytes(&row.serial, &mut self.buf)?;
+                        self.buf.extend_from_slice(state);
+                    }
+                    None => append_bytes(row, &mut self.buf)?,
+                }
+                self.records.push((Space::Alerts, key_end, self.buf.len()));
+            }
+        }
+        for origin in &changes.origins {
+            if let Some(set) = table.applied(origin) {
+                append_bytes(origin, &mut self.buf)?;
+                let key_end = self.buf.len();
+                append_bytes(set, &mut self.buf)?;
+                self.records.push((Space::Applied, key_end, self.buf.len()));
+            }
+        }
+        for key in &changes.clears {
+            if let Some(version) = table.clear_version(key) {
+                self.buf.extend_from_slice(key.as_bytes());
+                let key_end = self.buf.len();
+                append_bytes(version, &mut self.buf)?;
+                self.records.push((Space::Clears, key_end, self.buf.len()));
+            }
+        }
+        for (peer, lsn) in cursors {
+            self.meta(format!("{CHECKPOINT_CURSOR_PREFIX}{peer}").as_bytes(), *lsn);
+        }
+        self.meta(CHECKPOINT_LSN.as_bytes(), meta.head_lsn);
+        self.meta(NEXT_SERIAL.as_bytes(), meta.next_serial);
+        Ok(())
+    }
+
+    fn meta(&mut self, key: &[u8], value: u64) {
+        self.buf.extend_from_slice(key);
+        let key_end = self.buf.len();
+        self.buf.extend_from_slice(&value.to_be_bytes());
+        self.records.push((Space::Meta, key_end, self.buf.len()));
+    }
+
+    fn records(&self) -> impl Iterator<Item = (Space, &[u8], &[u8])> {
+        let mut start = 0;
+        self.records.iter().map(move |&(space, key_end, end)| {
+            let record = (space, &self.buf[start..key_end], &self.buf[key_end..end]);
+            start = end;
+            record
+        })
+    }
+}
 
 const HEAD_LSN: &str = "head_lsn";
 const FIRST_LSN: &str = "first_lsn";
@@ -283,26 +382,21 @@ impl Db {
         Ok(head_lsn)
     }
 
-    /// Writes one group commit atomically and syncs it to disk. With `checkpoint`, also the
-    /// records `changes` names and each peer's cursor as of now (`cursors`: every peer whose
-    /// cursor moved since the previous checkpoint).
+    /// Writes one group commit atomically and syncs it to disk, with `checkpoint` in the
+    /// same batch when given.
     ///
     /// `trim` removes those log entries in the same batch.
-    #[allow(clippy::too_many_arguments)] // one commit's parts, each written once
     pub fn commit(
         &self,
-        table: &Table,
-        changes: &Changes,
         log: &LogBuf,
         meta: &Meta,
         peers: &PeerWrites,
         trim: std::ops::Range<u64>,
-        scratch: &mut Vec<u8>,
-        checkpoint: Option<&[(String, u64)]>,
+        checkpoint: Option<&Checkpoint>,
     ) -> Result<(), DbError> {
         let mut batch = self.db.batch();
-        if let Some(cursors) = checkpoint {
-            self.write_checkpoint(&mut batch, table, changes, meta, cursors, scratch)?;
+        if let Some(checkpoint) = checkpoint {
+            self.insert_checkpoint(&mut batch, checkpoint);
         }
         for (first, block) in log.blocks(BLOCK_ENTRIES) {
             batch.insert(&self.log, block_key(first), block);
@@ -336,6 +430,29 @@ impl Db {
         Ok(())
     }
 
+    /// Writes a checkpoint on its own, atomically, and syncs it: for a checkpoint written
+    /// after the commit that built it, off the commit thread. The log up to its LSN must
+    /// already be durable.
+    pub fn write_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), DbError> {
+        let mut batch = self.db.batch();
+        self.insert_checkpoint(&mut batch, checkpoint);
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn insert_checkpoint(&self, batch: &mut fjall::OwnedWriteBatch, checkpoint: &Checkpoint) {
+        for (space, key, value) in checkpoint.records() {
+            let keyspace = match space {
+                Space::Alerts => &self.alerts,
+                Space::Applied => &self.applied,
+                Space::Clears => &self.clears,
+                Space::Meta => &self.meta,
+            };
+            batch.insert(keyspace, key, value);
+        }
+    }
+
     /// Removes every block whose entries are all below `first_lsn`. A block is wholly below
     /// it when the next block starts at or below it.
     fn trim_blocks(
@@ -353,54 +470,6 @@ impl Db {
             }
             previous = (first < first_lsn).then_some(first);
         }
-        Ok(())
-    }
-
-    fn write_checkpoint(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        table: &Table,
-        changes: &Changes,
-        meta: &Meta,
-        cursors: &[(String, u64)],
-        scratch: &mut Vec<u8>,
-    ) -> Result<(), DbError> {
-        let kept = !changes.stored.is_empty();
-        for id in &changes.rows {
-            if let Some(row) = table.row(id) {
-                scratch.clear();
-                // Looked up only when a merge kept any: it hashes the identifier.
-                let state = if kept { changes.stored.get(id) } else { None };
-                match state {
-                    // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
-                    Some(state) => {
-                        append_bytes(&row.serial, scratch)?;
-                        scratch.extend_from_slice(state);
-                    }
-                    None => append_bytes(row, scratch)?,
-                }
-                batch.insert(&self.alerts, id.as_bytes(), scratch.as_slice());
-            }
-        }
-        for origin in &changes.origins {
-            if let Some(set) = table.applied(origin) {
-                batch.insert(&self.applied, to_bytes(origin)?, to_bytes(set)?);
-            }
-        }
-        for key in &changes.clears {
-            if let Some(version) = table.clear_version(key) {
-                batch.insert(&self.clears, key.as_bytes(), to_bytes(version)?);
-            }
-        }
-        for (peer, lsn) in cursors {
-            batch.insert(
-                &self.meta,
-                format!("{CHECKPOINT_CURSOR_PREFIX}{peer}"),
-                lsn.to_be_bytes(),
-            );
-        }
-        batch.insert(&self.meta, CHECKPOINT_LSN, meta.head_lsn.to_be_bytes());
-        batch.insert(&self.meta, NEXT_SERIAL, meta.next_serial.to_be_bytes());
         Ok(())
     }
 
@@ -760,18 +829,8 @@ mod tests {
         }
         let trim = meta.first_lsn..first_lsn;
         meta.first_lsn = first_lsn;
-        let table = Table::new("AGG_P");
-        db.commit(
-            &table,
-            &Changes::default(),
-            &log,
-            meta,
-            &PeerWrites::default(),
-            trim,
-            &mut Vec::new(),
-            None,
-        )
-        .unwrap();
+        db.commit(&log, meta, &PeerWrites::default(), trim, None)
+            .unwrap();
     }
 
     fn lsns(entries: &[LogEntry]) -> Vec<u64> {

@@ -158,8 +158,26 @@ async fn a_store_killed_between_checkpoints_rebuilds_every_field_from_its_log() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kills_at_random_points() {
+    kills_at_random_points(None).await;
+}
+
+/// With a short log, a checkpoint is due every few commits and the log is trimmed behind it:
+/// kills land while checkpoints are being written (off the commit thread), and the log must
+/// still cover everything after the last durable one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kills_while_checkpoints_are_written() {
+    kills_at_random_points(Some(500)).await;
+}
+
+async fn kills_at_random_points(log_retention: Option<u64>) {
     let mut rng = seed() | 1;
-    let pair = Pair::new(|t| t);
+    let pair = Pair::new(|t| match log_retention {
+        Some(n) => t.replace(
+            "data_dir = \"agg_p\"",
+            &format!("data_dir = \"agg_p\"\nlog_retention_entries = {n}"),
+        ),
+        None => t,
+    });
     let addr = store_addr(&pair);
     let origin = Origin::new("recovery", 1);
     let mut acked: HashSet<String> = HashSet::new();
