@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The longest wait for an acknowledgement when a member dies under load: the full pair, each
 # component its own process; `tandem bench` at RATE events/s; VICTIM (PROXY_P or AGG_P) SIGKILLed
-# 4 s in. Prints the benchmark's JSON (max_ack_gap_ms is the figure).
-# Usage: bench/failover-gap.sh PROXY_P|AGG_P [RATE] [EVENTS]   (after cargo build --release)
+# 4 s in. Prints the benchmark's JSON (max_ack_gap_ms is the figure). With `none`, nothing is
+# killed: the longest wait the pair has anyway at that rate, the baseline a failover adds to.
+# Usage: bench/failover-gap.sh PROXY_P|AGG_P|none [RATE] [EVENTS]   (after cargo build --release)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 T=${TANDEM:-$here/../target/release/tandem}
-victim=${1:?usage: bench/failover-gap.sh PROXY_P|AGG_P [RATE] [EVENTS]}
+victim=${1:?usage: bench/failover-gap.sh PROXY_P|AGG_P|none [RATE] [EVENTS]}
 rate=${2:-100000}
 events=${3:-1000000}
 d=$(mktemp -d)
@@ -25,6 +26,6 @@ done
   --rate "$rate" --json > "$d/bench.json" &
 bench=$!
 sleep 4
-kill -9 "${pid[$victim]}"
+[ "$victim" = none ] || kill -9 "${pid[$victim]}"
 wait "$bench"
 cat "$d/bench.json"

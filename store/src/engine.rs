@@ -489,6 +489,13 @@ fn apply_one(
         return table.apply(event, source, changes);
     }
     meta.head_lsn += 1;
+    if let (None, Some(encoded)) = (source, encoded) {
+        // Logged after the fold, which finds the row and so its serial: looking the row up
+        // for the serial first was a seventh of the commit thread.
+        let (outcome, serial) = table.apply_with_serial(event, None, changes);
+        log.push_encoded(meta.head_lsn, own_name, serial, encoded);
+        return outcome;
+    }
     let (source, source_serial) =
         source.unwrap_or((own_name, table.serial_for(event.identifier())));
     match encoded {

@@ -28,6 +28,10 @@ pub struct Row {
     /// stored) so that the hot path neither rebuilds nor keeps a copy of the key's text.
     #[serde(skip)]
     clear_hash: u64,
+    /// The clear hash this row was last put in the problem index under (0: none). The index
+    /// only grows, so a newer occurrence with the same hash needs no index lookup.
+    #[serde(skip)]
+    indexed: u64,
     /// Changed since the last commit; in `Changes::rows` once.
     #[serde(skip)]
     dirty: bool,
@@ -39,6 +43,7 @@ impl Row {
             serial,
             state,
             clear_hash: 0,
+            indexed: 0,
             dirty: false,
         }
     }
@@ -279,6 +284,7 @@ impl Table {
             let hash = self.fields_hash(&row.state.latest.value);
             if row.state.latest.value.kind == Kind::Problem {
                 self.index_problem(hash, &id);
+                row.indexed = hash;
             }
             row.clear_hash = hash;
         }
@@ -388,6 +394,18 @@ impl Table {
         source: Option<(&str, u64)>,
         changes: &mut Changes,
     ) -> Outcome {
+        self.apply_with_serial(event, source, changes).0
+    }
+
+    /// [`Table::apply`], also returning the alert's serial (as [`Table::serial_for`] would
+    /// have before the event): for the caller that logs the event after applying it, which
+    /// saves looking the row up twice.
+    pub fn apply_with_serial(
+        &mut self,
+        event: Event,
+        source: Option<(&str, u64)>,
+        changes: &mut Changes,
+    ) -> (Outcome, u64) {
         let fresh = match self.applied.get_mut(&event.origin) {
             Some(set) => set.insert(event.seq),
             None => {
@@ -414,18 +432,20 @@ impl Table {
                     }
                 }
             }
-            return Outcome::Duplicate;
+            let serial = self.serial_for(event.identifier());
+            return (Outcome::Duplicate, serial);
         }
         if !changes.origins.contains(&event.origin) {
             changes.origins.insert(event.origin.clone());
         }
-        self.fold_in(event, source, changes);
-        Outcome::Applied
+        let serial = self.fold_in(event, source, changes);
+        (Outcome::Applied, serial)
     }
 
     /// Folds an event into its row without the exactly-once check: for [`Table::apply`], and
     /// for replaying this store's own logged events onto a row taken from the peer's snapshot.
-    fn fold_in(&mut self, event: Event, source: Option<(&str, u64)>, changes: &mut Changes) {
+    /// Returns the row's serial.
+    fn fold_in(&mut self, event: Event, source: Option<(&str, u64)>, changes: &mut Changes) -> u64 {
         let version = Version {
             time: event.time,
             origin: self.intern(&event.origin),
@@ -439,11 +459,13 @@ impl Table {
         };
         let mut clear_targets = None;
         let mut check_clear = None;
-        let mut index_problem = false;
+        let mut index_problem = None;
+        let serial;
         {
             let Some(row) = self.rows.get_mut(&id) else {
-                return;
+                return self.next_serial;
             };
+            serial = row.serial;
             let was_alive = fold::is_alive(&row.state);
             match event.body {
                 EventBody::Occurrence(fields) => {
@@ -457,7 +479,10 @@ impl Table {
                     if version == row.state.latest.version {
                         // This occurrence is the newest: its clear key is the alert's.
                         row.clear_hash = hash;
-                        index_problem = latest.kind == Kind::Problem;
+                        if latest.kind == Kind::Problem && row.indexed != hash {
+                            row.indexed = hash;
+                            index_problem = Some(hash);
+                        }
                     }
                     if latest.kind == Kind::Problem {
                         check_clear = Some(row.clear_hash);
@@ -469,13 +494,12 @@ impl Table {
             Self::mark(changes, &id, row);
             self.account(was_alive, alive);
         }
-        if index_problem {
-            if let Some(hash) = self.rows.get(&id).map(|r| r.clear_hash) {
-                self.index_problem(hash, &id);
-            }
+        if let Some(hash) = index_problem {
+            self.index_problem(hash, &id);
         }
-        // A resolution seen earlier may postdate this problem.
-        if let Some(hash) = check_clear {
+        // A resolution seen earlier may postdate this problem (looked for only where the clear
+        // key has any: most have none).
+        if let Some(hash) = check_clear.filter(|hash| self.clears.contains_key(hash)) {
             if let Some(row) = self.rows.get(&id) {
                 if let Some(clear) = self.clear_for(hash, &row.state.latest.value).cloned() {
                     if let Some(row) = self.rows.get_mut(&id) {
@@ -488,6 +512,7 @@ impl Table {
         if let Some(key) = clear_targets {
             self.resolve(key, version, changes);
         }
+        serial
     }
 
     /// Records a resolution of `key` and clears the problem alerts it matches.
@@ -575,6 +600,9 @@ impl Table {
             if let Some(row) = self.rows.get_mut(&id) {
                 row.clear_hash = hash;
                 problem = row.state.latest.value.kind == Kind::Problem;
+                if problem {
+                    row.indexed = hash;
+                }
             }
             if problem {
                 self.index_problem(hash, &id);
@@ -767,6 +795,27 @@ mod tests {
             }),
         ];
         (origins, 0i64..40, body).prop_map(|(origin, time, body)| event(origin, 0, time, body))
+    }
+
+    proptest! {
+        /// The store logs an event after applying it, with the serial the fold reports: it must
+        /// be the one the row had (or was about to get) before, as a lookup first would say.
+        #[test]
+        fn apply_reports_the_serial_the_row_had_before(
+            raw in prop::collection::vec(arb_event(), 1..60),
+        ) {
+            let mut t = Table::new("AGG_P");
+            let mut ch = Changes::default();
+            for (seq, mut e) in raw.into_iter().enumerate() {
+                e.seq = seq as u64 + 1;
+                let before = t.serial_for(e.identifier());
+                let (outcome, serial) = t.apply_with_serial(e.clone(), None, &mut ch);
+                prop_assert_eq!(serial, before);
+                prop_assert_eq!(t.serial_for(e.identifier()), before);
+                let (again, serial) = t.apply_with_serial(e, None, &mut ch);
+                prop_assert_eq!((outcome, again, serial), (Outcome::Applied, Outcome::Duplicate, before));
+            }
+        }
     }
 
     proptest! {
