@@ -231,6 +231,7 @@ pub fn start(
     let meta = db.load(&mut table, new_epoch)?;
     let mut changes = Changes::default();
     let replayed = replay(&db, &mut table, &meta, &mut changes)?;
+    drop(table.take_displaced());
     tracing::info!(
         store = name,
         alerts = table.alive(),
@@ -422,8 +423,15 @@ impl Group<'_> {
     /// Applies a batch whole (after checking all of it) or refuses it whole. Each item is an
     /// event, for a replicated entry the store it entered at and its serial there, and the
     /// event's encoding when it arrived encoded.
-    fn batch(&mut self, items: Vec<Item>) -> Reply {
-        if let Err((index, reason)) = check(items.iter().map(|(e, _, _)| e)) {
+    /// Applies a batch whose events `check` passed (`checked`), or refuses it. The items come
+    /// as an iterator over the request's own vectors: collecting them into one first moved
+    /// every event once more.
+    fn batch(
+        &mut self,
+        checked: Result<(), (u32, String)>,
+        items: impl Iterator<Item = Item>,
+    ) -> Reply {
+        if let Err((index, reason)) = checked {
             return Reply::Refused { index, reason };
         }
         let (mut applied, mut duplicates) = (0u32, 0u32);
@@ -604,6 +612,28 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Frees, on a thread of its own, the alert fields the commits displaced (see
+/// [`Table::take_displaced`]). A commit whose batch it cannot take at once frees it itself.
+fn start_freeing(
+    name: &str,
+) -> Option<std::sync::mpsc::SyncSender<Vec<tandem_protocol::AlertFields>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<tandem_protocol::AlertFields>>(4);
+    let started = std::thread::Builder::new()
+        .name(format!("{name}-free"))
+        .spawn(move || {
+            for batch in rx {
+                drop(batch);
+            }
+        });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread to free displaced alert fields; the commit thread frees them");
+            None
+        }
+    }
+}
+
 fn commit_loop(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Request>,
@@ -629,6 +659,7 @@ fn commit_loop(
             std::process::exit(1);
         }
     };
+    let freeing = start_freeing(&shared.name);
     let mut group: Vec<Request> = Vec::new();
     let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let mut peers = PeerWrites::default();
@@ -652,6 +683,7 @@ fn commit_loop(
         let started = Instant::now();
         checkpointer.collect(false);
         let (applied_total, dup_total);
+        let displaced;
         {
             let Ok(mut table) = shared.table.write() else {
                 tracing::error!("the alert table lock is poisoned; stopping");
@@ -660,6 +692,7 @@ fn commit_loop(
             if checkpointed {
                 table.start_commit(&mut changes);
             }
+            table.reserve_displaced(events);
             let mut merged = false;
             let mut work = Group {
                 table: &mut table,
@@ -678,12 +711,10 @@ fn commit_loop(
                         encoded,
                         reply,
                     } => {
+                        let checked = check(events.iter());
                         let mut encoded = encoded.into_iter();
-                        let items = events
-                            .into_iter()
-                            .map(|e| (e, None, encoded.next()))
-                            .collect();
-                        let answer = work.batch(items);
+                        let items = events.into_iter().map(|e| (e, None, encoded.next()));
+                        let answer = work.batch(checked, items);
                         replies.push((reply, answer));
                     }
                     Request::Replicate {
@@ -706,12 +737,12 @@ fn commit_loop(
                             replies.push((reply, Reply::Refused { index: 0, reason }));
                             continue;
                         }
+                        let checked = check(entries.iter().map(|e| &e.event));
                         let mut encoded = encoded.into_iter();
                         let items = entries
                             .into_iter()
-                            .map(|e| (e.event, Some((e.source, e.source_serial)), encoded.next()))
-                            .collect();
-                        let answer = work.batch(items);
+                            .map(|e| (e.event, Some((e.source, e.source_serial)), encoded.next()));
+                        let answer = work.batch(checked, items);
                         if matches!(answer, Reply::Ack { .. }) && cursor > known {
                             // Never backwards: a second gateway may replay older pages.
                             known_cursors.insert(peer.clone(), cursor);
@@ -757,28 +788,23 @@ fn commit_loop(
                         let now = crate::now_ms();
                         let first = work.meta.housekeeping_seq;
                         work.meta.housekeeping_seq += bodies.len() as u64;
-                        let events = bodies
+                        let events: Vec<Event> = bodies
                             .into_iter()
                             .zip(first + 1..)
-                            .map(|(body, seq)| {
-                                let origin = own_origin.clone();
-                                (
-                                    Event {
-                                        origin,
-                                        seq,
-                                        time: now,
-                                        body,
-                                    },
-                                    None,
-                                    None,
-                                )
+                            .map(|(body, seq)| Event {
+                                origin: own_origin.clone(),
+                                seq,
+                                time: now,
+                                body,
                             })
                             .collect();
-                        work.batch(events);
+                        let checked = check(events.iter());
+                        work.batch(checked, events.into_iter().map(|e| (e, None, None)));
                     }
                 }
             }
             (applied_total, dup_total) = (work.applied, work.duplicates);
+            displaced = table.take_displaced();
             shared.alive.store(table.alive(), Ordering::Relaxed);
             for (peer, lsn) in &peers.cursors {
                 checkpoint_cursors.retain(|(p, _)| p != peer);
@@ -869,6 +895,10 @@ fn commit_loop(
             let _ = reply.send(answer);
         }
         shared.commit_running(false);
+        if let Some(freeing) = &freeing {
+            // Full: the freeing thread is behind, and this batch is freed right here.
+            let _ = freeing.try_send(displaced);
+        }
         log.clear();
         peers.clear();
     }

@@ -34,6 +34,17 @@ pub fn propose<T>(slot: &mut Versioned<T>, value: T, version: &Version) -> bool 
     }
 }
 
+/// [`propose`] that hands back the value that lost (the old one, or `value` itself), for the
+/// caller to free where it costs less.
+fn propose_swap<T>(slot: &mut Versioned<T>, value: T, version: &Version) -> T {
+    if *version > slot.version {
+        slot.version = version.clone();
+        std::mem::replace(&mut slot.value, value)
+    } else {
+        value
+    }
+}
+
 fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
     match counts.iter_mut().find(|c| c.origin == *origin) {
         Some(c) => c.count += by,
@@ -120,12 +131,14 @@ impl ClearKey {
 
 /// Folds an occurrence into `state`. `inserted_at` is where this event entered the pair (the
 /// store name and the alert's serial there), a candidate for `server_name`/`server_serial`.
+/// Returns the fields that are not the alert's newest (the old newest, or `fields`): the
+/// commit thread hands them to another thread to free.
 pub fn occurrence(
     state: &mut AlertState,
     mut fields: AlertFields,
     version: &Version,
     inserted_at: (&str, u64),
-) {
+) -> AlertFields {
     let first_ever = state.occurrences.is_empty();
     bump(&mut state.occurrences, &version.origin, 1);
     let time = version.time;
@@ -145,8 +158,9 @@ pub fn occurrence(
     propose(&mut state.severity, severity, version);
     // The row's key holds the identifier; keeping a second copy here would only cost memory.
     fields.identifier = String::new();
-    propose(&mut state.latest, fields, version);
+    let displaced = propose_swap(&mut state.latest, fields, version);
     merge_inserted(state, version, inserted_at);
+    displaced
 }
 
 /// Offers `(store, serial)` as where the alert was first inserted. Also called for an
