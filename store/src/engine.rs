@@ -492,18 +492,21 @@ fn apply_one(
     changes: &mut Changes,
     log: &mut LogBuf,
 ) -> Outcome {
+    if let (None, Some(encoded)) = (source, encoded) {
+        // Logged after the fold, which finds the row and so its serial (looking the row up for
+        // the serial first was a seventh of the commit thread), and only if the fold took it.
+        let (outcome, serial) = table.apply_with_serial(event, None, changes);
+        if outcome == Outcome::Applied {
+            meta.head_lsn += 1;
+            log.push_encoded(meta.head_lsn, own_name, serial, encoded);
+        }
+        return outcome;
+    }
     if table.seen(&event.origin, event.seq) {
         // Still folded: a duplicate from the peer may carry who inserted the alert first.
         return table.apply(event, source, changes);
     }
     meta.head_lsn += 1;
-    if let (None, Some(encoded)) = (source, encoded) {
-        // Logged after the fold, which finds the row and so its serial: looking the row up
-        // for the serial first was a seventh of the commit thread.
-        let (outcome, serial) = table.apply_with_serial(event, None, changes);
-        log.push_encoded(meta.head_lsn, own_name, serial, encoded);
-        return outcome;
-    }
     let (source, source_serial) =
         source.unwrap_or((own_name, table.serial_for(event.identifier())));
     match encoded {

@@ -82,7 +82,16 @@ pub fn tally(state: &AlertState) -> u64 {
 }
 
 pub fn is_alive(state: &AlertState) -> bool {
-    tally(state) > 0
+    // `tally(state) > 0`, stopping at the first origin with occurrences left: asked twice for
+    // every event applied.
+    state.occurrences.iter().any(|occ| {
+        let deleted = state
+            .deleted
+            .iter()
+            .find(|d| d.origin == occ.origin)
+            .map_or(0, |d| d.count);
+        occ.count > deleted
+    })
 }
 
 /// The key a resolution clears by: node, alert key, alert group and manager.
@@ -378,5 +387,40 @@ mod tests {
         occurrence(&mut s, fields(3, "x"), &v(5, 2), ("AGG_B", 7));
         occurrence(&mut s, fields(3, "x"), &v(4, 1), ("AGG_P", 3));
         assert_eq!(s.inserted.value, ("AGG_P".to_string(), 3));
+    }
+}
+
+#[cfg(test)]
+mod alive_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn counts(origins: &[u64]) -> Vec<OriginCount> {
+        origins
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, &count)| OriginCount {
+                origin: Origin::new(format!("p{i}"), 1),
+                count,
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// The short-circuiting aliveness check agrees with the tally it stands for.
+        #[test]
+        fn alive_means_a_positive_tally(
+            seen in prop::collection::vec(0u64..4, 0..4),
+            deleted in prop::collection::vec(0u64..4, 0..4),
+        ) {
+            let state = AlertState {
+                occurrences: counts(&seen),
+                deleted: counts(&deleted),
+                ..AlertState::default()
+            };
+            prop_assert_eq!(is_alive(&state), tally(&state) > 0);
+        }
     }
 }

@@ -467,7 +467,6 @@ impl Table {
             seq: event.seq,
         };
         let id = self.row_key(event.identifier());
-        let own_name = self.name.clone();
         let occurrence_hash = match &event.body {
             EventBody::Occurrence(fields) => self.fields_hash(fields),
             _ => 0,
@@ -484,7 +483,7 @@ impl Table {
             let was_alive = fold::is_alive(&row.state);
             match event.body {
                 EventBody::Occurrence(fields) => {
-                    let at = source.unwrap_or((&*own_name, row.serial));
+                    let at = source.unwrap_or((&*self.name, row.serial));
                     if fields.kind == Kind::Resolution {
                         clear_targets = Some(ClearKey::of(&fields));
                     }
