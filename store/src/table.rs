@@ -28,13 +28,14 @@ pub struct Row {
     /// stored) so that the hot path neither rebuilds nor keeps a copy of the key's text.
     #[serde(skip)]
     clear_hash: u64,
-    /// The clear hash this row was last put in the problem index under (0: none). The index
-    /// only grows, so a newer occurrence with the same hash needs no index lookup.
-    #[serde(skip)]
-    indexed: u64,
     /// Changed since the last commit; in `Changes::rows` once.
     #[serde(skip)]
     dirty: bool,
+    /// In the problem index under `clear_hash`. The index only grows, so a newer occurrence
+    /// with the same clear key needs no index lookup. (A flag, not the hash: it fits in the
+    /// row's padding, and a row one word longer moves to the allocator's next size class.)
+    #[serde(skip)]
+    indexed: bool,
 }
 
 impl Row {
@@ -43,8 +44,8 @@ impl Row {
             serial,
             state,
             clear_hash: 0,
-            indexed: 0,
             dirty: false,
+            indexed: false,
         }
     }
 }
@@ -299,7 +300,7 @@ impl Table {
             let hash = self.fields_hash(&row.state.latest.value);
             if row.state.latest.value.kind == Kind::Problem {
                 self.index_problem(hash, &id);
-                row.indexed = hash;
+                row.indexed = true;
             }
             row.clear_hash = hash;
         }
@@ -493,9 +494,10 @@ impl Table {
                     let latest = &row.state.latest.value;
                     if version == row.state.latest.version {
                         // This occurrence is the newest: its clear key is the alert's.
+                        row.indexed &= row.clear_hash == hash;
                         row.clear_hash = hash;
-                        if latest.kind == Kind::Problem && row.indexed != hash {
-                            row.indexed = hash;
+                        if latest.kind == Kind::Problem && !row.indexed {
+                            row.indexed = true;
                             index_problem = Some(hash);
                         }
                     }
@@ -613,10 +615,11 @@ impl Table {
         if let Some(hash) = hash {
             let mut problem = false;
             if let Some(row) = self.rows.get_mut(&id) {
+                row.indexed &= row.clear_hash == hash;
                 row.clear_hash = hash;
                 problem = row.state.latest.value.kind == Kind::Problem;
                 if problem {
-                    row.indexed = hash;
+                    row.indexed = true;
                 }
             }
             if problem {
@@ -1065,5 +1068,16 @@ mod tests {
                 prop_assert!(joined <= fold::tally(&row.state), "{id}: {joined} > {}", fold::tally(&row.state));
             }
         }
+    }
+}
+#[cfg(test)]
+mod row_size {
+    /// Every alert is a boxed row: one word more than 640 bytes puts each in the allocator's
+    /// next size class (768), 128 bytes more per alert against the memory target of 1 KiB
+    /// beyond the alert's text (docs/PERFORMANCE.md).
+    #[test]
+    fn a_row_fits_the_allocators_640_byte_class() {
+        let size = std::mem::size_of::<super::Row>();
+        assert!(size <= 640, "a row is {size} bytes");
     }
 }
