@@ -492,13 +492,16 @@ fn apply_one(
     changes: &mut Changes,
     log: &mut LogBuf,
 ) -> Outcome {
-    if let (None, Some(encoded)) = (source, encoded) {
-        // Logged after the fold, which finds the row and so its serial (looking the row up for
-        // the serial first was a seventh of the commit thread), and only if the fold took it.
-        let (outcome, serial) = table.apply_with_serial(event, None, changes);
+    // Logged after the fold, and only if the fold took it: the fold's own duplicate check is
+    // the only one, and for an own event it finds the row and so its serial (looking the row
+    // up for the serial first was a seventh of the commit thread). Not for an own entry back
+    // from the peer: that is folded as this store's but logged with the peer's serial.
+    if let Some(encoded) = encoded.filter(|_| source.is_none_or(|(name, _)| name != own_name)) {
+        let (outcome, serial) = table.apply_with_serial(event, source, changes);
         if outcome == Outcome::Applied {
             meta.head_lsn += 1;
-            log.push_encoded(meta.head_lsn, own_name, serial, encoded);
+            let (name, serial) = source.unwrap_or((own_name, serial));
+            log.push_encoded(meta.head_lsn, name, serial, encoded);
         }
         return outcome;
     }
