@@ -420,12 +420,10 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// Applies a batch whole (after checking all of it) or refuses it whole. Each item is an
-    /// event, for a replicated entry the store it entered at and its serial there, and the
-    /// event's encoding when it arrived encoded.
-    /// Applies a batch whose events `check` passed (`checked`), or refuses it. The items come
-    /// as an iterator over the request's own vectors: collecting them into one first moved
-    /// every event once more.
+    /// Applies a batch whole or refuses it whole, as `check` found all of it (`checked`). Each
+    /// item is an event, for a replicated entry the store it entered at and its serial there,
+    /// and the event's encoding when it arrived encoded. The items come as an iterator over
+    /// the request's own vectors: collecting them into one first moved every event once more.
     fn batch(
         &mut self,
         checked: Result<(), (u32, String)>,
