@@ -18,8 +18,8 @@
 //! that takes it and written in a batch of its own by another thread once that commit is
 //! durable (see [`Checkpoint`]); a checkpoint that holds what no log entry does (a merged
 //! snapshot page) goes into its commit's batch. Start-up loads the checkpoint and replays the
-//! log after `checkpoint_lsn`, so the log is never trimmed past a durable one; a full resync's snapshot is the
-//! checkpoint, consistent by construction. A data directory without `checkpoint_lsn` was
+//! log after `checkpoint_lsn`, so the log is never trimmed past a durable checkpoint; a full
+//! resync's snapshot is the checkpoint, consistent by construction. A data directory without `checkpoint_lsn` was
 //! written with every commit a checkpoint: its checkpoint is its head.
 
 use std::path::Path;
