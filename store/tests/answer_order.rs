@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set itself up should fail
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use tandem_probe::Connection;
-use tandem_protocol::{
-    AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, Role, Severity,
-};
+use common::{connect, event, start};
+use tandem_protocol::{ClientKind, Message, Origin, Role};
 use tandem_store::StoreOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -17,21 +17,6 @@ use tokio_util::sync::CancellationToken;
 const IN_FLIGHT: u64 = 200;
 /// Enough rounds that the commit thread's replies often race the handler's polling of them.
 const ROUNDS: u64 = 50;
-
-fn event(origin: &Origin, seq: u64) -> Event {
-    Event {
-        origin: origin.clone(),
-        seq,
-        time: 1_700_000_000_000 + seq as i64,
-        body: EventBody::Occurrence(AlertFields {
-            identifier: format!("host{}:disk", seq % 100),
-            node: format!("host{}", seq % 100),
-            summary: "disk full".into(),
-            severity: Severity::MAJOR,
-            ..AlertFields::default()
-        }),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_answered_in_the_order_they_were_sent() {
@@ -43,24 +28,8 @@ async fn batches_are_answered_in_the_order_they_were_sent() {
         "127.0.0.1:0".parse().unwrap(),
         dir.path().join("agg_p"),
     );
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let stop = shutdown.clone();
-    let running = tokio::spawn(async move {
-        tandem_store::run(options, stop, move |_, addr| {
-            let _ = tx.send(addr);
-        })
-        .await
-    });
-    let addr = rx.await.unwrap();
-    let mut conn = Connection::connect(
-        addr,
-        ClientKind::Proxy,
-        "PROXY_P",
-        DEFAULT_MAX_FRAME,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let (_, addr, running) = start(options, &shutdown).await;
+    let mut conn = connect(addr, ClientKind::Proxy, "PROXY_P").await.unwrap();
 
     let origin = Origin::new("answer-order-probe", 1);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -70,7 +39,7 @@ async fn batches_are_answered_in_the_order_they_were_sent() {
         let first = round * IN_FLIGHT + 1;
         for batch in first..first + IN_FLIGHT {
             seq += 1;
-            let events = vec![event(&origin, seq)];
+            let events = vec![event(&origin, seq, 100)];
             conn.send(&Message::Events { batch, events }).await.unwrap();
         }
         while expected < first + IN_FLIGHT {

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set itself up should fail
 
+mod common;
+
 use std::time::Duration;
 
-use tandem_probe::Connection;
-use tandem_protocol::{
-    AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, Role, Severity,
-};
+use common::{connect, event, start};
+use tandem_protocol::{ClientKind, Message, Origin, Role};
 use tandem_store::StoreOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -24,41 +24,11 @@ async fn a_store_whose_data_directory_is_gone_still_stops() {
         data.clone(),
     );
     let shutdown = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let running = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            tandem_store::run(options, shutdown, move |_, addr| {
-                let _ = tx.send(addr);
-            })
-            .await
-        }
-    });
-    let addr = rx.await.unwrap();
-    let mut conn = Connection::connect(
-        addr,
-        ClientKind::Probe,
-        "probe",
-        DEFAULT_MAX_FRAME,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let (_, addr, running) = start(options, &shutdown).await;
+    let mut conn = connect(addr, ClientKind::Probe, "probe").await.unwrap();
     // Something in every memtable the flush will have to write out.
     let origin = Origin::new("probe", 1);
-    let events = (1..=100)
-        .map(|seq| Event {
-            origin: origin.clone(),
-            seq,
-            time: 1_700_000_000_000,
-            body: EventBody::Occurrence(AlertFields {
-                identifier: format!("host{seq}:disk"),
-                summary: "disk full".into(),
-                severity: Severity::MAJOR,
-                ..AlertFields::default()
-            }),
-        })
-        .collect();
+    let events: Vec<_> = (1..=100).map(|seq| event(&origin, seq, 100)).collect();
     let answer = conn
         .request(
             &Message::Events { batch: 1, events },

@@ -9,14 +9,15 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set itself up should fail
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::{Running, connect, event, start};
 use tandem_probe::Connection;
-use tandem_protocol::{
-    AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, Role, Severity,
-};
+use tandem_protocol::{ClientKind, DEFAULT_MAX_FRAME, Message, Origin, Role};
 use tandem_store::StoreOptions;
 use tandem_store::engine::Shared;
 use tokio_util::sync::CancellationToken;
@@ -28,23 +29,6 @@ const HELD: Duration = Duration::from_secs(3);
 const KEEPALIVE: Duration = Duration::from_millis(100);
 /// How long the stuck test holds the commit: ten times its stall limit.
 const STUCK: Duration = Duration::from_secs(5);
-
-fn event(origin: &Origin, seq: u64) -> Event {
-    Event {
-        origin: origin.clone(),
-        seq,
-        time: 1_700_000_000_000 + seq as i64,
-        body: EventBody::Occurrence(AlertFields {
-            identifier: format!("host{}:disk", seq % 10),
-            node: format!("host{}", seq % 10),
-            summary: "disk full".into(),
-            severity: Severity::MAJOR,
-            ..AlertFields::default()
-        }),
-    }
-}
-
-type Running = tokio::task::JoinHandle<Result<(), tandem_store::StoreError>>;
 
 async fn store(
     dir: &std::path::Path,
@@ -64,43 +48,19 @@ async fn store(
     start(options, shutdown).await
 }
 
-async fn start(
-    options: StoreOptions,
-    shutdown: &CancellationToken,
-) -> (Arc<Shared>, std::net::SocketAddr, Running) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let shutdown = shutdown.clone();
-    let running = tokio::spawn(async move {
-        tandem_store::run(options, shutdown, move |shared, addr| {
-            let _ = tx.send((shared, addr));
-        })
-        .await
-    });
-    let (shared, addr) = rx.await.unwrap();
-    (shared, addr, running)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_batches_wait_on_a_slow_commit_still_hears_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // Slow, not stuck: the hold is shorter than the stall limit.
     let (shared, addr, running) = store(dir.path(), &shutdown, HELD * 3).await;
-    let mut conn = Connection::connect(
-        addr,
-        ClientKind::Proxy,
-        "PROXY_P",
-        DEFAULT_MAX_FRAME,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let mut conn = connect(addr, ClientKind::Proxy, "PROXY_P").await.unwrap();
 
     let holder = hold_commits(&shared, HELD);
 
     let origin = Origin::new("slow-commit-probe", 1);
     for batch in 1..=BATCHES {
-        let events = vec![event(&origin, batch)];
+        let events = vec![event(&origin, batch, 10)];
         conn.send(&Message::Events { batch, events }).await.unwrap();
     }
 
@@ -149,14 +109,6 @@ fn hold_commits(shared: &Arc<Shared>, held: Duration) -> std::thread::JoinHandle
     });
     locked_rx.recv().unwrap();
     holder
-}
-
-async fn connect(
-    addr: std::net::SocketAddr,
-    kind: ClientKind,
-    name: &str,
-) -> Result<Connection, tandem_probe::ClientError> {
-    Connection::connect(addr, kind, name, DEFAULT_MAX_FRAME, Duration::from_secs(5)).await
 }
 
 /// Reads `conn` until a message `wanted` accepts arrives, for at most 10 s.
@@ -219,7 +171,7 @@ async fn a_store_whose_commit_is_stuck_sends_probes_away_until_it_goes_through()
     // Longer than the slow test's hold: the backup's takeover is checked within it.
     let holder = hold_commits(&shared, STUCK);
     let origin = Origin::new("stuck-probe", 1);
-    let events = vec![event(&origin, 1)];
+    let events = vec![event(&origin, 1, 10)];
     probe
         .send(&Message::Events { batch: 1, events })
         .await
