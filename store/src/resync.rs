@@ -220,6 +220,9 @@ impl Receiving {
                 "full resync started"
             );
             let own = own_entries(&io, point.peer_cursor)?;
+            // Room for the whole snapshot at once: grown page by page, the row map would be
+            // rehashed into a table twice the size at every doubling, all on the commit thread.
+            table.reserve_total(usize::try_from(point.total).unwrap_or(0));
             self.by_peer.insert(peer.to_string(), Resync { point, own });
         } else if !self.by_peer.contains_key(peer) {
             // After a restart: pick up the recorded point.

@@ -247,6 +247,14 @@ impl Table {
         self.rows.reserve(rows);
     }
 
+    /// Room for `rows` rows in all, counting those already here. `rows` may come from a peer:
+    /// it is capped, and a reservation that cannot be made is left to growth on demand.
+    pub fn reserve_total(&mut self, rows: usize) {
+        const MOST: usize = 16 << 20;
+        let more = rows.min(MOST).saturating_sub(self.rows.len());
+        let _ = self.rows.try_reserve(more);
+    }
+
     /// The alerts that exist, as operators see them.
     pub fn alerts(&self) -> impl Iterator<Item = Alert> + '_ {
         self.rows
@@ -709,6 +717,25 @@ mod tests {
         assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Applied);
         assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Duplicate);
         assert_eq!(t.alerts().next().unwrap().tally, 1);
+    }
+
+    /// The snapshot's size comes from the peer: an absurd one must neither panic nor reserve
+    /// without bound, and a table already holding rows reserves only for the rest.
+    #[test]
+    fn reserving_for_a_snapshot_takes_any_size() {
+        let mut t = Table::new("AGG_B");
+        let mut ch = Changes::default();
+        t.reserve_total(usize::MAX);
+        assert!(t.rows.capacity() >= 16 << 20 && t.rows.capacity() < 64 << 20);
+        let mut t = Table::new("AGG_B");
+        let e = event("p", 1, 10, problem("a", "n", 4, Kind::Problem));
+        assert_eq!(t.apply(e, None, &mut ch), Outcome::Applied);
+        t.reserve_total(1_000);
+        let capacity = t.rows.capacity();
+        assert!((1_000..2_000).contains(&capacity), "{capacity}");
+        t.reserve_total(1);
+        assert_eq!(t.rows.capacity(), capacity);
+        assert_eq!(t.alerts().count(), 1);
     }
 
     #[test]
