@@ -7,7 +7,7 @@
 set -euo pipefail
 ALERTS=${1:-1000000}
 BYTES=${2:-200}
-AM=$(command -v prometheus-alertmanager || command -v alertmanager)
+AM=$(command -v prometheus-alertmanager || command -v alertmanager) || { echo "Alertmanager not found: apt-get install prometheus-alertmanager" >&2; exit 1; }
 work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }

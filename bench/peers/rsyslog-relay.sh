@@ -7,6 +7,7 @@ set -euo pipefail
 LINES=${1:-1000000}
 BYTES=${2:-200}
 RSYSLOGD=$(command -v rsyslogd || echo /usr/sbin/rsyslogd)
+[ -x "$RSYSLOGD" ] || { echo "rsyslogd not found: apt-get install rsyslog" >&2; exit 1; }
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -43,6 +44,8 @@ for _ in range(100):
         s = socket.create_connection(("127.0.0.1", port)); break
     except OSError:
         time.sleep(0.05)
+else:
+    sys.exit(f"the rsyslog relay never listened on 127.0.0.1:{port}")
 start = time.monotonic()
 s.sendall(data)
 s.shutdown(socket.SHUT_WR)
