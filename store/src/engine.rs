@@ -549,6 +549,8 @@ impl Checkpointer {
             .name(format!("{}-checkpoint", shared.name))
             .spawn(move || {
                 for checkpoint in rx {
+                    #[cfg(test)]
+                    tests::hold_checkpoints_of(&shared.name);
                     let written = shared.db.write_checkpoint(&checkpoint);
                     if tx.send((checkpoint, written)).is_err() {
                         return;
@@ -936,5 +938,101 @@ fn commit_loop(
         Err(e) => {
             tracing::warn!(error = %e, "flush at shutdown failed; the next start replays the journal")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tandem_protocol::{AlertFields, Severity};
+
+    use super::*;
+
+    /// Stores whose checkpoint writer waits before writing: a checkpoint the commit thread has
+    /// built but that is not on disk, as at a crash in the middle of writing it.
+    static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub(super) fn hold_checkpoints_of(store: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while HELD.lock().unwrap().iter().any(|s| s == store) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    fn event(seq: u64) -> Event {
+        Event {
+            origin: Origin::new("probe", 1),
+            seq,
+            time: 1_700_000_000_000 + seq as i64,
+            body: EventBody::Occurrence(AlertFields {
+                identifier: format!("alert-{seq}"),
+                node: "host".into(),
+                summary: format!("event {seq}"),
+                severity: Severity::MINOR,
+                ..AlertFields::default()
+            }),
+        }
+    }
+
+    /// The log before a checkpoint may only be trimmed once that checkpoint is on disk: rows
+    /// are written by checkpoints alone, so a log trimmed up to a checkpoint still being
+    /// written would leave a crash at that moment with neither. The writer is held, the data
+    /// directory copied as a crash would leave it, and the copy must hold every acknowledged
+    /// event.
+    #[test]
+    fn the_log_is_kept_until_the_checkpoint_that_covers_it_is_durable() {
+        const STORE: &str = "HELD_CHECKPOINTS";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        HELD.lock().unwrap().push(STORE.to_string());
+        let (shared, tx, thread) = start(STORE, &path, 16, 20).unwrap();
+        let sent = 200u64;
+        for seq in 1..=sent {
+            let (reply, rx) = oneshot::channel();
+            tx.blocking_send(Request::Events {
+                events: vec![event(seq)],
+                encoded: Vec::new(),
+                reply,
+            })
+            .unwrap();
+            assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
+        }
+        let (head, first) = (
+            *shared.head.borrow(),
+            shared.first_lsn.load(Ordering::Relaxed),
+        );
+        assert_eq!(head, sent);
+        assert_eq!(
+            first, 1,
+            "the log was trimmed while its checkpoint was not durable"
+        );
+        let crashed = dir.path().join("crashed");
+        copy_dir(&path, &crashed);
+        HELD.lock().unwrap().clear();
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
+
+        let (shared, tx, thread) = start(STORE, &crashed, 16, 20).unwrap();
+        assert_eq!(shared.alert_count(), sent);
+        assert_eq!(*shared.head.borrow(), sent);
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
     }
 }
