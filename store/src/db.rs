@@ -394,6 +394,20 @@ impl Db {
         trim: std::ops::Range<u64>,
         checkpoint: Option<&Checkpoint>,
     ) -> Result<(), DbError> {
+        self.write(log, meta, peers, trim, checkpoint)?;
+        self.sync()
+    }
+
+    /// [`Db::commit`] without the sync: the batch is written atomically (a crash keeps all of
+    /// it or none) but is durable only after the next [`Db::sync`]. Reads see it at once.
+    pub fn write(
+        &self,
+        log: &LogBuf,
+        meta: &Meta,
+        peers: &PeerWrites,
+        trim: std::ops::Range<u64>,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<(), DbError> {
         let mut batch = self.db.batch();
         if let Some(checkpoint) = checkpoint {
             self.insert_checkpoint(&mut batch, checkpoint);
@@ -426,6 +440,11 @@ impl Db {
             meta.housekeeping_seq.to_be_bytes(),
         );
         batch.commit()?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<(), DbError> {
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }

@@ -3,10 +3,12 @@
 //!
 //! Connections hand their work to the commit thread over a bounded channel (backpressure: a
 //! full channel stops their readers). The thread takes everything that is waiting, up to
-//! [`MAX_GROUP_EVENTS`], applies it to the in-memory table, writes the changed records and the
-//! new log entries in one fjall batch, syncs, publishes the new durable head LSN and only then
-//! answers. Queries read the table under a read lock and may see a group a moment before it is
-//! durable; acknowledgements and change-log subscribers never do.
+//! [`MAX_GROUP_EVENTS`], applies it to the in-memory table and writes the changed records and
+//! the new log entries in one fjall batch. A sync thread then makes the batch durable,
+//! publishes the new durable head LSN and only then answers, while the commit thread applies
+//! the next group; that group's batch is written once the last one is durable. Queries read
+//! the table under a read lock and may see a group a moment before it is durable;
+//! acknowledgements and change-log subscribers never do.
 //!
 //! A failed write or sync leaves memory ahead of disk, which no later commit can repair; the
 //! process exits and its restart reloads the last durable state, which every acknowledgement
@@ -133,6 +135,8 @@ pub struct Shared {
     pub alive: AtomicU64,
     /// When the commit under way started, in ms after `clock` plus one (0: none under way).
     commit_started_ms: AtomicU64,
+    /// The same for the written commit waiting for its sync (see [`Syncer`]).
+    sync_started_ms: AtomicU64,
     /// The monotonic origin of `commit_started_ms`: a wall-clock step must not look like a
     /// stuck commit.
     clock: std::time::Instant,
@@ -180,11 +184,17 @@ impl Shared {
         }
     }
 
-    /// How long the commit under way has been running; None when none is.
+    /// How long the oldest commit under way (applying, or written and syncing) has been
+    /// running; None when none is.
     pub fn commit_running_for(&self) -> Option<std::time::Duration> {
-        let started = self.commit_started_ms.load(Ordering::Relaxed);
-        (started != 0)
-            .then(|| std::time::Duration::from_millis(self.clock_ms().saturating_sub(started - 1)))
+        let started = [&self.commit_started_ms, &self.sync_started_ms]
+            .into_iter()
+            .map(|at| at.load(Ordering::Relaxed))
+            .filter(|&at| at != 0)
+            .min()?;
+        Some(std::time::Duration::from_millis(
+            self.clock_ms().saturating_sub(started - 1),
+        ))
     }
 
     fn clock_ms(&self) -> u64 {
@@ -195,6 +205,11 @@ impl Shared {
     fn commit_running(&self, running: bool) {
         let at = if running { self.clock_ms() + 1 } else { 0 };
         self.commit_started_ms.store(at, Ordering::Relaxed);
+    }
+
+    fn sync_running(&self, running: bool) {
+        let at = if running { self.clock_ms() + 1 } else { 0 };
+        self.sync_started_ms.store(at, Ordering::Relaxed);
     }
 
     /// The alerts that exist, as of the last commit.
@@ -263,6 +278,7 @@ pub fn start(
         snapshots: Snapshots::new(meta.epoch),
         alive: AtomicU64::new(alive),
         commit_started_ms: AtomicU64::new(0),
+        sync_started_ms: AtomicU64::new(0),
         clock: std::time::Instant::now(),
         stalled: AtomicBool::new(false),
         requests: std::sync::OnceLock::new(),
@@ -618,6 +634,115 @@ impl Drop for Checkpointer {
     }
 }
 
+/// One group commit's answers.
+type Replies = Vec<(oneshot::Sender<Reply>, Reply)>;
+
+/// A written group commit on its way to disk.
+struct SyncJob {
+    head: u64,
+    replies: Replies,
+    started: Instant,
+}
+
+/// What the checkpoints gain once the commit being synced is durable.
+#[derive(Default)]
+struct InFlight {
+    /// A periodic checkpoint the commit built: its writer may only start after the sync.
+    periodic: Option<Checkpoint>,
+    /// A checkpoint in the commit's own batch: durable with it.
+    forced: Option<Checkpoint>,
+}
+
+/// Syncs each written group commit on a thread of its own, then publishes the new head and
+/// answers, while the commit thread applies the next group: the sync (a few milliseconds of
+/// waiting on the disk) overlaps with the next group's work instead of adding to it. One
+/// commit is in flight at most, and the next is written only after it is durable, so commits
+/// reach the disk, the head and the answers in order. A sync that fails exits the process,
+/// like a failed write.
+struct Syncer {
+    /// None once stopping.
+    jobs: Option<std::sync::mpsc::SyncSender<SyncJob>>,
+    done: std::sync::mpsc::Receiver<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: Option<InFlight>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<Shared>) -> std::io::Result<Syncer> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<SyncJob>(1);
+        let (tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-sync", shared.name))
+            .spawn(move || {
+                for job in rx {
+                    if let Err(e) = shared.db.sync() {
+                        tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
+                        std::process::exit(1);
+                    }
+                    metrics::histogram!("tandem_store_commit_seconds")
+                        .record(job.started.elapsed().as_secs_f64());
+                    shared.head.send_replace(job.head);
+                    for (reply, answer) in job.replies {
+                        // A connection that went away no longer wants its answer; the events
+                        // are durable.
+                        let _ = reply.send(answer);
+                    }
+                    shared.sync_running(false);
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            in_flight: None,
+        })
+    }
+
+    fn send(&mut self, shared: &Shared, job: SyncJob, in_flight: InFlight) {
+        shared.sync_running(true);
+        self.in_flight = Some(in_flight);
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            tracing::error!(
+                "the sync thread stopped; exiting so a restart reloads the last durable state"
+            );
+            std::process::exit(1);
+        }
+    }
+
+    /// Waits for the commit in flight, if any, to be durable, and passes on its checkpoint.
+    fn wait(&mut self, checkpointer: &mut Checkpointer) {
+        let Some(in_flight) = self.in_flight.take() else {
+            return;
+        };
+        if self.done.recv().is_err() {
+            tracing::error!(
+                "the sync thread stopped; exiting so a restart reloads the last durable state"
+            );
+            std::process::exit(1);
+        }
+        if let Some(forced) = in_flight.forced {
+            checkpointer.durable = forced.lsn;
+            checkpointer.spare = forced;
+        }
+        if let Some(periodic) = in_flight.periodic {
+            checkpointer.write(periodic);
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Frees, on a thread of its own, the alert fields the commits displaced (see
 /// [`Table::take_displaced`]). A commit whose batch it cannot take at once frees it itself.
 fn start_freeing(
@@ -665,9 +790,16 @@ fn commit_loop(
             std::process::exit(1);
         }
     };
+    let mut syncer = match Syncer::start(shared.clone()) {
+        Ok(syncer) => syncer,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the sync thread; stopping");
+            std::process::exit(1);
+        }
+    };
     let freeing = start_freeing(&shared.name);
     let mut group: Vec<Request> = Vec::new();
-    let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
+    let mut replies: Replies = Vec::new();
     let mut peers = PeerWrites::default();
     let mut receiving = Receiving::default();
     // Each peer's cursor as of the commit being built, read from disk once.
@@ -690,6 +822,7 @@ fn commit_loop(
         checkpointer.collect(false);
         let (applied_total, dup_total);
         let displaced;
+        let mut in_flight = InFlight::default();
         {
             let Ok(mut table) = shared.table.write() else {
                 tracing::error!("the alert table lock is poisoned; stopping");
@@ -710,103 +843,124 @@ fn commit_loop(
                 applied: 0,
                 duplicates: 0,
             };
-            for req in group.drain(..) {
-                match req {
-                    Request::Events {
-                        events,
-                        encoded,
-                        reply,
-                    } => {
-                        let checked = check(events.iter());
-                        let mut encoded = encoded.into_iter();
-                        let items = events.into_iter().map(|e| (e, None, encoded.next()));
-                        let answer = work.batch(checked, items);
-                        replies.push((reply, answer));
-                    }
-                    Request::Replicate {
-                        peer,
-                        after,
-                        cursor,
-                        entries,
-                        encoded,
-                        reply,
-                    } => {
-                        let known = match known_cursors.get(&peer) {
-                            Some(&lsn) => lsn,
-                            None => shared.db.cursor(&peer).unwrap_or(0),
-                        };
-                        if after > known {
-                            // Applying these would skip the entries in between for good.
-                            let reason = format!(
-                                "these entries of {peer}'s log follow LSN {after}, but this store has applied it only up to {known}; resubscribe from the cursor"
-                            );
-                            replies.push((reply, Reply::Refused { index: 0, reason }));
-                            continue;
+            loop {
+                for req in group.drain(..) {
+                    match req {
+                        Request::Events {
+                            events,
+                            encoded,
+                            reply,
+                        } => {
+                            let checked = check(events.iter());
+                            let mut encoded = encoded.into_iter();
+                            let items = events.into_iter().map(|e| (e, None, encoded.next()));
+                            let answer = work.batch(checked, items);
+                            replies.push((reply, answer));
                         }
-                        let checked = check(entries.iter().map(|e| &e.event));
-                        let mut encoded = encoded.into_iter();
-                        let items = entries
-                            .into_iter()
-                            .map(|e| (e.event, Some((e.source, e.source_serial)), encoded.next()));
-                        let answer = work.batch(checked, items);
-                        if matches!(answer, Reply::Ack { .. }) && cursor > known {
-                            // Never backwards: a second gateway may replay older pages.
-                            known_cursors.insert(peer.clone(), cursor);
-                            peers.set_cursor(&peer, cursor);
-                        }
-                        replies.push((reply, answer));
-                    }
-                    Request::Merge {
-                        peer,
-                        chunk,
-                        encoded,
-                        reply,
-                    } => {
-                        // Snapshot records are not logged: only a checkpoint keeps them.
-                        merged = true;
-                        let io = MergeIo {
-                            db: &shared.db,
-                            log: work.log,
-                            meta: work.meta,
-                            own_name: &own_name,
-                            changes: work.changes,
-                            writes: &mut peers,
-                        };
-                        let answer =
-                            match work.receiving.merge(&peer, chunk, encoded, work.table, io) {
-                                Ok((answer, finished)) => {
-                                    if let Some(lsn) = finished {
-                                        // Exactly the snapshot's position, even if lower: the peer
-                                        // may have lost its data and started its log again.
-                                        known_cursors.insert(peer.clone(), lsn);
-                                        peers.set_cursor(&peer, lsn);
-                                    }
-                                    answer
-                                }
-                                Err(e) => Reply::Refused {
-                                    index: 0,
-                                    reason: format!("merging the snapshot failed: {e}"),
-                                },
+                        Request::Replicate {
+                            peer,
+                            after,
+                            cursor,
+                            entries,
+                            encoded,
+                            reply,
+                        } => {
+                            let known = match known_cursors.get(&peer) {
+                                Some(&lsn) => lsn,
+                                None => shared.db.cursor(&peer).unwrap_or(0),
                             };
-                        replies.push((reply, answer));
+                            if after > known {
+                                // Applying these would skip the entries in between for good.
+                                let reason = format!(
+                                    "these entries of {peer}'s log follow LSN {after}, but this store has applied it only up to {known}; resubscribe from the cursor"
+                                );
+                                replies.push((reply, Reply::Refused { index: 0, reason }));
+                                continue;
+                            }
+                            let checked = check(entries.iter().map(|e| &e.event));
+                            let mut encoded = encoded.into_iter();
+                            let items = entries.into_iter().map(|e| {
+                                (e.event, Some((e.source, e.source_serial)), encoded.next())
+                            });
+                            let answer = work.batch(checked, items);
+                            if matches!(answer, Reply::Ack { .. }) && cursor > known {
+                                // Never backwards: a second gateway may replay older pages.
+                                known_cursors.insert(peer.clone(), cursor);
+                                peers.set_cursor(&peer, cursor);
+                            }
+                            replies.push((reply, answer));
+                        }
+                        Request::Merge {
+                            peer,
+                            chunk,
+                            encoded,
+                            reply,
+                        } => {
+                            // Snapshot records are not logged: only a checkpoint keeps them.
+                            merged = true;
+                            let io = MergeIo {
+                                db: &shared.db,
+                                log: work.log,
+                                meta: work.meta,
+                                own_name: &own_name,
+                                changes: work.changes,
+                                writes: &mut peers,
+                            };
+                            let answer =
+                                match work.receiving.merge(&peer, chunk, encoded, work.table, io) {
+                                    Ok((answer, finished)) => {
+                                        if let Some(lsn) = finished {
+                                            // Exactly the snapshot's position, even if lower: the peer
+                                            // may have lost its data and started its log again.
+                                            known_cursors.insert(peer.clone(), lsn);
+                                            peers.set_cursor(&peer, lsn);
+                                        }
+                                        answer
+                                    }
+                                    Err(e) => Reply::Refused {
+                                        index: 0,
+                                        reason: format!("merging the snapshot failed: {e}"),
+                                    },
+                                };
+                            replies.push((reply, answer));
+                        }
+                        Request::Housekeeping { bodies } => {
+                            let now = crate::now_ms();
+                            let first = work.meta.housekeeping_seq;
+                            work.meta.housekeeping_seq += bodies.len() as u64;
+                            let events: Vec<Event> = bodies
+                                .into_iter()
+                                .zip(first + 1..)
+                                .map(|(body, seq)| Event {
+                                    origin: own_origin.clone(),
+                                    seq,
+                                    time: now,
+                                    body,
+                                })
+                                .collect();
+                            let checked = check(events.iter());
+                            work.batch(checked, events.into_iter().map(|e| (e, None, None)));
+                        }
                     }
-                    Request::Housekeeping { bodies } => {
-                        let now = crate::now_ms();
-                        let first = work.meta.housekeeping_seq;
-                        work.meta.housekeeping_seq += bodies.len() as u64;
-                        let events: Vec<Event> = bodies
-                            .into_iter()
-                            .zip(first + 1..)
-                            .map(|(body, seq)| Event {
-                                origin: own_origin.clone(),
-                                seq,
-                                time: now,
-                                body,
-                            })
-                            .collect();
-                        let checked = check(events.iter());
-                        work.batch(checked, events.into_iter().map(|e| (e, None, None)));
+                }
+                // Applied while the last group synced: written only once that one is durable,
+                // and the checkpoint decisions below need to know what is.
+                if syncer.in_flight.is_none() {
+                    break;
+                }
+                syncer.wait(&mut checkpointer);
+                // What arrived meanwhile joins this group: fewer, larger commits.
+                while events < MAX_GROUP_EVENTS {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            events += req.len();
+                            group.push(req);
+                        }
+                        Err(_) => break,
                     }
+                }
+                if group.is_empty() {
+                    break;
                 }
             }
             (applied_total, dup_total) = (work.applied, work.duplicates);
@@ -862,7 +1016,7 @@ fn commit_loop(
                     .max(meta.first_lsn);
             }
             let trim = trim_start..meta.first_lsn.max(trim_start);
-            let written = shared.db.commit(
+            let written = shared.db.write(
                 &log,
                 &meta,
                 &peers,
@@ -877,16 +1031,13 @@ fn commit_loop(
                 checkpoint_cursors.clear();
                 last_checkpoint = Instant::now();
                 if forced {
-                    checkpointer.durable = encoded.lsn;
-                    checkpointer.spare = encoded;
+                    in_flight.forced = Some(encoded);
                 } else {
-                    // After the commit: the log up to its LSN is durable now.
-                    checkpointer.write(encoded);
+                    in_flight.periodic = Some(encoded);
                 }
             }
             checkpointed = checkpoint;
         }
-        metrics::histogram!("tandem_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("tandem_store_batch_events").record(events as f64);
         metrics::counter!("tandem_store_events_applied_total").increment(applied_total);
         metrics::counter!("tandem_store_duplicates_total").increment(dup_total);
@@ -895,11 +1046,12 @@ fn commit_loop(
             .fetch_add(applied_total, Ordering::Relaxed);
         shared.duplicates.fetch_add(dup_total, Ordering::Relaxed);
         shared.first_lsn.store(meta.first_lsn, Ordering::Relaxed);
-        shared.head.send_replace(meta.head_lsn);
-        for (reply, answer) in replies.drain(..) {
-            // A connection that went away no longer wants its answer; the events are durable.
-            let _ = reply.send(answer);
-        }
+        let job = SyncJob {
+            head: meta.head_lsn,
+            replies: std::mem::take(&mut replies),
+            started,
+        };
+        syncer.send(&shared, job, in_flight);
         shared.commit_running(false);
         if let Some(freeing) = &freeing {
             // Full: the freeing thread is behind, and this batch is freed right here.
@@ -908,6 +1060,8 @@ fn commit_loop(
         log.clear();
         peers.clear();
     }
+    syncer.wait(&mut checkpointer);
+    drop(syncer);
     let started = Instant::now();
     checkpointer.collect(true);
     // A last checkpoint, so the next start has no log to replay.
