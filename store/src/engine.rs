@@ -765,6 +765,16 @@ fn start_freeing(
     }
 }
 
+/// Adds the requests already waiting to `group`, while it holds fewer than
+/// [`MAX_GROUP_EVENTS`] events (`events` counts them).
+fn take_waiting(rx: &mut mpsc::Receiver<Request>, group: &mut Vec<Request>, events: &mut usize) {
+    while *events < MAX_GROUP_EVENTS {
+        let Ok(req) = rx.try_recv() else { break };
+        *events += req.len();
+        group.push(req);
+    }
+}
+
 fn commit_loop(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Request>,
@@ -809,15 +819,7 @@ fn commit_loop(
         shared.commit_running(true);
         let mut events = first.len();
         group.push(first);
-        while events < MAX_GROUP_EVENTS {
-            match rx.try_recv() {
-                Ok(req) => {
-                    events += req.len();
-                    group.push(req);
-                }
-                Err(_) => break,
-            }
-        }
+        take_waiting(&mut rx, &mut group, &mut events);
         let started = Instant::now();
         checkpointer.collect(false);
         let (applied_total, dup_total);
@@ -950,15 +952,7 @@ fn commit_loop(
                 }
                 syncer.wait(&mut checkpointer);
                 // What arrived meanwhile joins this group: fewer, larger commits.
-                while events < MAX_GROUP_EVENTS {
-                    match rx.try_recv() {
-                        Ok(req) => {
-                            events += req.len();
-                            group.push(req);
-                        }
-                        Err(_) => break,
-                    }
-                }
+                take_waiting(&mut rx, &mut group, &mut events);
                 if group.is_empty() {
                     break;
                 }
