@@ -815,7 +815,20 @@ fn commit_loop(
     // Each peer's cursor as of the commit being built, read from disk once.
     let mut known_cursors: std::collections::HashMap<String, u64> = Default::default();
 
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let first = match rx.try_recv() {
+            Ok(first) => first,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing to overlap with: finish the commit in flight first, so that its
+                // periodic checkpoint goes to its writer now rather than after a quiet spell.
+                syncer.wait(&mut checkpointer);
+                match rx.blocking_recv() {
+                    Some(first) => first,
+                    None => break,
+                }
+            }
+        };
         shared.commit_running(true);
         let mut events = first.len();
         group.push(first);
@@ -1137,6 +1150,44 @@ mod tests {
         }
     }
 
+    fn send(tx: &mpsc::Sender<Request>, seq: u64) {
+        let (reply, rx) = oneshot::channel();
+        tx.blocking_send(Request::Events {
+            events: vec![event(seq)],
+            encoded: Vec::new(),
+            reply,
+        })
+        .unwrap();
+        assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
+    }
+
+    /// A checkpoint falls due every `CHECKPOINT_INTERVAL` while anything changes, and it must
+    /// be written even if nothing else arrives after the commit that took it: a crash in the
+    /// quiet spell would otherwise replay the whole log since the last one.
+    #[test]
+    fn a_checkpoint_is_written_when_the_store_falls_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, tx, thread) = start("QUIET", &dir.path().join("store"), 16, 1_000).unwrap();
+        send(&tx, 1);
+        std::thread::sleep(CHECKPOINT_INTERVAL + Duration::from_millis(200));
+        send(&tx, 2);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let checkpoint = || {
+            shared
+                .db
+                .snapshot_position(&shared.db.snapshot(), "-")
+                .unwrap()
+                .0
+        };
+        while checkpoint() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(checkpoint(), 2, "the due checkpoint was not written");
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
+    }
+
     /// The log before a checkpoint may only be trimmed once that checkpoint is on disk: rows
     /// are written by checkpoints alone, so a log trimmed up to a checkpoint still being
     /// written would leave a crash at that moment with neither. The writer is held, the data
@@ -1151,14 +1202,7 @@ mod tests {
         let (shared, tx, thread) = start(STORE, &path, 16, 20).unwrap();
         let sent = 200u64;
         for seq in 1..=sent {
-            let (reply, rx) = oneshot::channel();
-            tx.blocking_send(Request::Events {
-                events: vec![event(seq)],
-                encoded: Vec::new(),
-                reply,
-            })
-            .unwrap();
-            assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
+            send(&tx, seq);
         }
         let (head, first) = (
             *shared.head.borrow(),

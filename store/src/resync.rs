@@ -103,6 +103,10 @@ impl Snapshots {
                 }
                 None => {
                     let snap = db.snapshot();
+                    // The view may hold a checkpoint whose commit is written but not yet
+                    // synced (a merged page's); a crash would lose it and reuse its LSNs, which
+                    // the peer would then skip. Syncing now makes all of the view durable.
+                    db.sync()?;
                     let (lsn, peer_cursor) = db.snapshot_position(&snap, peer)?;
                     let applied = db.snapshot_applied(&snap)?;
                     let id = self
