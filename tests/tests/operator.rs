@@ -80,6 +80,22 @@ async fn operators_list_filter_and_act_on_alerts() {
         "{table}"
     );
 
+    // A reader that stops early (`tandem alerts | head -1`) has what it wanted: no error.
+    let mut child = pair
+        .command(&["alerts", "--name", "AGG_P"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = tandem_tests::wait_output(child.into(), limit);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        out.status
+    );
+
     let out = pair.run(
         &["alerts", "--name", "AGG_P", "--filter", "sevrity >= 4"],
         limit,
