@@ -382,24 +382,9 @@ impl Db {
         Ok(head_lsn)
     }
 
-    /// Writes one group commit atomically and syncs it to disk, with `checkpoint` in the
-    /// same batch when given.
-    ///
-    /// `trim` removes those log entries in the same batch.
-    pub fn commit(
-        &self,
-        log: &LogBuf,
-        meta: &Meta,
-        peers: &PeerWrites,
-        trim: std::ops::Range<u64>,
-        checkpoint: Option<&Checkpoint>,
-    ) -> Result<(), DbError> {
-        self.write(log, meta, peers, trim, checkpoint)?;
-        self.sync()
-    }
-
-    /// [`Db::commit`] without the sync: the batch is written atomically (a crash keeps all of
-    /// it or none) but is durable only after the next [`Db::sync`]. Reads see it at once.
+    /// Writes one group commit atomically, with `checkpoint` in the same batch when given;
+    /// `trim` removes those log entries in the same batch. A crash keeps all of it or none, and
+    /// it is durable only after the next [`Db::sync`]; reads see it at once.
     pub fn write(
         &self,
         log: &LogBuf,
@@ -848,7 +833,8 @@ mod tests {
         }
         let trim = meta.first_lsn..first_lsn;
         meta.first_lsn = first_lsn;
-        db.commit(&log, meta, &PeerWrites::default(), trim, None)
+        db.write(&log, meta, &PeerWrites::default(), trim, None)
+            .and_then(|()| db.sync())
             .unwrap();
     }
 

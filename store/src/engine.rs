@@ -676,7 +676,7 @@ impl Syncer {
             .spawn(move || {
                 for job in rx {
                     if let Err(e) = shared.db.sync() {
-                        tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
+                        tracing::error!(error = %e, "syncing a commit failed; exiting so a restart reloads the last durable state");
                         std::process::exit(1);
                     }
                     metrics::histogram!("tandem_store_commit_seconds")
@@ -1085,7 +1085,8 @@ fn commit_loop(
             let mut last = std::mem::take(&mut checkpointer.spare);
             let written = last
                 .encode(&table, &changes, &meta, &checkpoint_cursors)
-                .and_then(|()| shared.db.commit(&log, &meta, &peers, 0..0, Some(&last)));
+                .and_then(|()| shared.db.write(&log, &meta, &peers, 0..0, Some(&last)))
+                .and_then(|()| shared.db.sync());
             if let Err(e) = written {
                 tracing::warn!(error = %e, "the last checkpoint failed; the next start replays the log");
             }
