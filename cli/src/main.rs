@@ -47,21 +47,11 @@ fn main() -> ExitCode {
     logging::init(cli.global.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        // The reader went away (`tandem alerts | head`): it has what it wanted.
-        Err(err) if broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tandem: {err:#}");
             ExitCode::from(exit_code(&err))
         }
     }
-}
-
-fn broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {

@@ -87,12 +87,22 @@ pub async fn query(
 }
 
 pub fn print_alerts(alerts: &[Alert], total: u64, json: bool) -> Result<()> {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    match write_alerts(&mut std::io::stdout().lock(), alerts, total, json) {
+        // The reader went away (`tandem alerts | head`): it has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
+}
+
+fn write_alerts(
+    out: &mut impl std::io::Write,
+    alerts: &[Alert],
+    total: u64,
+    json: bool,
+) -> std::io::Result<()> {
     if json {
         for alert in alerts {
-            serde_json::to_writer(&mut out, alert)?;
+            serde_json::to_writer(&mut *out, alert)?;
             writeln!(out)?;
         }
         return Ok(());
@@ -116,8 +126,7 @@ pub fn print_alerts(alerts: &[Alert], total: u64, json: bool) -> Result<()> {
             clip(&a.summary, 60),
         )?;
     }
-    writeln!(out, "({} shown of {total})", alerts.len())?;
-    Ok(())
+    writeln!(out, "({} shown of {total})", alerts.len())
 }
 
 fn clip(s: &str, width: usize) -> String {
