@@ -32,10 +32,8 @@ use tandem_protocol::EventBody;
 
 use args::{Cli, Command, Global, ProbeCommand};
 
-// Fewer bytes per small allocation and a faster start than the system allocator: the store
-// holds millions of small strings (see store/benches/durable.rs).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
 /// A mistake in the command line that clap cannot see (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +41,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
+    // Before any thread starts (tandem-alloc says why).
+    tandem_alloc::tune();
     let cli = Cli::parse();
     logging::init(cli.global.log_format);
     match run(cli) {

@@ -18,9 +18,6 @@ use tandem_config::PairFile;
 use crate::args::Global;
 use crate::runtime;
 
-/// The allocator's delay, in milliseconds, before it returns freed memory to the system.
-const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
-
 struct Component {
     name: String,
     child: Child,
@@ -32,13 +29,6 @@ fn spawn(global: &Global, kind: &str, name: &str) -> Result<Component> {
     cmd.arg(kind).arg("--name").arg(name);
     if let Some(config) = &global.config {
         cmd.arg("--config").arg(config);
-    }
-    // Freed memory kept a second before it goes back to the system instead of mimalloc's 10
-    // ms: each batch's buffers then reuse the last one's pages instead of faulting in fresh
-    // zeroed ones. +10 % events/s for the full pair on 2 cores (docs/PERFORMANCE.md). An
-    // operator's own setting wins.
-    if std::env::var_os(PURGE_DELAY).is_none() {
-        cmd.env(PURGE_DELAY, "1000");
     }
     cmd.arg("--data-dir")
         .arg(&global.data_dir)

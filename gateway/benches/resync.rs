@@ -11,7 +11,7 @@
 
 // The allocator the tandem binary uses.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -303,6 +303,7 @@ async fn live_lag() {
 }
 
 fn main() {
+    tandem_alloc::tune();
     // `cargo test --benches` runs bench binaries without --bench: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
         return;

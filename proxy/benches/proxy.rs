@@ -18,7 +18,7 @@ use tandem_protocol::{
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
 const SENDERS: u64 = 64;
 const PER_SENDER: u64 = 10_000;
@@ -154,6 +154,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
+    tandem_alloc::tune();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

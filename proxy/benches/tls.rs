@@ -9,7 +9,7 @@
 //! part). Certificates are made here (rcgen).
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -211,6 +211,7 @@ async fn one_by_one(addr: SocketAddr, tls: Option<Arc<Tls>>) -> f64 {
 }
 
 fn main() {
+    tandem_alloc::tune();
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }

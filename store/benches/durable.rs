@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 // The allocator the tandem binary uses.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
 use std::time::{Duration, Instant};
 
@@ -235,6 +235,7 @@ async fn load() {
 }
 
 fn main() {
+    tandem_alloc::tune();
     // `cargo test --benches` runs bench binaries with --bench absent: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
         return;
