@@ -3,8 +3,9 @@
 //! Keyspaces: `alerts` (identifier → [`Row`]), `applied` (origin → applied sequence ranges),
 //! `clears` (clear key → newest resolution version), `log` (blocks of [`LogEntry`]s with
 //! consecutive LSNs: `L` and the first LSN, big-endian → each entry after its u32
-//! little-endian length; one key per up to [`BLOCK_ENTRIES`] entries, because a key per event
-//! made the storage engine's per-key work a sixth of the commit thread) and
+//! little-endian length; one key per up to [`BLOCK_ENTRIES`] entries and [`BLOCK_BYTES`],
+//! because a key per event made the storage engine's per-key work a sixth of the commit thread)
+//! and
 //! `meta` (head LSN, next serial, housekeeping sequence, the epoch, replication cursors).
 //! Everything one group commit changed goes into one fjall write batch, and the batch is synced
 //! before any acknowledgement leaves, so after a crash the records always agree.
@@ -173,6 +174,13 @@ const CHECKPOINT_LSN: &str = "checkpoint_lsn";
 
 /// Log entries in one stored block at most.
 pub const BLOCK_ENTRIES: usize = 256;
+
+/// Bytes in one stored block at most (unless one entry is larger). The storage engine copies
+/// each block into its memtable, and a copy over 64 KiB is a large object to the allocator,
+/// with pages of its own rounded up to 64 KiB slices and given back when the memtable is
+/// flushed: blocks of 256 entries of ~300 bytes made each store of the pair 90 MiB larger and
+/// had the kernel zero fresh pages for every memtable (docs/PERFORMANCE.md).
+pub const BLOCK_BYTES: usize = 60 * 1024;
 const BLOCK_TAG: u8 = b'L';
 
 fn block_key(first_lsn: u64) -> [u8; 9] {
@@ -397,7 +405,7 @@ impl Db {
         if let Some(checkpoint) = checkpoint {
             self.insert_checkpoint(&mut batch, checkpoint);
         }
-        for (first, block) in log.blocks(BLOCK_ENTRIES) {
+        for (first, block) in log.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
             batch.insert(&self.log, block_key(first), block);
         }
         if !trim.is_empty() {

@@ -379,15 +379,28 @@ impl LogBuf {
         })
     }
 
-    /// Runs of at most `per_block` consecutive entries as (first LSN, block bytes).
-    pub fn blocks(&self, per_block: usize) -> impl Iterator<Item = (u64, &[u8])> {
-        let mut start = 0;
-        self.ends.chunks(per_block.max(1)).map(move |run| {
-            let first = run[0].0;
-            let end = run[run.len() - 1].1;
+    /// Runs of consecutive entries as (first LSN, block bytes): at most `max_entries` entries
+    /// and `max_bytes` bytes, except that an entry larger than that is a block of its own.
+    pub fn blocks(
+        &self,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> impl Iterator<Item = (u64, &[u8])> {
+        let (mut start, mut next) = (0, 0);
+        std::iter::from_fn(move || {
+            let &(first, mut end) = self.ends.get(next)?;
+            let from = next;
+            next += 1;
+            while let Some(&(_, to)) = self.ends.get(next) {
+                if next - from >= max_entries || to - start > max_bytes {
+                    break;
+                }
+                end = to;
+                next += 1;
+            }
             let block = &self.bytes[start..end];
             start = end;
-            (first, block)
+            Some((first, block))
         })
     }
 
@@ -1121,6 +1134,61 @@ mod tests {
         while HELD.lock().unwrap().iter().any(|s| s == store) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn log_blocks_keep_to_both_limits_and_cover_every_entry_in_order() {
+        // Entries of 10 to ~3,000 bytes, and one of 9,000 that is larger than a block may be.
+        let mut log = LogBuf::default();
+        for lsn in 1..=400u64 {
+            let size = if lsn == 200 {
+                9_000
+            } else {
+                10 + (lsn * 7_919 % 3_000) as usize
+            };
+            log.push_encoded(lsn, "P", lsn, &vec![b'x'; size]);
+        }
+        let (max_entries, max_bytes) = (16, 8_192);
+        let blocks: Vec<(u64, &[u8])> = log.blocks(max_entries, max_bytes).collect();
+        let joined: Vec<u8> = blocks.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        assert_eq!(
+            joined, log.bytes,
+            "the blocks are the log's bytes, in order, once"
+        );
+        let mut lsns = log.ends.iter().map(|&(lsn, _)| lsn).peekable();
+        for (first, block) in &blocks {
+            assert_eq!(
+                Some(*first),
+                lsns.next(),
+                "a block is keyed by its first entry"
+            );
+            // Walk the block's entries by their length prefixes.
+            let (mut at, mut entries) = (0, 0);
+            while at < block.len() {
+                let len = u32::from_le_bytes(block[at..at + LEN_PREFIX].try_into().unwrap());
+                at += LEN_PREFIX + len as usize;
+                entries += 1;
+            }
+            assert_eq!(at, block.len(), "a block ends on an entry's end");
+            for _ in 1..entries {
+                lsns.next();
+            }
+            assert!(entries <= max_entries);
+            assert!(
+                block.len() <= max_bytes || entries == 1,
+                "a block of {} bytes with {entries} entries",
+                block.len()
+            );
+        }
+        assert_eq!(lsns.next(), None);
+        assert!(blocks.iter().any(|(_, b)| b.len() > max_bytes));
+        // Small entries fill a block up to the entry limit.
+        let mut small = LogBuf::default();
+        for lsn in 1..=40u64 {
+            small.push_encoded(lsn, "P", lsn, b"e");
+        }
+        let firsts: Vec<u64> = small.blocks(16, 8_192).map(|(first, _)| first).collect();
+        assert_eq!(firsts, vec![1, 17, 33]);
     }
 
     fn copy_dir(from: &Path, to: &Path) {

@@ -174,7 +174,6 @@ impl Table {
         self.rows.get(identifier).map(|r| &**r)
     }
 
-    /// The serial `identifier` has, or will get when an event creates it now.
     /// The fields occurrences displaced since the last call. Freeing them (several strings
     /// each, allocated on the connection tasks' threads) was a sixth of the commit thread's
     /// time; the commit thread passes them to another thread instead.
@@ -188,6 +187,7 @@ impl Table {
         self.displaced.reserve(n);
     }
 
+    /// The serial `identifier` has, or will get when an event creates it now.
     pub fn serial_for(&self, identifier: &str) -> u64 {
         self.rows
             .get(identifier)
