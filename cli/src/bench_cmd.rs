@@ -83,7 +83,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &BenchArgs) -> Result<()> {
     progress.finish_and_clear();
     let outcome = outcome?;
     if args.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({
                 "events": outcome.events,
@@ -99,7 +99,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!(
+        say!(
             "{} events from {} probes over {} identifiers in {:.2} s: {:.0} events/s acknowledged durable",
             outcome.events,
             args.probes,
@@ -107,7 +107,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &BenchArgs) -> Result<()> {
             outcome.seconds,
             outcome.events_per_s()
         );
-        println!(
+        say!(
             "acknowledgement latency: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             outcome.ack_ms(0.5),
             outcome.ack_ms(0.99),
@@ -115,7 +115,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &BenchArgs) -> Result<()> {
             outcome.latency.max() as f64 / 1000.0
         );
         if outcome.failovers > 0 {
-            println!(
+            say!(
                 "failovers during the run: {}, longest wait for an acknowledgement {} ms",
                 outcome.failovers,
                 outcome.max_ack_gap.as_millis()

@@ -5,6 +5,20 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for what the commands print, through [`say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that never panics, through [`tell`].
+macro_rules! tell {
+    ($($arg:tt)*) => {
+        $crate::tell(format_args!($($arg)*))
+    };
+}
+
 mod alert_json;
 mod args;
 mod bench_cmd;
@@ -35,6 +49,29 @@ use args::{Cli, Command, Global, ProbeCommand};
 #[global_allocator]
 static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
 
+/// Prints a line on standard output. A reader that went away (`tandem status | head -1`) has
+/// what it wanted, and any other failure to write is reported once on standard error:
+/// `println!` would panic, and for `tandem up` that left its components running unsupervised.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tell!("tandem: cannot write to standard output: {e}");
+        }
+    }
+}
+
+/// Writes a line on standard error, dropping it if that fails: `eprintln!` would panic when
+/// standard error is gone (`tandem up`'s pipe to a terminal that closed), and there is nowhere
+/// else to say so.
+pub fn tell(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// A mistake in the command line that clap cannot see (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -48,7 +85,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("tandem: {err:#}");
+            tell!("tandem: {err:#}");
             ExitCode::from(exit_code(&err))
         }
     }
@@ -74,7 +111,7 @@ fn act(global: &Global, name: Option<&str>, body: EventBody, verb: &str, id: &st
     pair.select_store(name)?;
     let tls = tls::user_client(&pair, &global.data_dir)?;
     let store = runtime::runtime()?.block_on(operator::act(&pair, tls.as_deref(), name, body))?;
-    println!("{verb} {id:?} on {store}");
+    say!("{verb} {id:?} on {store}");
     Ok(())
 }
 
@@ -130,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
                 tls.as_deref(),
                 args.force,
             ))?;
-            println!("{done}");
+            say!("{done}");
             Ok(())
         }
         Command::Ack(args) => {
@@ -194,7 +231,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Certs(args) => {
             for line in certs_cmd::run(&load(global)?, &global.data_dir, args.force)? {
-                println!("{line}");
+                say!("{line}");
             }
             Ok(())
         }

@@ -211,7 +211,7 @@ fn report(
                     .map(|(line, reason)| serde_json::json!({"reason": reason, "line": line})),
             )
             .collect();
-        println!(
+        say!(
             "{}",
             serde_json::json!({
                 "read": summary.read,
@@ -226,11 +226,13 @@ fn report(
         );
     } else {
         for (reason, n) in &stats.rejections {
-            println!("refused by the pair ({n} events): {reason}");
+            say!("refused by the pair ({n} events): {reason}");
         }
-        println!(
+        say!(
             "read {}, acknowledged {}, rejected {rejected}, failovers {}, longest wait for an acknowledgement {gap} ms",
-            summary.read, stats.acked, stats.failovers
+            summary.read,
+            stats.acked,
+            stats.failovers
         );
     }
     match outcome {

@@ -122,17 +122,17 @@ fn show(v: &Value) -> String {
 
 pub fn print(status: &Value, as_json: bool) {
     if as_json {
-        println!("{status}");
+        say!("{status}");
         return;
     }
     let updown = |v: &Value| if v["up"] == true { "up" } else { "DOWN" };
-    println!(
+    say!(
         "pair {}: acting primary {}",
         show(&status["pair"]),
         show(&status["acting_primary"])
     );
     for s in status["stores"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "  store   {:<8} {:<4} {:<8} acting {:<5} alerts {:>8} lsn {:>10} resynced {}",
             show(&s["name"]),
             updown(s),
@@ -144,7 +144,7 @@ pub fn print(status: &Value, as_json: bool) {
         );
     }
     for p in status["proxies"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "  proxy   {:<8} {:<4} -> {:<6} probes {:>6} store link {}",
             show(&p["name"]),
             updown(p),
@@ -178,7 +178,7 @@ pub fn print(status: &Value, as_json: bool) {
                 }
             })
             .collect();
-        println!(
+        say!(
             "  gateway {:<8} {:<4} {:<10} resynced {:<5} {}",
             show(&g["name"]),
             updown(g),

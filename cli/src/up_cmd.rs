@@ -55,7 +55,7 @@ fn spawn(global: &Global, kind: &str, name: &str) -> Result<Component> {
         // Ends when the child closes its output, that is when it exits.
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                eprintln!("{prefix}{line}");
+                tell!("{prefix}{line}");
             }
         });
     }
@@ -77,7 +77,7 @@ fn stop(components: &mut [Component]) {
             match c.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
                 Ok(None) if Instant::now() > deadline => {
-                    eprintln!("tandem up: {} did not stop within 10 s; killing it", c.name);
+                    tell!("tandem up: {} did not stop within 10 s; killing it", c.name);
                     let _ = c.child.kill();
                     let _ = c.child.wait();
                     break;
@@ -130,7 +130,7 @@ pub fn run(pair: &PairFile, global: &Global) -> Result<()> {
                         if let Ok(Some(status)) = c.child.try_wait() {
                             // Left down on purpose: the pair is built to ride out a dead member;
                             // restart it by hand (tandem store|proxy --name ...) to watch it come back.
-                            eprintln!("tandem up: {} exited ({status}); the rest of the pair keeps running", c.name);
+                            tell!("tandem up: {} exited ({status}); the rest of the pair keeps running", c.name);
                             c.name.push_str(" (exited)");
                         }
                     }
@@ -147,14 +147,14 @@ pub fn run(pair: &PairFile, global: &Global) -> Result<()> {
 }
 
 fn print_map(pair: &PairFile, data_dir: &Path) {
-    println!(
+    say!(
         "tandem pair {} is starting (data in {}):",
         pair.pair.name,
         data_dir.display()
     );
     for s in &pair.stores {
         let http = s.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-        println!(
+        say!(
             "  store {:<8} {:<8} listen {:<16} http {http}",
             s.name,
             format!("{:?}", s.role).to_lowercase(),
@@ -163,7 +163,7 @@ fn print_map(pair: &PairFile, data_dir: &Path) {
     }
     for p in &pair.proxies {
         let http = p.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-        println!(
+        say!(
             "  proxy {:<8} -> {:<6} listen {:<16} http {http}",
             p.name,
             p.store,
@@ -172,18 +172,18 @@ fn print_map(pair: &PairFile, data_dir: &Path) {
     }
     for g in &pair.gateways {
         let http = g.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-        println!(
+        say!(
             "  gateway {:<6} {} <-> {}  http {http}",
             g.name,
             pair.primary_store().name,
             pair.backup_store().name
         );
     }
-    println!();
-    println!("Send a first alert:");
-    println!(
+    say!("");
+    say!("Send a first alert:");
+    say!(
         "  echo '{{\"identifier\":\"web1:ping\",\"node\":\"web1\",\"summary\":\"web1 does not answer\",\"severity\":5}}' | tandem send"
     );
-    println!("  tandem alerts --name {}", pair.primary_store().name);
-    println!("Ctrl-C stops the pair.");
+    say!("  tandem alerts --name {}", pair.primary_store().name);
+    say!("Ctrl-C stops the pair.");
 }
