@@ -8,6 +8,19 @@ use std::time::Duration;
 
 use tandem_tests::{Pair, Proc, alerts_file, try_http_get, wait_http_ok, wait_output};
 
+/// Starts `args` with standard output and error pipes whose reading ends are closed at once.
+fn spawn_with_output_closed(pair: &Pair, args: &[&str]) -> Proc {
+    let mut child = pair
+        .command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    Proc::from(child)
+}
+
 /// Kills whatever still runs with this data directory on its command line: the components of
 /// an `up` that died would otherwise outlive the test.
 struct Reaper(String);
@@ -26,15 +39,7 @@ fn up_keeps_supervising_when_its_output_is_gone() {
     // pair must keep running under up, and stop with it.
     let pair = Pair::new(|t| t);
     let _reaper = Reaper(pair.data_dir.display().to_string());
-    let mut child = pair
-        .command(&["up"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    drop(child.stderr.take());
-    let mut up = Proc::from(child);
+    let mut up = spawn_with_output_closed(&pair, &["up"]);
     let proxy_http = pair.file.proxy("PROXY_P").unwrap().http.unwrap().0;
     let store_http = pair.file.store("AGG_P").unwrap().http.unwrap().0;
     wait_http_ok(proxy_http, "/readyz", Duration::from_secs(30));
@@ -72,15 +77,7 @@ fn up_keeps_supervising_when_its_output_is_gone() {
 #[test]
 fn a_store_whose_log_reader_is_gone_keeps_working_and_stops_on_sigterm() {
     let pair = Pair::new(|t| t);
-    let mut child = pair
-        .command(&["store", "--name", "AGG_P"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    drop(child.stderr.take());
-    let mut store = Proc::from(child);
+    let mut store = spawn_with_output_closed(&pair, &["store", "--name", "AGG_P"]);
     let http = pair.file.store("AGG_P").unwrap().http.unwrap().0;
     wait_http_ok(http, "/readyz", Duration::from_secs(30));
 
