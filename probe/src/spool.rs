@@ -212,6 +212,21 @@ impl Spool {
     /// On disk the removal is not synced: an event that comes back after a crash is resent and
     /// deduplicated by the store.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(), SpoolError> {
+        if let Some(end) = self.oldest_run_end(seqs) {
+            // The usual case, a batch acknowledged oldest first: everything held before `end`
+            // is in it, and one split takes it off instead of a lookup and a removal per event.
+            let rest = self.events.split_off(&end);
+            let mut acked = std::mem::replace(&mut self.events, rest);
+            if let Some(disk) = &self.disk {
+                let known: Vec<u64> = acked.keys().copied().collect();
+                if let Err(e) = disk.remove(&known) {
+                    // Kept, as below.
+                    self.events.append(&mut acked);
+                    return Err(e);
+                }
+            }
+            return Ok(());
+        }
         let known: Vec<u64> = seqs
             .iter()
             .copied()
@@ -229,6 +244,15 @@ impl Spool {
             self.events.remove(&seq);
         }
         Ok(())
+    }
+
+    /// When `seqs` is a run of consecutive seqs starting at or before the oldest one held, the
+    /// seq after the run: every event held before it is acknowledged.
+    fn oldest_run_end(&self, seqs: &[u64]) -> Option<u64> {
+        let (&first, &last) = (seqs.first()?, seqs.last()?);
+        let consecutive = seqs.windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+        let (&oldest, _) = self.events.first_key_value()?;
+        (consecutive && first <= oldest).then(|| last.checked_add(1))?
     }
 
     /// Unacknowledged events in seq order, at most `max`, starting after seq `after`
@@ -738,6 +762,12 @@ mod tests {
             picks: Vec<prop::sample::Index>,
             unknown: bool,
         },
+        /// Acknowledges a run of consecutive seqs, `skip` after the oldest unacked one
+        /// (`skip` 0: the oldest first, as batches are), `len` long.
+        AckRun {
+            skip: u64,
+            len: u64,
+        },
         Page {
             after: u64,
             max: usize,
@@ -750,6 +780,8 @@ mod tests {
             4 => (0i64..100, 0u64..4).prop_map(|(time, count)| Op::Push { time, count }),
             3 => (prop::collection::vec(any::<prop::sample::Index>(), 0..4), any::<bool>())
                 .prop_map(|(picks, unknown)| Op::Ack { picks, unknown }),
+            3 => (prop_oneof![Just(0u64), 0u64..3], 0u64..6)
+                .prop_map(|(skip, len)| Op::AckRun { skip, len }),
             1 => (0u64..40, 0usize..5).prop_map(|(after, max)| Op::Page { after, max }),
             1 => Just(Op::Reopen),
         ]
@@ -799,6 +831,16 @@ mod tests {
                         if unknown {
                             acked.extend([0, next_seq, next_seq + 7]);
                         }
+                        for seq in &acked {
+                            model.remove(seq);
+                        }
+                        spool.ack(&acked).unwrap();
+                        memory.ack(&acked).unwrap();
+                    }
+                    Op::AckRun { skip, len } => {
+                        // From the oldest unacked seq, or from 1 with nothing unacked.
+                        let from = model.keys().next().copied().unwrap_or(1) + skip;
+                        let acked: Vec<u64> = (from..from + len).collect();
                         for seq in &acked {
                             model.remove(seq);
                         }
