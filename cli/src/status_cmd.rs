@@ -74,7 +74,12 @@ fn http_status(addr: Option<SocketAddr>) -> Option<Value> {
 pub async fn collect(pair: &PairFile, tls: Option<&ClientTls>) -> Value {
     let mut stores = Vec::new();
     for s in &pair.stores {
-        stores.push(store_status(pair, tls, &s.name, s.listen.0).await);
+        let mut status = store_status(pair, tls, &s.name, s.listen.0).await;
+        // A store whose commit is stuck (a hung disk) may still answer the protocol; only its
+        // `/status` says so. Null when it has no HTTP address or does not answer there.
+        status["stalled"] =
+            http_status(s.http.map(|a| a.0)).map_or(Value::Null, |h| h["stalled"].clone());
+        stores.push(status);
     }
     let proxies: Vec<Value> = pair
         .proxies
@@ -125,33 +130,47 @@ pub fn print(status: &Value, as_json: bool) {
         say!("{status}");
         return;
     }
+    for line in lines(status) {
+        say!("{line}");
+    }
+}
+
+/// The human-readable status, a line each for the pair and every component.
+fn lines(status: &Value) -> Vec<String> {
+    let mut out = Vec::new();
     let updown = |v: &Value| if v["up"] == true { "up" } else { "DOWN" };
-    say!(
+    out.push(format!(
         "pair {}: acting primary {}",
         show(&status["pair"]),
         show(&status["acting_primary"])
-    );
+    ));
     for s in status["stores"].as_array().into_iter().flatten() {
-        say!(
+        // Up or not, a store that says its commit is stuck is neither working nor gone.
+        let state = if s["stalled"] == true {
+            "STALLED"
+        } else {
+            updown(s)
+        };
+        out.push(format!(
             "  store   {:<8} {:<4} {:<8} acting {:<5} alerts {:>8} lsn {:>10} resynced {}",
             show(&s["name"]),
-            updown(s),
+            state,
             show(&s["role"]),
             show(&s["acting_primary"]),
             show(&s["alerts"]),
             show(&s["lsn"]),
             show(&s["resynced"]),
-        );
+        ));
     }
     for p in status["proxies"].as_array().into_iter().flatten() {
-        say!(
+        out.push(format!(
             "  proxy   {:<8} {:<4} -> {:<6} probes {:>6} store link {}",
             show(&p["name"]),
             updown(p),
             show(&p["store"]),
             show(&p["probes"]),
             show(&p["store_up"]),
-        );
+        ));
     }
     for g in status["gateways"].as_array().into_iter().flatten() {
         let lag: Vec<String> = g["directions"]
@@ -178,15 +197,16 @@ pub fn print(status: &Value, as_json: bool) {
                 }
             })
             .collect();
-        say!(
+        out.push(format!(
             "  gateway {:<8} {:<4} {:<10} resynced {:<5} {}",
             show(&g["name"]),
             updown(g),
             show(&g["state"]),
             show(&g["resynced"]),
             lag.join(", "),
-        );
+        ));
     }
+    out
 }
 
 /// Asks the backup to send its clients back to the primary.
@@ -209,5 +229,45 @@ pub async fn failback(pair: &PairFile, tls: Option<&ClientTls>, force: bool) -> 
         Message::Done { message } => Ok(format!("{}: {message}", backup.name)),
         Message::Error { message } => bail!("{} refused: {message}", backup.name),
         other => bail!("{} answered {}", backup.name, other.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(name: &str, up: bool, stalled: Value) -> Value {
+        json!({"name": name, "up": up, "role": "primary", "acting_primary": up,
+            "alerts": 7, "lsn": 8, "resynced": true, "stalled": stalled})
+    }
+
+    #[test]
+    fn a_store_whose_commit_is_stuck_shows_as_stalled_whether_or_not_it_answers() {
+        let status = json!({
+            "pair": "AGG_V",
+            "acting_primary": ["AGG_P"],
+            "stores": [
+                store("AGG_P", true, json!(true)),
+                store("AGG_B", false, json!(true)),
+                store("AGG_C", true, json!(false)),
+                store("AGG_D", true, Value::Null),
+                store("AGG_E", false, Value::Null),
+            ],
+            "proxies": [],
+            "gateways": [],
+        });
+        let shown = lines(&status);
+        let state = |name: &str| {
+            let line = shown
+                .iter()
+                .find(|l| l.trim_start().starts_with("store") && l.contains(name))
+                .unwrap();
+            line.split_whitespace().nth(2).unwrap().to_string()
+        };
+        assert_eq!(state("AGG_P"), "STALLED");
+        assert_eq!(state("AGG_B"), "STALLED");
+        assert_eq!(state("AGG_C"), "up");
+        assert_eq!(state("AGG_D"), "up");
+        assert_eq!(state("AGG_E"), "DOWN");
     }
 }
