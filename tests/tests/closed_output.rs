@@ -21,6 +21,14 @@ fn spawn_with_output_closed(pair: &Pair, args: &[&str]) -> Proc {
     Proc::from(child)
 }
 
+/// SIGTERM, then what the process left behind once it has stopped (at most 30 s).
+fn stop(proc: Proc) -> std::process::Output {
+    let _ = std::process::Command::new("kill")
+        .arg(proc.pid().to_string())
+        .status();
+    wait_output(proc, Duration::from_secs(30))
+}
+
 /// Kills whatever still runs with this data directory on its command line: the components of
 /// an `up` that died would otherwise outlive the test.
 struct Reaper(String);
@@ -46,10 +54,7 @@ fn up_keeps_supervising_when_its_output_is_gone() {
 
     // Logging into the closed pipes, every component still works.
     let input = alerts_file(pair.dir.path(), 20);
-    let out = wait_output(
-        pair.spawn_piped(&["send", input.to_str().unwrap()]),
-        Duration::from_secs(60),
-    );
+    let out = pair.run(&["send", input.to_str().unwrap()], Duration::from_secs(60));
     assert!(
         out.status.success(),
         "{}",
@@ -57,10 +62,7 @@ fn up_keeps_supervising_when_its_output_is_gone() {
     );
     assert!(up.running(), "tandem up died when its output went away");
 
-    let _ = std::process::Command::new("kill")
-        .arg(up.pid().to_string())
-        .status();
-    let out = wait_output(up, Duration::from_secs(30));
+    let out = stop(up);
     assert!(
         out.status.success(),
         "tandem up ended with {:?}",
@@ -93,10 +95,7 @@ fn a_store_whose_log_reader_is_gone_keeps_working_and_stops_on_sigterm() {
         "the store died when its log reader went away"
     );
 
-    let _ = std::process::Command::new("kill")
-        .arg(store.pid().to_string())
-        .status();
-    let out = wait_output(store, Duration::from_secs(30));
+    let out = stop(store);
     assert!(
         out.status.success(),
         "the store ended with {:?}",
