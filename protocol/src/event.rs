@@ -5,10 +5,12 @@
 //! and order competing writes by [`Version`] so that every store reaches the same table whatever
 //! order it sees the events in (G3).
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::alert::{AlertFields, Millis, Severity};
 
@@ -16,7 +18,7 @@ use crate::alert::{AlertFields, Millis, Severity};
 ///
 /// `epoch` is chosen when the writer's sequence space is created (a probe's spool, a store's data
 /// directory), so a writer that loses its spool starts a new origin instead of reusing numbers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Origin {
     /// Shared: every event and version of one writer points at the same name.
@@ -32,6 +34,61 @@ impl Origin {
             epoch,
         }
     }
+}
+
+/// The same bytes as the derived implementation would read, but the name is borrowed from the
+/// input and shared through [`shared_name`]: every event and every stored version carries an
+/// origin, and a batch or a snapshot page names the same few writers over and over. Decoding
+/// each name into its own `Arc<str>` cost two allocations (serde builds a `Box<str>`, then the
+/// `Arc` copies it) and a free on whichever thread dropped the event.
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "Origin")]
+        struct Wire<'a> {
+            #[serde(borrow)]
+            name: Cow<'a, str>,
+            epoch: u64,
+        }
+        let wire = Wire::deserialize(deserializer)?;
+        Ok(Origin {
+            name: shared_name(&wire.name),
+            epoch: wire.epoch,
+        })
+    }
+}
+
+/// Names longer than this are not kept for sharing: a cache slot must not pin a large string.
+const SHARED_NAME_MAX: usize = 128;
+
+/// How many recent names each thread keeps.
+const SHARED_NAME_SLOTS: usize = 8;
+
+#[derive(Default)]
+struct RecentNames {
+    slots: [Option<Arc<str>>; SHARED_NAME_SLOTS],
+    next: usize,
+}
+
+thread_local! {
+    static RECENT_NAMES: RefCell<RecentNames> = RefCell::default();
+}
+
+/// `name` as an `Arc<str>`, shared with the last origins decoded on this thread that had it.
+fn shared_name(name: &str) -> Arc<str> {
+    if name.len() > SHARED_NAME_MAX {
+        return Arc::from(name);
+    }
+    RECENT_NAMES.with_borrow_mut(|recent| {
+        if let Some(hit) = recent.slots.iter().flatten().find(|n| ***n == *name) {
+            return hit.clone();
+        }
+        let fresh: Arc<str> = Arc::from(name);
+        let slot = recent.next;
+        recent.slots[slot] = Some(fresh.clone());
+        recent.next = (slot + 1) % SHARED_NAME_SLOTS;
+        fresh
+    })
 }
 
 impl fmt::Display for Origin {
@@ -149,5 +206,38 @@ mod tests {
         assert!(v(2, "a", 1) > v(1, "z", 9));
         assert!(v(1, "b", 1) > v(1, "a", 9));
         assert!(v(1, "a", 2) > v(1, "a", 1));
+    }
+
+    #[test]
+    fn decoded_origins_share_their_name_and_keep_the_derived_encoding() {
+        #[derive(Serialize)]
+        struct Derived<'a> {
+            name: &'a str,
+            epoch: u64,
+        }
+        let bytes = crate::codec::to_bytes(&Derived {
+            name: "probe-a",
+            epoch: 7,
+        })
+        .unwrap();
+        let origin = Origin::new("probe-a", 7);
+        assert_eq!(crate::codec::to_bytes(&origin).unwrap(), bytes);
+        let a: Origin = crate::codec::from_bytes(&bytes).unwrap();
+        let b: Origin = crate::codec::from_bytes(&bytes).unwrap();
+        assert_eq!(a, origin);
+        assert!(Arc::ptr_eq(&a.name, &b.name), "one name for both");
+        // More writers than the cache holds, and a name too long to keep: still decoded right.
+        let long = "x".repeat(SHARED_NAME_MAX + 1);
+        for name in (0..20)
+            .map(|n| format!("p{n}"))
+            .chain([long, String::new()])
+        {
+            let origin = Origin::new(name.as_str(), 3);
+            let decoded: Origin =
+                crate::codec::from_bytes(&crate::codec::to_bytes(&origin).unwrap()).unwrap();
+            assert_eq!(decoded, origin);
+        }
+        let json: Origin = serde_json::from_str(r#"{"name":"p\u00e9","epoch":2}"#).unwrap();
+        assert_eq!(json, Origin::new("p\u{e9}", 2));
     }
 }
