@@ -21,9 +21,8 @@
 //! unacknowledged events are also kept in memory, so reading them never touches the disk.
 //! This module touches only its own directory.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +102,7 @@ pub struct Spool {
     origin: Origin,
     next_seq: u64,
     /// Shared with the batches in flight: sending does not copy an event.
-    events: BTreeMap<u64, Arc<Event>>,
+    events: Held,
     /// How far the probe has read its source (a file offset, a line number), stored with the
     /// events read up to there, so a restarted probe neither reads a line twice nor skips one.
     source_cursor: Option<Vec<u8>>,
@@ -131,7 +130,7 @@ impl Spool {
             None => Ok(Spool {
                 origin: Origin::new(name, new_epoch()),
                 next_seq: 1,
-                events: BTreeMap::new(),
+                events: Held::default(),
                 source_cursor: None,
                 disk: None,
             }),
@@ -202,8 +201,9 @@ impl Spool {
         // way the disk does not know about.
         self.next_seq = next;
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
-        self.events
-            .extend(events.iter().map(|event| (event.seq, event.clone())));
+        for event in &events {
+            self.events.push(event.clone());
+        }
         Ok(events)
     }
 
@@ -212,57 +212,30 @@ impl Spool {
     /// On disk the removal is not synced: an event that comes back after a crash is resent and
     /// deduplicated by the store.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(), SpoolError> {
-        if let Some(end) = self.oldest_run_end(seqs) {
-            // The usual case, a batch acknowledged oldest first: everything held before `end`
-            // is in it, and one split takes it off instead of a lookup and a removal per event.
-            let rest = self.events.split_off(&end);
-            let mut acked = std::mem::replace(&mut self.events, rest);
-            if let Some(disk) = &self.disk {
-                let known: Vec<u64> = acked.keys().copied().collect();
-                if let Err(e) = disk.remove(&known) {
-                    // Kept, as below.
-                    self.events.append(&mut acked);
-                    return Err(e);
-                }
-            }
-            return Ok(());
-        }
-        let known: Vec<u64> = seqs
-            .iter()
-            .copied()
-            .filter(|seq| self.events.contains_key(seq))
-            .collect();
-        if known.is_empty() {
-            return Ok(());
-        }
         if let Some(disk) = &self.disk {
+            let known: Vec<u64> = seqs
+                .iter()
+                .copied()
+                .filter(|&seq| self.events.contains(seq))
+                .collect();
+            if known.is_empty() {
+                return Ok(());
+            }
+            // Kept in memory if the disk refused: resending an acknowledged event is harmless,
+            // forgetting one the disk still holds would make the two copies disagree.
             disk.remove(&known)?;
         }
-        // Kept in memory if the disk refused: resending an acknowledged event is harmless,
-        // forgetting one the disk still holds would make the two copies disagree.
-        for seq in known {
-            self.events.remove(&seq);
+        for &seq in seqs {
+            self.events.remove(seq);
         }
+        self.events.trim();
         Ok(())
-    }
-
-    /// When `seqs` is a run of consecutive seqs starting at or before the oldest one held, the
-    /// seq after the run: every event held before it is acknowledged.
-    fn oldest_run_end(&self, seqs: &[u64]) -> Option<u64> {
-        let (&first, &last) = (seqs.first()?, seqs.last()?);
-        let consecutive = seqs.windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
-        let (&oldest, _) = self.events.first_key_value()?;
-        (consecutive && first <= oldest).then(|| last.checked_add(1))?
     }
 
     /// Unacknowledged events in seq order, at most `max`, starting after seq `after`
     /// (0 = from the start).
     pub fn unacked(&self, after: u64, max: usize) -> Vec<Arc<Event>> {
-        self.events
-            .range((Bound::Excluded(after), Bound::Unbounded))
-            .take(max)
-            .map(|(_, event)| event.clone())
-            .collect()
+        self.events.after(after).take(max).cloned().collect()
     }
 
     /// How many events are unacknowledged.
@@ -271,12 +244,91 @@ impl Spool {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.events.len() == 0
     }
 
     /// The next seq that [`Spool::push`] will issue.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+}
+
+/// The unacknowledged events in seq order.
+///
+/// Seqs are issued in order and acknowledged mostly oldest first, so a deque of slots does what
+/// a map would, without a node per event and with the slot of a seq found by subtraction. An
+/// event acknowledged out of order leaves an empty slot that goes with the events before it; the
+/// slots therefore never outnumber the events pushed since the oldest one still held.
+#[derive(Default)]
+struct Held {
+    /// Strictly increasing seqs; the first slot, when there is one, is full.
+    slots: VecDeque<(u64, Option<Arc<Event>>)>,
+    /// Full slots.
+    len: usize,
+}
+
+impl Held {
+    /// Deques this long (in slots, 16 bytes each) give memory back once mostly empty.
+    const SHRINK_ABOVE: usize = 1 << 16;
+
+    /// Appends an event numbered after every one held.
+    fn push(&mut self, event: Arc<Event>) {
+        debug_assert!(self.slots.back().is_none_or(|(seq, _)| *seq < event.seq));
+        self.slots.push_back((event.seq, Some(event)));
+        self.len += 1;
+    }
+
+    fn position(&self, seq: u64) -> Option<usize> {
+        let &(first, _) = self.slots.front()?;
+        // Consecutive seqs, the usual case: the slot is where the subtraction says.
+        if let Some(i) = seq
+            .checked_sub(first)
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|&i| self.slots.get(i).is_some_and(|(s, _)| *s == seq))
+        {
+            return Some(i);
+        }
+        let i = self.slots.partition_point(|(s, _)| *s < seq);
+        self.slots
+            .get(i)
+            .is_some_and(|(s, _)| *s == seq)
+            .then_some(i)
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.position(seq)
+            .is_some_and(|i| self.slots.get(i).is_some_and(|(_, e)| e.is_some()))
+    }
+
+    /// Empties the slot of `seq`, if held; [`Held::trim`] afterwards.
+    fn remove(&mut self, seq: u64) {
+        let Some(i) = self.position(seq) else { return };
+        if let Some((_, slot)) = self.slots.get_mut(i) {
+            if slot.take().is_some() {
+                self.len -= 1;
+            }
+        }
+    }
+
+    /// Drops the empty slots at the front, and memory a burst left behind.
+    fn trim(&mut self) {
+        while self.slots.front().is_some_and(|(_, e)| e.is_none()) {
+            self.slots.pop_front();
+        }
+        let capacity = self.slots.capacity();
+        if capacity > Self::SHRINK_ABOVE && self.slots.len() < capacity / 4 {
+            self.slots.shrink_to(self.slots.len() * 2);
+        }
+    }
+
+    /// The events held after seq `after`, in order.
+    fn after(&self, after: u64) -> impl Iterator<Item = &Arc<Event>> {
+        let from = self.slots.partition_point(|(s, _)| *s <= after);
+        self.slots.range(from..).filter_map(|(_, e)| e.as_ref())
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -470,12 +522,9 @@ fn read_u64(disk: &Disk, key: &'static str) -> Result<u64, SpoolError> {
         })
 }
 
-fn load_events(
-    disk: &Disk,
-    origin: &Origin,
-    next_seq: u64,
-) -> Result<BTreeMap<u64, Arc<Event>>, SpoolError> {
-    let mut events = BTreeMap::new();
+fn load_events(disk: &Disk, origin: &Origin, next_seq: u64) -> Result<Held, SpoolError> {
+    // fjall iterates keys in order, and big-endian seqs sort as numbers.
+    let mut events = Held::default();
     for item in disk.events.iter() {
         let (key, value) = item
             .into_inner()
@@ -500,15 +549,19 @@ fn load_events(
         }
         let (time, body): (i64, EventBody) =
             from_bytes(&value).map_err(|e| corrupt(&disk.path, &what(), e.to_string()))?;
-        events.insert(
+        if events.slots.back().is_some_and(|&(last, _)| last >= seq) {
+            return Err(corrupt(
+                &disk.path,
+                &what(),
+                "it is out of order in the events keyspace".to_owned(),
+            ));
+        }
+        events.push(Arc::new(Event {
+            origin: origin.clone(),
             seq,
-            Arc::new(Event {
-                origin: origin.clone(),
-                seq,
-                time,
-                body,
-            }),
-        );
+            time,
+            body,
+        }));
     }
     Ok(events)
 }
@@ -563,6 +616,7 @@ fn new_epoch() -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn body(n: u64) -> EventBody {
         EventBody::Expire {
@@ -749,6 +803,31 @@ mod tests {
         assert!(spool.unacked(10, 3).is_empty());
         assert!(spool.unacked(0, 0).is_empty());
         assert!(spool.unacked(u64::MAX, 3).is_empty());
+    }
+
+    #[test]
+    fn events_acknowledged_out_of_order_leave_no_memory_behind() {
+        let mut spool = Spool::open(None, "probe-a").unwrap();
+        let n = 3 * Held::SHRINK_ABOVE as u64;
+        spool.push(1, bodies(0..n)).unwrap();
+        // Everything but the oldest: its slot keeps the others' until it goes too.
+        spool.ack(&(2..=n).collect::<Vec<_>>()).unwrap();
+        assert_eq!(spool.len(), 1);
+        assert_eq!(seqs(&spool.unacked(0, usize::MAX)), [1]);
+        assert!(spool.unacked(1, usize::MAX).is_empty());
+        spool.ack(&[1]).unwrap();
+        assert!(spool.is_empty());
+        assert!(spool.events.slots.is_empty());
+        assert!(
+            spool.events.slots.capacity() <= Held::SHRINK_ABOVE,
+            "a burst's deque is given back: {} slots",
+            spool.events.slots.capacity()
+        );
+        // Numbering goes on, and the fast path still finds every seq after the holes.
+        let more = spool.push(2, bodies(0..3)).unwrap();
+        assert_eq!(seqs(&more), [n + 1, n + 2, n + 3]);
+        spool.ack(&[n + 2]).unwrap();
+        assert_eq!(seqs(&spool.unacked(0, usize::MAX)), [n + 1, n + 3]);
     }
 
     #[derive(Clone, Debug)]
