@@ -581,8 +581,15 @@ impl Checkpointer {
                     #[cfg(test)]
                     tests::hold_checkpoints_of(&shared.name);
                     let written = shared.db.write_checkpoint(&checkpoint);
+                    let log_start = checkpoint.log_start;
                     if tx.send((checkpoint, written)).is_err() {
                         return;
+                    }
+                    // After the answer: dropping tables may wait for a compaction of the log,
+                    // which the commit thread has no reason to wait for. A failure costs only
+                    // space, and the next checkpoint tries again.
+                    if let Err(e) = shared.db.reclaim_log(log_start) {
+                        tracing::warn!(error = %e, "giving back the trimmed log's space failed; the next checkpoint tries again");
                     }
                 }
             })?;
@@ -1036,6 +1043,9 @@ fn commit_loop(
                     .max(meta.first_lsn);
             }
             let trim = trim_start..meta.first_lsn.max(trim_start);
+            if let Some(encoded) = encoded.as_mut() {
+                encoded.log_start = meta.first_lsn;
+            }
             let written = shared.db.write(
                 &log,
                 &meta,
