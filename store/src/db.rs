@@ -379,9 +379,6 @@ impl Db {
         table.set_next_serial(meta.next_serial);
         self.log_start
             .store(meta.first_lsn, std::sync::atomic::Ordering::Relaxed);
-        // What a store trimmed before it stopped (or, before log tables were dropped whole,
-        // what tombstones still hide) need not wait for the first checkpoint.
-        self.reclaim_log(meta.first_lsn)?;
         Ok(meta)
     }
 

@@ -571,12 +571,18 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn start(shared: Arc<Shared>, durable: u64) -> std::io::Result<Checkpointer> {
+    /// `meta` as loaded: its checkpoint and first LSN are durable.
+    fn start(shared: Arc<Shared>, meta: &Meta) -> std::io::Result<Checkpointer> {
         let (jobs, rx) = std::sync::mpsc::channel::<Checkpoint>();
         let (tx, done) = std::sync::mpsc::channel();
+        let loaded_log_start = meta.first_lsn;
         let thread = std::thread::Builder::new()
             .name(format!("{}-checkpoint", shared.name))
             .spawn(move || {
+                // What was trimmed before the last stop (or hidden by tombstones, before trims
+                // dropped tables whole): here rather than in the start, which a failover waits
+                // for, while dropping tables may wait for a compaction of the log.
+                reclaim_log(&shared, loaded_log_start);
                 for checkpoint in rx {
                     #[cfg(test)]
                     tests::hold_checkpoints_of(&shared.name);
@@ -586,11 +592,8 @@ impl Checkpointer {
                         return;
                     }
                     // After the answer: dropping tables may wait for a compaction of the log,
-                    // which the commit thread has no reason to wait for. A failure costs only
-                    // space, and the next checkpoint tries again.
-                    if let Err(e) = shared.db.reclaim_log(log_start) {
-                        tracing::warn!(error = %e, "giving back the trimmed log's space failed; the next checkpoint tries again");
-                    }
+                    // which the commit thread has no reason to wait for.
+                    reclaim_log(&shared, log_start);
                 }
             })?;
         Ok(Checkpointer {
@@ -598,7 +601,7 @@ impl Checkpointer {
             thread: Some(thread),
             done,
             writing: None,
-            durable,
+            durable: meta.checkpoint_lsn,
             spare: Checkpoint::default(),
         })
     }
@@ -641,6 +644,13 @@ impl Checkpointer {
             // Reported by the next `collect`.
             tracing::error!("the checkpoint writer stopped");
         }
+    }
+}
+
+/// A failure costs only space, and the next checkpoint tries again.
+fn reclaim_log(shared: &Shared, log_start: u64) {
+    if let Err(e) = shared.db.reclaim_log(log_start) {
+        tracing::warn!(error = %e, "giving back the trimmed log's space failed; the next checkpoint tries again");
     }
 }
 
@@ -813,7 +823,7 @@ fn commit_loop(
     let mut last_checkpoint = Instant::now();
     // The dirty set is kept from checkpoint to checkpoint: replayed rows are its first members.
     let mut checkpointed = false;
-    let mut checkpointer = match Checkpointer::start(shared.clone(), meta.checkpoint_lsn) {
+    let mut checkpointer = match Checkpointer::start(shared.clone(), &meta) {
         Ok(checkpointer) => checkpointer,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the checkpoint writer; stopping");
