@@ -106,9 +106,10 @@ pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 pub(crate) const PREALLOC_LIMIT: usize = 4096;
 
 /// Deserialises the value at the start of `bytes`, ignoring what follows: to read the first
-/// field of a record (a log entry's LSN) without decoding the rest.
-pub fn from_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    bincode::serde::decode_from_slice::<T, _>(bytes, config())
+/// field of a record (a log entry's LSN) without decoding the rest. The value may borrow from
+/// `bytes` (a `&str` instead of a `String`).
+pub fn from_prefix<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config())
         .map(|(value, _)| value)
         .map_err(|e| CodecError::Decode(e.to_string()))
 }

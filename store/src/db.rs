@@ -585,7 +585,9 @@ impl Db {
             seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
             let skip = match skip_source {
                 Some(skip) => {
-                    let (_, source): (u64, String) =
+                    // Borrowed: a log entry's source is read for every entry a subscriber
+                    // is sent.
+                    let (_, source): (u64, &str) =
                         from_prefix(bytes).map_err(|source| DbError::Corrupt {
                             what: "log entry",
                             key: lsn.to_string(),
