@@ -46,7 +46,9 @@ fn propose_swap<T>(slot: &mut Versioned<T>, value: T, version: &Version) -> T {
 }
 
 fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
-    match counts.iter_mut().find(|c| c.origin == *origin) {
+    // From the newest: origins are appended as they first appear, the one sending now is
+    // usually the last, and an alert can have a count for every probe run that ever sent it.
+    match counts.iter_mut().rev().find(|c| c.origin == *origin) {
         Some(c) => c.count += by,
         None => counts.push(OriginCount {
             origin: origin.clone(),
@@ -56,7 +58,7 @@ fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
 }
 
 fn raise(counts: &mut Vec<OriginCount>, origin: &Origin, to: u64) {
-    match counts.iter_mut().find(|c| c.origin == *origin) {
+    match counts.iter_mut().rev().find(|c| c.origin == *origin) {
         Some(c) => c.count = c.count.max(to),
         None => counts.push(OriginCount {
             origin: origin.clone(),
