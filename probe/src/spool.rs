@@ -228,10 +228,7 @@ impl Spool {
             // forgetting one the disk still holds would make the two copies disagree.
             disk.remove(&known)?;
         }
-        for &seq in seqs {
-            self.events.remove(seq);
-        }
-        self.events.trim();
+        self.events.remove(seqs);
         Ok(())
     }
 
@@ -303,18 +300,19 @@ impl Held {
             .is_some_and(|i| self.slots.get(i).is_some_and(|(_, e)| e.is_some()))
     }
 
-    /// Empties the slot of `seq`, if held; [`Held::trim`] afterwards.
-    fn remove(&mut self, seq: u64) {
-        let Some(i) = self.position(seq) else { return };
-        if let Some((_, slot)) = self.slots.get_mut(i) {
-            if slot.take().is_some() {
-                self.len -= 1;
+    /// Forgets the events of `seqs` that are held, then drops the empty slots at the front and
+    /// memory a burst left behind.
+    fn remove(&mut self, seqs: &[u64]) {
+        for &seq in seqs {
+            let Some(i) = self.position(seq) else {
+                continue;
+            };
+            if let Some((_, slot)) = self.slots.get_mut(i) {
+                if slot.take().is_some() {
+                    self.len -= 1;
+                }
             }
         }
-    }
-
-    /// Drops the empty slots at the front, and memory a burst left behind.
-    fn trim(&mut self) {
         while self.slots.front().is_some_and(|(_, e)| e.is_none()) {
             self.slots.pop_front();
         }

@@ -401,17 +401,15 @@ impl Db {
         Ok(head_lsn)
     }
 
-    /// Writes one group commit atomically, with `checkpoint` in the same batch when given;
-    /// `trim` is the move of the log's first LSN this commit records (`meta.first_lsn` is its
-    /// end). A crash keeps all of it or none, and it is durable only after the next
-    /// [`Db::sync`]; reads see it at once. The trimmed entries' space comes back with
-    /// [`Db::reclaim_log`].
+    /// Writes one group commit atomically, with `checkpoint` in the same batch when given. A
+    /// crash keeps all of it or none, and it is durable only after the next [`Db::sync`]; reads
+    /// see it at once, a trim (`meta.first_lsn` moved on) included. The trimmed entries' space
+    /// comes back with [`Db::reclaim_log`].
     pub fn write(
         &self,
         log: &LogBuf,
         meta: &Meta,
         peers: &PeerWrites,
-        trim: std::ops::Range<u64>,
         checkpoint: Option<&Checkpoint>,
     ) -> Result<(), DbError> {
         let mut batch = self.db.batch();
@@ -443,10 +441,8 @@ impl Db {
             meta.housekeeping_seq.to_be_bytes(),
         );
         batch.commit()?;
-        if !trim.is_empty() {
-            self.log_start
-                .fetch_max(trim.end, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.log_start
+            .fetch_max(meta.first_lsn, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -863,9 +859,8 @@ mod tests {
             });
             meta.head_lsn = lsn;
         }
-        let trim = meta.first_lsn..first_lsn;
         meta.first_lsn = first_lsn;
-        db.write(&log, meta, &PeerWrites::default(), trim, None)
+        db.write(&log, meta, &PeerWrites::default(), None)
             .and_then(|()| db.sync())
             .unwrap();
     }

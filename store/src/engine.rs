@@ -41,7 +41,10 @@ pub const DEFAULT_LOG_RETENTION: u64 = 2_000_000;
 /// quicker next start depends on it, the journal already holds everything.
 const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Log entries removed per commit at most, so trimming never makes one commit slow.
+/// Log entries one commit trims at most. A trim only moves the first LSN now (the space comes
+/// back a storage table at a time, `Db::reclaim_log`); the bound keeps a log far over its
+/// retention (after the setting was lowered) from being cut in one step, as it was when each
+/// trimmed block was deleted in the commit.
 const TRIM_PER_COMMIT: u64 = 8_192;
 
 /// A checkpoint (see `db.rs`) at least this often while anything changes: bounds the log a
@@ -1038,7 +1041,6 @@ fn commit_loop(
                 }
                 encoded = Some(next);
             }
-            let trim_start = meta.first_lsn;
             // A resync being received replays this store's own entries: keep them till done.
             if retained > log_retention && !receiving.active() {
                 let excess = (retained - log_retention).min(TRIM_PER_COMMIT);
@@ -1052,17 +1054,12 @@ fn commit_loop(
                     .min(kept_from + 1)
                     .max(meta.first_lsn);
             }
-            let trim = trim_start..meta.first_lsn.max(trim_start);
             if let Some(encoded) = encoded.as_mut() {
                 encoded.log_start = meta.first_lsn;
             }
-            let written = shared.db.write(
-                &log,
-                &meta,
-                &peers,
-                trim,
-                encoded.as_ref().filter(|_| forced),
-            );
+            let written = shared
+                .db
+                .write(&log, &meta, &peers, encoded.as_ref().filter(|_| forced));
             if let Err(e) = written {
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
@@ -1118,7 +1115,7 @@ fn commit_loop(
             let mut last = std::mem::take(&mut checkpointer.spare);
             let written = last
                 .encode(&table, &changes, &meta, &checkpoint_cursors)
-                .and_then(|()| shared.db.write(&log, &meta, &peers, 0..0, Some(&last)))
+                .and_then(|()| shared.db.write(&log, &meta, &peers, Some(&last)))
                 .and_then(|()| shared.db.sync());
             if let Err(e) = written {
                 tracing::warn!(error = %e, "the last checkpoint failed; the next start replays the log");
