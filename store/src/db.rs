@@ -412,7 +412,12 @@ impl Db {
         peers: &PeerWrites,
         checkpoint: Option<&Checkpoint>,
     ) -> Result<(), DbError> {
-        let mut batch = self.db.batch();
+        // Sized for a merged snapshot page's checkpoint, a record per alert: grown on demand,
+        // the batch's list was copied at every doubling on the commit thread.
+        let records = checkpoint.map_or(0, |c| c.records.len());
+        // Written out to the OS at commit, as `Database::batch` would have it.
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), records + 16)
+            .durability(Some(PersistMode::Buffer));
         if let Some(checkpoint) = checkpoint {
             self.insert_checkpoint(&mut batch, checkpoint);
         }
@@ -693,6 +698,30 @@ impl Db {
     }
 
     /// A consistent view of everything stored, as of the last commit.
+    /// Writes the records' memtables out to tables, waiting at most `within`, so that a
+    /// snapshot taken next reads tables only: for a full resync. A memtable that cannot be
+    /// written out in time is read from, only slower.
+    pub fn settle(&self, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let spaces = [&self.alerts, &self.clears];
+        for keyspace in spaces {
+            if let Err(e) = keyspace.rotate_memtable() {
+                tracing::warn!(error = %e, "could not write a memtable out before a snapshot");
+                return;
+            }
+        }
+        while spaces.iter().any(|k| k.sealed_memtable_count() > 0) {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    ?within,
+                    "the storage engine did not write its memtables out before a snapshot; it reads them, slower"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.db.snapshot()
     }
@@ -805,6 +834,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use tandem_protocol::message::SnapshotHead;
 
     #[test]
     fn a_first_start_killed_half_way_does_not_stop_the_next() {
@@ -939,6 +969,53 @@ mod tests {
             lsns(&db.read_log(1, 10_000).unwrap()),
             (1200..=1401).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_snapshot_for_a_resync_is_taken_of_tables_and_holds_every_row() {
+        use fjall::AbstractTree as _;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("s")).unwrap();
+        let mut table = Table::new("AGG_P");
+        let mut meta = db.load(&mut table, 1).unwrap();
+        let mut changes = Changes::default();
+        for seq in 1..=2_500 {
+            table.apply(event(seq), None, &mut changes);
+        }
+        meta.head_lsn = 2_500;
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.encode(&table, &changes, &meta, &[]).unwrap();
+        db.write_checkpoint(&checkpoint).unwrap();
+        assert!(!db.alerts.tree.active_memtable().is_empty());
+
+        db.settle(std::time::Duration::from_secs(30));
+        assert!(db.alerts.tree.active_memtable().is_empty());
+        assert_eq!(db.alerts.tree.sealed_memtable_count(), 0);
+        assert!(db.alerts.tree.table_count() > 0);
+
+        let snap = db.snapshot();
+        let (mut after, mut ids) = (None, Vec::new());
+        loop {
+            let mut page = SnapshotPageWriter::new();
+            let (clears, last) = db
+                .snapshot_page(&snap, after.as_ref(), 1_000, &mut page)
+                .unwrap();
+            assert!(clears.is_empty());
+            let n = page.alerts();
+            let frame = page.finish(&SnapshotHead::default(), &[], &clears).unwrap();
+            let chunk = match tandem_protocol::codec::from_bytes(&frame).unwrap() {
+                tandem_protocol::Message::SnapshotChunk(chunk) => chunk,
+                other => panic!("{other:?}"),
+            };
+            ids.extend(chunk.alerts.into_iter().map(|(id, _)| id));
+            if n < 1_000 {
+                break;
+            }
+            after = last;
+        }
+        let mut want: Vec<String> = (1..=2_500).map(|seq| format!("alert-{seq}")).collect();
+        want.sort();
+        assert_eq!(ids, want);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::{Checkpoint, Db, DbError, Meta, PeerWrites};
 use crate::resync::{MergeIo, Receiving, Snapshots};
-use crate::table::{self, Changes, Outcome, Table};
+use crate::table::{self, Changes, Incoming, Outcome, Table};
 
 /// Most events applied in one group commit.
 pub const MAX_GROUP_EVENTS: usize = 16_384;
@@ -85,7 +85,9 @@ pub enum Request {
     /// A page of a peer's snapshot, in a full resync.
     Merge {
         peer: String,
+        /// The page without its alerts, which are `rows`.
         chunk: SnapshotChunk,
+        rows: Vec<Incoming>,
         /// Each alert's state as it arrived encoded (empty when not kept).
         encoded: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Reply>,
@@ -100,7 +102,7 @@ impl Request {
         match self {
             Request::Events { events, .. } => events.len(),
             Request::Replicate { entries, .. } => entries.len(),
-            Request::Merge { chunk, .. } => chunk.alerts.len() + chunk.clears.len(),
+            Request::Merge { chunk, rows, .. } => rows.len() + chunk.clears.len(),
             Request::Housekeeping { bodies } => bodies.len(),
         }
     }
@@ -941,6 +943,7 @@ fn commit_loop(
                         Request::Merge {
                             peer,
                             chunk,
+                            rows,
                             encoded,
                             reply,
                         } => {
@@ -954,22 +957,24 @@ fn commit_loop(
                                 changes: work.changes,
                                 writes: &mut peers,
                             };
-                            let answer =
-                                match work.receiving.merge(&peer, chunk, encoded, work.table, io) {
-                                    Ok((answer, finished)) => {
-                                        if let Some(lsn) = finished {
-                                            // Exactly the snapshot's position, even if lower: the peer
-                                            // may have lost its data and started its log again.
-                                            known_cursors.insert(peer.clone(), lsn);
-                                            peers.set_cursor(&peer, lsn);
-                                        }
-                                        answer
+                            let answer = match work
+                                .receiving
+                                .merge(&peer, chunk, rows, encoded, work.table, io)
+                            {
+                                Ok((answer, finished)) => {
+                                    if let Some(lsn) = finished {
+                                        // Exactly the snapshot's position, even if lower: the peer
+                                        // may have lost its data and started its log again.
+                                        known_cursors.insert(peer.clone(), lsn);
+                                        peers.set_cursor(&peer, lsn);
                                     }
-                                    Err(e) => Reply::Refused {
-                                        index: 0,
-                                        reason: format!("merging the snapshot failed: {e}"),
-                                    },
-                                };
+                                    answer
+                                }
+                                Err(e) => Reply::Refused {
+                                    index: 0,
+                                    reason: format!("merging the snapshot failed: {e}"),
+                                },
+                            };
                             replies.push((reply, answer));
                         }
                         Request::Housekeeping { bodies } => {

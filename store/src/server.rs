@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Reply, Request, Shared};
 use crate::query;
+use crate::table::Incoming;
 
 /// Batches one connection may have waiting for their commit; past it the handler stops
 /// reading, which pushes back on the sender.
@@ -257,10 +258,15 @@ impl Handler {
                             self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
                             pending.push_back(answer_of(batch, rx, None));
                         }
-                        Message::Merge { batch, peer, chunk } => {
+                        Message::Merge { batch, peer, mut chunk } => {
                             let (reply, rx) = oneshot::channel();
                             let encoded = conn.codec_mut().take_record_bytes();
-                            self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, encoded, reply }).await?;
+                            // Rows built here, off the commit thread.
+                            let rows = std::mem::take(&mut chunk.alerts)
+                                .into_iter()
+                                .map(|(id, state)| Incoming::new(&id, state))
+                                .collect();
+                            self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, rows, encoded, reply }).await?;
                             pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::SnapshotRequest { peer, snapshot, after, limit } => {

@@ -54,6 +54,27 @@ impl Row {
     }
 }
 
+/// An alert from a peer's snapshot, its key and row built where the page was decoded: the
+/// commit thread, which a full resync keeps busy, then only links them into the table
+/// instead of allocating (and faulting in) a row and a key for every alert.
+pub struct Incoming {
+    id: Arc<str>,
+    row: Box<Row>,
+}
+
+impl Incoming {
+    pub fn new(identifier: &str, state: AlertState) -> Incoming {
+        Incoming {
+            id: identifier.into(),
+            row: Box::new(Row::new(0, state)),
+        }
+    }
+
+    pub fn identifier(&self) -> &str {
+        &self.id
+    }
+}
+
 /// What a commit must write: the records an apply touched.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -211,12 +232,8 @@ impl Table {
             .map(|(_, v)| v)
     }
 
-    /// Never 0, which marks "no clear key".
     fn clear_hash(&self, node: &str, alert_key: &str, alert_group: &str, manager: &str) -> u64 {
-        use std::hash::BuildHasher;
-        self.hasher
-            .hash_one((node, alert_key, alert_group, manager))
-            .max(1)
+        clear_hash(&self.hasher, node, alert_key, alert_group, manager)
     }
 
     fn fields_hash(&self, f: &tandem_protocol::AlertFields) -> u64 {
@@ -225,11 +242,7 @@ impl Table {
 
     /// The newest resolution matching `fields`' clear key.
     fn clear_for(&self, hash: u64, fields: &tandem_protocol::AlertFields) -> Option<&Version> {
-        self.clears
-            .get(&hash)?
-            .iter()
-            .find(|(k, _)| k.matches(fields))
-            .map(|(_, v)| v)
+        clear_for(&self.clears, hash, fields)
     }
 
     /// Every generic-clear key with its newest resolution.
@@ -257,6 +270,9 @@ impl Table {
         const MOST: usize = 16 << 20;
         let more = rows.min(MOST).saturating_sub(self.rows.len());
         let _ = self.rows.try_reserve(more);
+        // The clear index has an entry per problem alert, most of them: grown on demand, it
+        // was rehashed at every doubling on the commit thread.
+        let _ = self.by_clear.try_reserve(more);
     }
 
     /// The alerts that exist, as operators see them.
@@ -347,12 +363,7 @@ impl Table {
     }
 
     fn index_problem(&mut self, hash: u64, id: &Arc<str>) {
-        match self.by_clear.get_mut(&hash) {
-            Some(ids) => ids.add(id),
-            None => {
-                self.by_clear.insert(hash, Ids::One(id.clone()));
-            }
-        }
+        index_problem(&mut self.by_clear, hash, id);
     }
 
     pub fn set_next_serial(&mut self, next: u64) {
@@ -396,11 +407,6 @@ impl Table {
             row.dirty = true;
             changes.rows.push(id.clone());
         }
-    }
-
-    /// The identifier's shared key, creating the row (with the next serial) when missing.
-    fn row_key(&mut self, identifier: &str) -> Arc<str> {
-        row_entry(&mut self.rows, &mut self.next_serial, identifier).0
     }
 
     /// Applies `event` at most once, taking it so that its fields move into the row instead of
@@ -579,63 +585,86 @@ impl Table {
         }
     }
 
-    /// Sets an alert's state to `state` from the peer's snapshot and then folds in `own`,
-    /// this store's logged events for the alert since the peer's cursor, each marked whether
-    /// the snapshot already holds it; or, when those are not known (`own` is None), joins the
-    /// two states. The row keeps its serial. `stored` is the state's encoding as it arrived,
-    /// if known: the checkpoint writes it when the row ends up exactly `state`.
+    /// Sets an alert's state to the one `incoming` carries from the peer's snapshot and then
+    /// folds in `own`, this store's logged events for the alert since the peer's cursor, each
+    /// marked whether the snapshot already holds it; or, when those are not known (`own` is
+    /// None), joins the two states. A row already here keeps its serial. `stored` is the state's
+    /// encoding as it arrived, if known: the checkpoint writes it when the row ends up exactly
+    /// the snapshot's state.
     pub fn merge_row(
         &mut self,
-        identifier: &str,
-        mut state: AlertState,
+        incoming: Incoming,
         stored: Option<bytes::Bytes>,
         own: Option<Vec<(Event, bool)>>,
         changes: &mut Changes,
     ) {
         // Taken as it came: replaced outright, and nothing of this store's own to fold in.
         let mut unchanged = stored.is_some() && own.as_ref().is_some_and(Vec::is_empty);
-        self.intern_state(&mut state);
-        let id = self.row_key(identifier);
-        let Some(row) = self.rows.get_mut(&id) else {
-            return;
+        let Incoming { id, row: mut new } = incoming;
+        self.intern_state(&mut new.state);
+        let joined = own.is_none();
+        // Borrowed field by field: the row stays borrowed while the clear index is updated,
+        // so the identifier is hashed and compared once.
+        let Table {
+            rows,
+            next_serial,
+            hasher,
+            by_clear,
+            clears,
+            ..
+        } = self;
+        let (id, row, was_alive) = match rows.entry(id) {
+            hashbrown::hash_map::Entry::Occupied(entry) => {
+                let id = entry.key().clone();
+                let row = entry.into_mut();
+                let was_alive = fold::is_alive(&row.state);
+                let state = std::mem::take(&mut new.state);
+                if joined {
+                    fold::join(&mut row.state, state);
+                } else {
+                    // The state it replaces is freed with `new`'s box.
+                    new.state = std::mem::replace(&mut row.state, state);
+                }
+                (id, row, was_alive)
+            }
+            hashbrown::hash_map::Entry::Vacant(entry) => {
+                *new = Row::new(*next_serial, std::mem::take(&mut new.state));
+                *next_serial += 1;
+                if joined {
+                    let state = std::mem::take(&mut new.state);
+                    fold::join(&mut new.state, state);
+                }
+                let entry = entry.insert_entry(new);
+                (entry.key().clone(), entry.into_mut(), false)
+            }
         };
-        let was_alive = fold::is_alive(&row.state);
-        match own {
-            Some(_) => row.state = state,
-            None => fold::join(&mut row.state, state),
-        }
         let alive = fold::is_alive(&row.state);
         Self::mark(changes, &id, row);
-        self.account(was_alive, alive);
         // The merged state's newest occurrence decides the clear key, and a resolution this
         // store already knows may postdate it.
-        let hash = self
-            .rows
-            .get(&id)
-            .filter(|row| !row.state.occurrences.is_empty())
-            .map(|row| self.fields_hash(&row.state.latest.value));
-        if let Some(hash) = hash {
-            let mut problem = false;
-            if let Some(row) = self.rows.get_mut(&id) {
-                row.indexed &= row.clear_hash == hash;
-                row.clear_hash = hash;
-                problem = row.state.latest.value.kind == Kind::Problem;
-                if problem {
+        if !row.state.occurrences.is_empty() {
+            let latest = &row.state.latest.value;
+            let hash = clear_hash(
+                hasher,
+                &latest.node,
+                &latest.alert_key,
+                &latest.alert_group,
+                &latest.manager,
+            );
+            row.indexed &= row.clear_hash == hash;
+            row.clear_hash = hash;
+            if row.state.latest.value.kind == Kind::Problem {
+                if !row.indexed {
                     row.indexed = true;
+                    index_problem(by_clear, hash, &id);
                 }
-            }
-            if problem {
-                self.index_problem(hash, &id);
-                let clear = self
-                    .rows
-                    .get(&id)
-                    .and_then(|row| self.clear_for(hash, &row.state.latest.value).cloned());
-                if let (Some(clear), Some(row)) = (clear, self.rows.get_mut(&id)) {
-                    fold::generic_clear(&mut row.state, &clear);
+                if let Some(clear) = clear_for(clears, hash, &row.state.latest.value) {
+                    fold::generic_clear(&mut row.state, clear);
                     unchanged = false;
                 }
             }
         }
+        self.account(was_alive, alive);
         if let (true, Some(stored)) = (unchanged, stored) {
             changes.stored.insert(id.clone(), stored);
         }
@@ -658,6 +687,43 @@ impl Table {
             (false, true) => self.alive += 1,
             (true, false) => self.alive = self.alive.saturating_sub(1),
             _ => {}
+        }
+    }
+}
+
+/// The hash of a clear key's parts; never 0, which marks "no clear key".
+fn clear_hash(
+    hasher: &foldhash::fast::RandomState,
+    node: &str,
+    alert_key: &str,
+    alert_group: &str,
+    manager: &str,
+) -> u64 {
+    use std::hash::BuildHasher;
+    hasher
+        .hash_one((node, alert_key, alert_group, manager))
+        .max(1)
+}
+
+/// The newest resolution in `clears` matching `fields`' clear key, whose hash is `hash`.
+fn clear_for<'a>(
+    clears: &'a HashMap<u64, Vec<(ClearKey, Version)>>,
+    hash: u64,
+    fields: &tandem_protocol::AlertFields,
+) -> Option<&'a Version> {
+    clears
+        .get(&hash)?
+        .iter()
+        .find(|(k, _)| k.matches(fields))
+        .map(|(_, v)| v)
+}
+
+/// Adds problem alert `id` to the clear index under its clear key's `hash`.
+fn index_problem(by_clear: &mut HashMap<u64, Ids>, hash: u64, id: &Arc<str>) {
+    match by_clear.get_mut(&hash) {
+        Some(ids) => ids.add(id),
+        None => {
+            by_clear.insert(hash, Ids::One(id.clone()));
         }
     }
 }
@@ -965,7 +1031,7 @@ mod tests {
             let stored = tandem_protocol::codec::to_bytes(&row.state)
                 .ok()
                 .map(bytes::Bytes::from);
-            receiver.merge_row(id, row.state.clone(), stored, own, &mut ch);
+            receiver.merge_row(Incoming::new(id, row.state.clone()), stored, own, &mut ch);
         }
         ch
     }
