@@ -697,7 +697,6 @@ impl Db {
         Ok(Some(decode("resync point", key, &value)?))
     }
 
-    /// A consistent view of everything stored, as of the last commit.
     /// Writes the records' memtables out to tables, waiting at most `within`, so that a
     /// snapshot taken next reads tables only: for a full resync. A memtable that cannot be
     /// written out in time is read from, only slower.
@@ -722,6 +721,7 @@ impl Db {
         }
     }
 
+    /// A consistent view of everything stored, as of the last commit.
     pub fn snapshot(&self) -> Snapshot {
         self.db.snapshot()
     }
