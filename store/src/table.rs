@@ -809,6 +809,8 @@ mod tests {
         let mut ch = Changes::default();
         t.reserve_total(usize::MAX);
         assert!(t.rows.capacity() >= 16 << 20 && t.rows.capacity() < 64 << 20);
+        // The clear index with it: most alerts are problems, each with an entry there.
+        assert!(t.by_clear.capacity() >= 16 << 20 && t.by_clear.capacity() < 64 << 20);
         let mut t = Table::new("AGG_B");
         let e = event("p", 1, 10, problem("a", "n", 4, Kind::Problem));
         assert_eq!(t.apply(e, None, &mut ch), Outcome::Applied);
