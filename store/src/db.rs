@@ -512,13 +512,27 @@ impl Db {
     /// its memtable), this gives up after `within` instead of holding the shutdown forever.
     pub fn flush(&self, within: std::time::Duration) -> Result<(), DbError> {
         self.db.persist(PersistMode::SyncAll)?;
-        let keyspaces = [
-            &self.alerts,
-            &self.applied,
-            &self.clears,
-            &self.log,
-            &self.meta,
-        ];
+        self.write_out(
+            &[
+                &self.alerts,
+                &self.applied,
+                &self.clears,
+                &self.log,
+                &self.meta,
+            ],
+            within,
+        )?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Seals the memtables of `keyspaces` and waits, at most `within`, until the storage
+    /// engine has written them out as tables.
+    fn write_out(
+        &self,
+        keyspaces: &[&Keyspace],
+        within: std::time::Duration,
+    ) -> Result<(), DbError> {
         for keyspace in keyspaces {
             keyspace.rotate_memtable()?;
         }
@@ -529,9 +543,8 @@ impl Db {
             if std::time::Instant::now() > deadline {
                 return Err(DbError::FlushTimeout(within));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
@@ -701,23 +714,8 @@ impl Db {
     /// snapshot taken next reads tables only: for a full resync. A memtable that cannot be
     /// written out in time is read from, only slower.
     pub fn settle(&self, within: std::time::Duration) {
-        let deadline = std::time::Instant::now() + within;
-        let spaces = [&self.alerts, &self.clears];
-        for keyspace in spaces {
-            if let Err(e) = keyspace.rotate_memtable() {
-                tracing::warn!(error = %e, "could not write a memtable out before a snapshot");
-                return;
-            }
-        }
-        while spaces.iter().any(|k| k.sealed_memtable_count() > 0) {
-            if std::time::Instant::now() > deadline {
-                tracing::warn!(
-                    ?within,
-                    "the storage engine did not write its memtables out before a snapshot; it reads them, slower"
-                );
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        if let Err(e) = self.write_out(&[&self.alerts, &self.clears], within) {
+            tracing::warn!(error = %e, "the records' memtables were not written out before a snapshot; it reads them, slower");
         }
     }
 

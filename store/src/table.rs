@@ -237,7 +237,7 @@ impl Table {
     }
 
     fn fields_hash(&self, f: &tandem_protocol::AlertFields) -> u64 {
-        self.clear_hash(&f.node, &f.alert_key, &f.alert_group, &f.manager)
+        fields_hash(&self.hasher, f)
     }
 
     /// The newest resolution matching `fields`' clear key.
@@ -628,7 +628,8 @@ impl Table {
                 (id, row, was_alive)
             }
             hashbrown::hash_map::Entry::Vacant(entry) => {
-                *new = Row::new(*next_serial, std::mem::take(&mut new.state));
+                // `Incoming::new` built it as a new row; only its serial is this table's.
+                new.serial = *next_serial;
                 *next_serial += 1;
                 if joined {
                     let state = std::mem::take(&mut new.state);
@@ -643,14 +644,7 @@ impl Table {
         // The merged state's newest occurrence decides the clear key, and a resolution this
         // store already knows may postdate it.
         if !row.state.occurrences.is_empty() {
-            let latest = &row.state.latest.value;
-            let hash = clear_hash(
-                hasher,
-                &latest.node,
-                &latest.alert_key,
-                &latest.alert_group,
-                &latest.manager,
-            );
+            let hash = fields_hash(hasher, &row.state.latest.value);
             row.indexed &= row.clear_hash == hash;
             row.clear_hash = hash;
             if row.state.latest.value.kind == Kind::Problem {
@@ -703,6 +697,11 @@ fn clear_hash(
     hasher
         .hash_one((node, alert_key, alert_group, manager))
         .max(1)
+}
+
+/// The hash of `f`'s clear key.
+fn fields_hash(hasher: &foldhash::fast::RandomState, f: &tandem_protocol::AlertFields) -> u64 {
+    clear_hash(hasher, &f.node, &f.alert_key, &f.alert_group, &f.manager)
 }
 
 /// The newest resolution in `clears` matching `fields`' clear key, whose hash is `hash`.
