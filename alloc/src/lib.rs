@@ -1,6 +1,6 @@
 //! The allocator every tandem process uses (mimalloc: fewer bytes per small allocation and a
 //! faster start than the system allocator, for a store that holds millions of small strings),
-//! and the one setting tandem changes in it.
+//! and the two settings tandem changes in how it gets memory.
 //!
 //! This is the workspace's only `unsafe` code: mimalloc's options can be set only through its C
 //! interface or its environment variables, and a component run alone under a service manager
@@ -25,14 +25,64 @@ pub const PURGE_DELAY_MS: i64 = 1_000;
 /// (`mimalloc.h` of both, as vendored by `libmimalloc-sys`), which does not export it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Sets the purge delay to [`PURGE_DELAY_MS`] unless [`PURGE_DELAY_VAR`] is set. Call it first
+/// The variable that keeps transparent huge pages on when it is set (mimalloc reads it too:
+/// `MIMALLOC_ALLOW_THP=1` gives mimalloc's own behaviour back).
+pub const ALLOW_THP_VAR: &str = "MIMALLOC_ALLOW_THP";
+
+/// What [`tune`] left in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// mimalloc's purge delay, in ms.
+    pub purge_delay_ms: i64,
+    /// Whether the kernel may still give the process transparent huge pages.
+    pub huge_pages: bool,
+}
+
+/// Sets the purge delay to [`PURGE_DELAY_MS`] unless [`PURGE_DELAY_VAR`] is set, and turns
+/// transparent huge pages off for the process unless [`ALLOW_THP_VAR`] is set. Call it first
 /// thing in `main`, before any other thread starts: mimalloc's option setters are not
-/// thread-safe. Returns the delay in force.
-pub fn tune() -> i64 {
+/// thread-safe.
+///
+/// Why no huge pages: mimalloc asks for them on its arenas, so every first touch of a 2 MiB
+/// range had the kernel zero all of it, and memory mimalloc gave back and took again came back
+/// 2 MiB at a time. A tandem process's memory churns (event batches, memtables, frames), and
+/// that zeroing was a quarter of a store's CPU in a pair: without huge pages the single path
+/// went from 735–817 k to 921–944 k events/s and the pair from 447–471 k to 562–592 k
+/// (docs/PERFORMANCE.md). The flag is inherited: the processes `tandem up` starts have it too.
+pub fn tune() -> Tuning {
     if std::env::var_os(PURGE_DELAY_VAR).is_none() {
         set_purge_delay(PURGE_DELAY_MS);
     }
-    purge_delay()
+    if std::env::var_os(ALLOW_THP_VAR).is_none() {
+        disable_huge_pages();
+    }
+    Tuning {
+        purge_delay_ms: purge_delay(),
+        huge_pages: huge_pages(),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn disable_huge_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        // Only slower, not wrong: say so once, where the process's log will show it.
+        eprintln!(
+            "tandem: cannot turn transparent huge pages off ({e}); memory-heavy work will be slower"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_huge_pages() {}
+
+#[cfg(target_os = "linux")]
+fn huge_pages() -> bool {
+    !nix::sys::prctl::get_thp_disable().unwrap_or(false)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn huge_pages() -> bool {
+    false
 }
 
 #[allow(unsafe_code)]
@@ -54,7 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_purge_delay_is_the_tuned_one_or_the_environments() {
+    fn the_purge_delay_and_huge_pages_are_tuned_unless_the_environment_sets_them() {
         // The option number is right if mimalloc reads back what was set, and its default
         // (10 ms) was there before: a wrong number would be another option's value.
         let wanted = match std::env::var(PURGE_DELAY_VAR) {
@@ -64,6 +114,12 @@ mod tests {
                 PURGE_DELAY_MS
             }
         };
-        assert_eq!(tune(), wanted);
+        // One test, not two: `tune` changes what the other would read first.
+        let keep_huge_pages = std::env::var_os(ALLOW_THP_VAR).is_some();
+        let tuning = tune();
+        assert_eq!(tuning.purge_delay_ms, wanted);
+        if cfg!(target_os = "linux") {
+            assert_eq!(tuning.huge_pages, keep_huge_pages, "{tuning:?}");
+        }
     }
 }

@@ -188,6 +188,14 @@ pub const BLOCK_ENTRIES: usize = 256;
 pub const BLOCK_BYTES: usize = 60 * 1024;
 const BLOCK_TAG: u8 = b'L';
 
+/// The size at which a keyspace's memtable is sealed and written out (fjall's default is
+/// 64 MiB). Every memtable is memory the process has not held before until it is written out
+/// and freed, so the default made a new store grow by 260 MiB over its first million events,
+/// and the kernel's zeroing of those pages was half of its commit thread, a quarter of the
+/// throughput (docs/PERFORMANCE.md). fjall records the size when it creates a keyspace: a store
+/// created before keeps the size it was created with.
+pub const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+
 fn block_key(first_lsn: u64) -> [u8; 9] {
     let mut key = [BLOCK_TAG; 9];
     key[1..].copy_from_slice(&first_lsn.to_be_bytes());
@@ -318,7 +326,11 @@ impl Db {
         let db = Database::builder(path)
             .max_journaling_size(128 * 1024 * 1024)
             .open()?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let open = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+        };
         Ok(Db {
             alerts: open("alerts")?,
             applied: open("applied")?,

@@ -779,24 +779,45 @@ impl Drop for Syncer {
 }
 
 /// Frees, on a thread of its own, the alert fields the commits displaced (see
-/// [`Table::take_displaced`]). A commit whose batch it cannot take at once frees it itself.
-fn start_freeing(
-    name: &str,
-) -> Option<std::sync::mpsc::SyncSender<Vec<tandem_protocol::AlertFields>>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<tandem_protocol::AlertFields>>(4);
-    let started = std::thread::Builder::new()
-        .name(format!("{name}-free"))
-        .spawn(move || {
-            for batch in rx {
-                drop(batch);
+/// [`Table::take_displaced`]), and hands the emptied lists back for the next commits: a list
+/// of a commit's displaced fields is megabytes, and a new one each commit was memory the
+/// process had never touched, a quarter of the page faults of a new store (docs/PERFORMANCE.md).
+struct Freeing {
+    batches: std::sync::mpsc::SyncSender<Vec<tandem_protocol::AlertFields>>,
+    emptied: std::sync::mpsc::Receiver<Vec<tandem_protocol::AlertFields>>,
+}
+
+impl Freeing {
+    fn start(name: &str) -> Option<Freeing> {
+        let (batches, rx) = std::sync::mpsc::sync_channel::<Vec<tandem_protocol::AlertFields>>(4);
+        let (back, emptied) = std::sync::mpsc::sync_channel(4);
+        let started = std::thread::Builder::new()
+            .name(format!("{name}-free"))
+            .spawn(move || {
+                for mut batch in rx {
+                    batch.clear();
+                    // Full: the commits have lists enough, and this one is freed.
+                    let _ = back.try_send(batch);
+                }
+            });
+        match started {
+            Ok(_) => Some(Freeing { batches, emptied }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to free displaced alert fields; the commit thread frees them");
+                None
             }
-        });
-    match started {
-        Ok(_) => Some(tx),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start a thread to free displaced alert fields; the commit thread frees them");
-            None
         }
+    }
+
+    /// Passes a commit's displaced fields on; when the freeing thread is behind, they are
+    /// freed right here.
+    fn free(&self, displaced: Vec<tandem_protocol::AlertFields>) {
+        let _ = self.batches.try_send(displaced);
+    }
+
+    /// An emptied list to collect the next commit's displaced fields in, if one is back.
+    fn emptied(&self) -> Option<Vec<tandem_protocol::AlertFields>> {
+        self.emptied.try_recv().ok()
     }
 }
 
@@ -842,7 +863,7 @@ fn commit_loop(
             std::process::exit(1);
         }
     };
-    let freeing = start_freeing(&shared.name);
+    let freeing = Freeing::start(&shared.name);
     let mut group: Vec<Request> = Vec::new();
     let mut replies: Replies = Vec::new();
     let mut peers = PeerWrites::default();
@@ -880,6 +901,9 @@ fn commit_loop(
             };
             if checkpointed {
                 table.start_commit(&mut changes);
+            }
+            if let Some(list) = freeing.as_ref().and_then(Freeing::emptied) {
+                table.recycle_displaced(list);
             }
             table.reserve_displaced(events);
             let mut merged = false;
@@ -1096,8 +1120,7 @@ fn commit_loop(
         syncer.send(&shared, job, in_flight);
         shared.commit_running(false);
         if let Some(freeing) = &freeing {
-            // Full: the freeing thread is behind, and this batch is freed right here.
-            let _ = freeing.try_send(displaced);
+            freeing.free(displaced);
         }
         log.clear();
         peers.clear();
