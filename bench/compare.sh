@@ -40,6 +40,9 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round: tandem, PROXY_P -> AGG_P: $one"
   one_rates+=("$(echo "$one" | rate)")
   stop
+  # Each round starts from the same state: the rounds before leave no stores (and no page
+  # cache of them) behind, as the rsyslog relay leaves none of its files.
+  rm -rf "$work/primary-$round"
 
   settle
   mkdir "$work/pair-$round"
@@ -49,6 +52,7 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round: tandem, full pair with replication: $pair"
   pair_rates+=("$(echo "$pair" | rate)")
   stop
+  rm -rf "$work/pair-$round"
 done
 settle
 am=$("$here/peers/alertmanager.sh" "$N" 200 2>&1 | tail -1) || true

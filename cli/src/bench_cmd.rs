@@ -24,7 +24,7 @@ use tandem_probe::spool::Spool;
 use tandem_protocol::{AlertFields, EventBody, Severity};
 
 use crate::args::BenchArgs;
-use crate::{probe_config, runtime};
+use crate::probe_config;
 
 /// How long the pair may go without acknowledging anything before the run is abandoned.
 const STALL: Duration = Duration::from_secs(60);
@@ -79,7 +79,13 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &BenchArgs) -> Result<()> {
         );
         bar
     };
-    let outcome = runtime::runtime()?.block_on(drive(configs, args, run_id, progress.clone()));
+    // One thread: the load generator shares the machine with the pair it measures, and on one
+    // thread its events are freed where they were built (see docs/PERFORMANCE.md).
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(drive(configs, args, run_id, progress.clone()));
     progress.finish_and_clear();
     let outcome = outcome?;
     if args.json {
