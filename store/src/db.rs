@@ -326,23 +326,26 @@ impl Db {
         let db = Database::builder(path)
             .max_journaling_size(128 * 1024 * 1024)
             .open()?;
-        let options = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
-        let open = |name: &str| db.keyspace(name, options);
-        // fjall leaves the first two levels' tables uncompressed, and the log's tables never
-        // leave them (they do not overlap, so compaction only moves them): a million events
-        // were 286 MB of tables. Compressed, the store writes 52 MB instead of 328 MB for them,
-        // and the kernel copies that much less into the page cache (docs/PERFORMANCE.md). As
-        // with the memtable size, a keyspace keeps what it was created with.
-        let log = db.keyspace("log", || {
-            options().data_block_compression_policy(fjall::config::CompressionPolicy::all(
-                fjall::CompressionType::Lz4,
-            ))
-        })?;
+        // fjall compresses only from its third level of tables. The log's tables never get
+        // there (they do not overlap, so compaction only moves them), and the alerts' first
+        // tables after a full resync hold every row: a million events were 286 MB of log
+        // tables, all copied into the page cache and read back from it. Compressed at every
+        // level, that log is 52 MB and a full resync is faster (docs/PERFORMANCE.md). As with
+        // the memtable size, a keyspace keeps what it was created with.
+        let open = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(MEMTABLE_BYTES)
+                    .data_block_compression_policy(fjall::config::CompressionPolicy::all(
+                        fjall::CompressionType::Lz4,
+                    ))
+            })
+        };
         Ok(Db {
             alerts: open("alerts")?,
             applied: open("applied")?,
             clears: open("clears")?,
-            log,
+            log: open("log")?,
             meta: open("meta")?,
             db,
             log_start: std::sync::atomic::AtomicU64::new(1),
