@@ -208,6 +208,66 @@ fn block_first(key: &[u8]) -> Option<u64> {
     (key.len() == 9 && key[0] == BLOCK_TAG).then(|| u64_value(&key[1..]))
 }
 
+/// What a packed (compressed) log block's value starts with. A block stored as it is starts
+/// with its first entry's length, which is never 4 GiB - 1: a frame is at most 64 MiB.
+const PACKED: [u8; 4] = [0xff; 4];
+
+/// The largest block a packed value may claim to hold: a block is at most [`BLOCK_BYTES`]
+/// unless one entry is larger, and an entry is at most a frame.
+const MAX_UNPACKED: usize = 128 * 1024 * 1024;
+
+/// Packs `block` into `scratch` as it is stored: [`PACKED`], the block's length (u32, little
+/// endian) and the block compressed with LZ4. Returns the value's length. A block that does
+/// not compress is stored as it is.
+///
+/// The store compresses each block once, on the commit thread. fjall compressed it twice: in
+/// its journal (values over 4 KiB) and again in the fjall worker that wrote the memtable out;
+/// its memtable held the block uncompressed (docs/PERFORMANCE.md).
+fn pack_block(block: &[u8], scratch: &mut Vec<u8>) -> Option<usize> {
+    let room = 8 + lz4_flex::block::get_maximum_output_size(block.len());
+    if scratch.len() < room {
+        scratch.resize(room, 0);
+    }
+    let len = u32::try_from(block.len()).ok()?;
+    scratch[..4].copy_from_slice(&PACKED);
+    scratch[4..8].copy_from_slice(&len.to_le_bytes());
+    let packed = 8 + lz4_flex::block::compress_into(block, &mut scratch[8..]).ok()?;
+    (packed < block.len()).then_some(packed)
+}
+
+/// A stored block's entries as one buffer: the value itself, or the block it packs.
+fn unpack_block(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DbError> {
+    if value.len() < 8 || value[..4] != PACKED {
+        return Ok(std::borrow::Cow::Borrowed(value));
+    }
+    let corrupt = |why: String| DbError::Corrupt {
+        what: "log block",
+        key: "a packed block".into(),
+        source: CodecError::Decode(why),
+    };
+    let len = u32_le(&value[4..8]) as usize;
+    if len > MAX_UNPACKED {
+        return Err(corrupt(format!(
+            "it claims {len} bytes, more than a block can hold"
+        )));
+    }
+    let block =
+        lz4_flex::block::decompress(&value[8..], len).map_err(|e| corrupt(e.to_string()))?;
+    if block.len() != len {
+        return Err(corrupt(format!(
+            "it holds {} bytes where it claims {len}",
+            block.len()
+        )));
+    }
+    Ok(std::borrow::Cow::Owned(block))
+}
+
+fn u32_le(bytes: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[..4]);
+    u32::from_le_bytes(b)
+}
+
 /// The entries of a stored block, each as its encoded bytes.
 fn block_entries(block: &[u8]) -> impl Iterator<Item = Result<&[u8], DbError>> {
     Records::of(block).map(|record| {
@@ -275,6 +335,9 @@ pub struct Db {
     /// The log's first LSN as last written. Blocks wholly below it are only dropped later, a
     /// storage table at a time (see [`Db::reclaim_log`]); reads skip what they still find.
     log_start: std::sync::atomic::AtomicU64,
+    /// Where the commit packs its log blocks (see [`pack_block`]); only the commit thread
+    /// writes, so the lock is never contended.
+    pack_scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 /// Decodes a stored record, naming it when it does not decode.
@@ -322,33 +385,36 @@ impl Db {
 
     fn open_existing(path: &Path) -> Result<Db, DbError> {
         // A smaller journal than fjall's 512 MiB default bounds what a start after a crash has
-        // to replay.
+        // to replay. The journal compresses only values over 4 KiB, which are the log's blocks,
+        // and those come packed (`pack_block`): compressing them again was wasted.
         let db = Database::builder(path)
             .max_journaling_size(128 * 1024 * 1024)
+            .journal_compression(fjall::CompressionType::None)
             .open()?;
-        // fjall compresses only from its third level of tables. The log's tables never get
-        // there (they do not overlap, so compaction only moves them), and the alerts' first
-        // tables after a full resync hold every row: a million events were 286 MB of log
-        // tables, all copied into the page cache and read back from it. Compressed at every
-        // level, that log is 52 MB and a full resync is faster (docs/PERFORMANCE.md). As with
-        // the memtable size, a keyspace keeps what it was created with.
-        let open = |name: &str| {
+        // fjall compresses only from its third level of tables, and the alerts' first tables
+        // after a full resync hold every row: compressed at every level, a full resync is
+        // faster (docs/PERFORMANCE.md). The log's blocks come packed; its tables are not
+        // compressed again. As with the memtable size, a keyspace keeps what it was created
+        // with.
+        let open = |name: &str, compression| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
                     .max_memtable_size(MEMTABLE_BYTES)
                     .data_block_compression_policy(fjall::config::CompressionPolicy::all(
-                        fjall::CompressionType::Lz4,
+                        compression,
                     ))
             })
         };
+        let lz4 = fjall::CompressionType::Lz4;
         Ok(Db {
-            alerts: open("alerts")?,
-            applied: open("applied")?,
-            clears: open("clears")?,
-            log: open("log")?,
-            meta: open("meta")?,
+            alerts: open("alerts", lz4)?,
+            applied: open("applied", lz4)?,
+            clears: open("clears", lz4)?,
+            log: open("log", fjall::CompressionType::None)?,
+            meta: open("meta", lz4)?,
             db,
             log_start: std::sync::atomic::AtomicU64::new(1),
+            pack_scratch: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -443,8 +509,17 @@ impl Db {
         if let Some(checkpoint) = checkpoint {
             self.insert_checkpoint(&mut batch, checkpoint);
         }
-        for (first, block) in log.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
-            batch.insert(&self.log, block_key(first), block);
+        {
+            let mut scratch = self
+                .pack_scratch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (first, block) in log.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
+                match pack_block(block, &mut scratch) {
+                    Some(len) => batch.insert(&self.log, block_key(first), &scratch[..len]),
+                    None => batch.insert(&self.log, block_key(first), block),
+                }
+            }
         }
         for (peer, lsn) in &peers.cursors {
             batch.insert(
@@ -584,7 +659,8 @@ impl Db {
             let Some(first) = block_first(&key) else {
                 break;
             };
-            for bytes in block_entries(&value) {
+            let block = unpack_block(&value)?;
+            for bytes in block_entries(&block) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn >= from && !visit(lsn, bytes)? {
@@ -661,7 +737,8 @@ impl Db {
         let Some(value) = self.log.get(block_key(first))? else {
             return Ok(None);
         };
-        for bytes in block_entries(&value) {
+        let block = unpack_block(&value)?;
+        for bytes in block_entries(&block) {
             let bytes = bytes?;
             if entry_lsn(first, bytes)? == lsn {
                 return Ok(Some(decode("log entry", lsn, bytes)?));
@@ -1069,25 +1146,54 @@ mod tests {
         );
     }
 
-    /// The log's tables are compressed: fjall would leave them as they are, and a store wrote
-    /// 286 MB of them for a million events.
+    /// The log's blocks are stored compressed, and read back as they were: fjall would leave
+    /// the log's tables as they are, and a store wrote 286 MB of them for a million events.
     #[test]
-    fn the_logs_tables_are_compressed() {
+    fn the_logs_blocks_are_stored_compressed() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("s")).unwrap();
         let mut meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
         commit(&db, &mut meta, 1..=20_000, 1);
         db.log.rotate_memtable_and_wait().unwrap();
-        let stored: u64 = db
-            .log
-            .iter()
-            .map(|item| item.into_inner().unwrap().1.len() as u64)
-            .sum();
+        let (mut stored, mut blocks) = (0u64, 0u64);
+        for item in db.log.iter() {
+            let value = item.into_inner().unwrap().1;
+            assert_eq!(value[..4], PACKED, "every block of this log compresses");
+            stored += value.len() as u64;
+            blocks += unpack_block(&value).unwrap().len() as u64;
+        }
         let on_disk = db.log.disk_space();
         assert!(
-            on_disk * 2 < stored,
-            "{on_disk} bytes on disk for {stored} bytes of log blocks"
+            stored * 2 < blocks && on_disk * 2 < blocks,
+            "{blocks} bytes of log blocks stored as {stored}, {on_disk} on disk"
         );
+        assert_eq!(
+            lsns(&db.read_log(1, 100_000).unwrap()),
+            (1..=20_000).collect::<Vec<_>>()
+        );
+        assert_eq!(db.log_entry(12_345).unwrap().map(|e| e.lsn), Some(12_345));
+    }
+
+    /// A packed block that lies about its size, or does not decompress, is a clear error, and
+    /// a block stored as it is (by an earlier version, or one that did not compress) still
+    /// reads.
+    #[test]
+    fn a_bad_packed_block_is_an_error_and_a_plain_one_reads() {
+        let block = b"\x03\x00\x00\x00abc";
+        assert_eq!(&*unpack_block(block).unwrap(), block);
+        let mut scratch = Vec::new();
+        let packed = vec![7u8; 4096];
+        let len = pack_block(&packed, &mut scratch).expect("it compresses");
+        assert_eq!(&*unpack_block(&scratch[..len]).unwrap(), &packed[..]);
+        let mut lying = scratch[..len].to_vec();
+        lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(unpack_block(&lying), Err(DbError::Corrupt { .. })));
+        let mut short = scratch[..len].to_vec();
+        short[4..8].copy_from_slice(&5000u32.to_le_bytes());
+        assert!(matches!(unpack_block(&short), Err(DbError::Corrupt { .. })));
+        let mut garbage = scratch[..len].to_vec();
+        garbage.truncate(10);
+        assert!(unpack_block(&garbage).is_err());
     }
 
     #[test]
