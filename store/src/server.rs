@@ -34,6 +34,11 @@ const MAX_PENDING_BATCHES: usize = 256;
 /// Log entries sent in one `LogEntries` message.
 const LOG_CHUNK: usize = 1_000;
 
+/// A subscriber at least this many entries behind the head reads the log on a blocking
+/// thread: further back than the entries a commit group or two adds, which are still in
+/// memory.
+const FAR_BEHIND: u64 = 100_000;
+
 /// Settings of the listener.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -406,11 +411,26 @@ impl Handler {
             }
             let want = ((head - sub.next + 1) as usize).min(LOG_CHUNK);
             // As stored: the entries are not decoded on their way out.
-            let (entries, seen) = self
-                .shared
-                .db
-                .read_log_raw(sub.next, want, sub.skip_source.as_deref())
-                .map_err(|e| e.to_string())?;
+            let (entries, seen) = if head - sub.next < FAR_BEHIND {
+                // Just written: in the storage engine's memory, read in microseconds.
+                self.shared
+                    .db
+                    .read_log_raw(sub.next, want, sub.skip_source.as_deref())
+                    .map_err(|e| e.to_string())?
+            } else {
+                // Off the async workers: a subscriber this far behind reads blocks the page
+                // cache may not hold, while the workers serve the probes' batches. Not every
+                // read: handing each one over cost a store whose subscriber keeps up about a
+                // tenth more CPU.
+                let (from, skip) = (sub.next, sub.skip_source.clone());
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    shared.db.read_log_raw(from, want, skip.as_deref())
+                })
+                .await
+                .map_err(|e| format!("reading the log: {e}"))?
+                .map_err(|e| e.to_string())?
+            };
             let Some((first_seen, last)) = seen else {
                 return Ok(());
             };
