@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::codec::to_bytes;
-use tandem_protocol::message::EventsRef;
+use tandem_protocol::codec::events_frame;
 use tandem_protocol::{ClientKind, Directive, EventBody, Message, RawFrame, RejectReason};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -665,12 +664,8 @@ impl Driver {
             self.next_id += 1;
             let batch = self.next_id;
             let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-            // Encoded here from the spool's shared events: no copy of each event to build a
-            // message first.
-            let frame = match to_bytes(&EventsRef {
-                batch,
-                events: &events,
-            }) {
+            // The spool's encodings, one after the other: no event is encoded again.
+            let frame = match events_frame(batch, &events) {
                 Ok(frame) => RawFrame(frame.into()),
                 Err(e) => {
                     tracing::error!(error = %e, "a batch could not be encoded; it stays spooled");

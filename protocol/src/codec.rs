@@ -481,6 +481,18 @@ pub fn events_head(frame: &[u8]) -> Option<EventsHead> {
     })
 }
 
+/// An `Events` frame (as [`Message::Events`] encodes) from its events' encodings: how a probe
+/// sends what its spool holds encoded, without decoding or encoding any event again.
+pub fn events_frame<E: AsRef<[u8]>>(batch: u64, events: &[E]) -> Result<Vec<u8>, CodecError> {
+    let len: usize = events.iter().map(|e| e.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(len + 24);
+    append_bytes(&(EVENTS_VARIANT, batch, events.len() as u64), &mut out)?;
+    for event in events {
+        out.extend_from_slice(event.as_ref());
+    }
+    Ok(out)
+}
+
 /// The same `Events` frame with another batch id.
 pub fn with_batch(frame: &[u8], head: &EventsHead, batch: u64) -> Result<Bytes, CodecError> {
     let mut out = Vec::with_capacity(frame.len() + 8);
@@ -778,14 +790,15 @@ mod tests {
         }
 
         #[test]
-        fn shared_events_encode_like_an_events_message(
+        fn a_frame_of_encoded_events_is_an_events_message(
             batch in any::<u64>(),
             events in proptest::collection::vec(any::<crate::Event>(), 0..4),
         ) {
-            let shared: Vec<std::sync::Arc<crate::Event>> =
-                events.iter().cloned().map(std::sync::Arc::new).collect();
-            let by_ref = crate::message::EventsRef { batch, events: &shared };
-            prop_assert_eq!(to_bytes(&by_ref).unwrap(), to_bytes(&Message::Events { batch, events }).unwrap());
+            let encoded: Vec<Vec<u8>> = events.iter().map(|e| to_bytes(e).unwrap()).collect();
+            prop_assert_eq!(
+                events_frame(batch, &encoded).unwrap(),
+                to_bytes(&Message::Events { batch, events }).unwrap()
+            );
         }
 
         #[test]

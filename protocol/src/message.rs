@@ -273,25 +273,6 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// A [`Message::Events`] over shared events: encodes to exactly the same bytes, so a probe
-/// can send what its spool holds without copying every event first.
-#[derive(Clone, Copy, Debug)]
-pub struct EventsRef<'a> {
-    pub batch: u64,
-    pub events: &'a [std::sync::Arc<Event>],
-}
-
-impl Serialize for EventsRef<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStructVariant;
-        // Message::Events is variant 3 (checked by a test against the derived encoding).
-        let mut variant = serializer.serialize_struct_variant("Message", 3, "Events", 2)?;
-        variant.serialize_field("batch", &self.batch)?;
-        variant.serialize_field("events", self.events)?;
-        variant.end()
-    }
-}
-
 /// A [`LogEntry`] by reference: encodes to exactly the same bytes, without owning the event.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LogEntryRef<'a> {
