@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::codec::events_frame;
 use tandem_protocol::{ClientKind, Directive, EventBody, Message, RawFrame, RejectReason};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -657,21 +656,22 @@ impl Driver {
         while self.in_flight_events < self.config.max_in_flight && link.writer.capacity() > 0 {
             let room =
                 (self.config.max_in_flight - self.in_flight_events).min(self.config.batch_events);
-            let events = self.spool.unacked(self.sent_upto, room);
-            let Some(last) = events.last().map(|e| e.seq) else {
-                return;
-            };
-            self.next_id += 1;
-            let batch = self.next_id;
-            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+            let batch = self.next_id + 1;
+            let mut seqs = Vec::new();
             // The spool's encodings, one after the other: no event is encoded again.
-            let frame = match events_frame(batch, &events) {
-                Ok(frame) => RawFrame(frame.into()),
+            let frame = match self
+                .spool
+                .batch_frame(self.sent_upto, room, batch, &mut seqs)
+            {
+                Ok(Some(frame)) => RawFrame(frame.into()),
+                Ok(None) => return,
                 Err(e) => {
                     tracing::error!(error = %e, "a batch could not be encoded; it stays spooled");
                     return;
                 }
             };
+            let Some(&last) = seqs.last() else { return };
+            self.next_id = batch;
             if link.writer.try_send(Outgoing::Frame(frame)).is_err() {
                 return;
             }

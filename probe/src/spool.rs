@@ -130,6 +130,9 @@ pub struct Spool {
     source_cursor: Option<Vec<u8>>,
     /// `None` for a memory spool.
     disk: Option<Disk>,
+    /// Bytes per event of the last push: the next push's buffer is sized from it, where one
+    /// grown from a guess copied itself over as it grew.
+    event_size: usize,
 }
 
 struct Disk {
@@ -155,6 +158,7 @@ impl Spool {
                 events: Held::default(),
                 source_cursor: None,
                 disk: None,
+                event_size: 0,
             }),
             Some(dir) => open_disk(dir, name),
         }
@@ -207,7 +211,8 @@ impl Spool {
         // time and body, which is also what the disk stores (the origin and seq are implied
         // there). One allocation per push, where an event each cost the probe a fifth of its
         // CPU to allocate and, once acknowledged, to free.
-        let mut buf = Vec::with_capacity(bodies.len() * 128);
+        let mut buf =
+            Vec::with_capacity(bodies.len() * (self.event_size + self.event_size / 8 + 16));
         let mut spans = Vec::with_capacity(bodies.len());
         for (body, seq) in bodies.iter().zip(first..) {
             let start = buf.len();
@@ -232,6 +237,7 @@ impl Spool {
             });
         }
         drop(bodies);
+        self.event_size = buf.len() / spans.len().max(1);
         let buf = Bytes::from(buf);
         if let Some(disk) = &self.disk {
             disk.write(&buf, &spans, next, cursor)?;
@@ -281,6 +287,28 @@ impl Spool {
                 bytes: bytes.clone(),
             })
             .collect()
+    }
+
+    /// An `Events` frame for batch `batch` of the unacknowledged events after seq `after`, at
+    /// most `max` of them, as [`Spool::unacked`] would give them; their seqs go to `seqs`.
+    /// `None` when there are none.
+    pub fn batch_frame(
+        &self,
+        after: u64,
+        max: usize,
+        batch: u64,
+        seqs: &mut Vec<u64>,
+    ) -> Result<Option<Vec<u8>>, CodecError> {
+        seqs.clear();
+        let mut events = Vec::new();
+        for (seq, bytes) in self.events.after(after).take(max) {
+            seqs.push(seq);
+            events.push(&bytes[..]);
+        }
+        if events.is_empty() {
+            return Ok(None);
+        }
+        tandem_protocol::codec::events_frame(batch, &events).map(Some)
     }
 
     /// How many events are unacknowledged.
@@ -513,6 +541,7 @@ fn open_disk(path: &Path, name: &str) -> Result<Spool, SpoolError> {
         events,
         source_cursor,
         disk: Some(disk),
+        event_size: 0,
     })
 }
 
@@ -670,6 +699,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use tandem_protocol::Message;
 
     fn body(n: u64) -> EventBody {
         EventBody::Expire {
@@ -870,6 +900,21 @@ mod tests {
         assert!(spool.unacked(10, 3).is_empty());
         assert!(spool.unacked(0, 0).is_empty());
         assert!(spool.unacked(u64::MAX, 3).is_empty());
+
+        // A batch frame is an `Events` message of the same page.
+        let mut batch_seqs = vec![99];
+        let frame = spool
+            .batch_frame(3, 3, 7, &mut batch_seqs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch_seqs, [6, 7, 8]);
+        let want = Message::Events {
+            batch: 7,
+            events: decoded(&spool.unacked(3, 3)),
+        };
+        assert_eq!(frame, to_bytes(&want).unwrap());
+        assert_eq!(spool.batch_frame(10, 3, 8, &mut batch_seqs).unwrap(), None);
+        assert!(batch_seqs.is_empty());
     }
 
     #[test]
