@@ -11,6 +11,22 @@ use tandem_protocol::{Message, Origin};
 use tandem_tests::Pair;
 use tandem_tests::client::{connect, occurrence, send_reliably};
 
+/// A subscription to the store at `addr` from `from_lsn`, leaving out `skip_source`'s entries.
+async fn subscribe(
+    addr: std::net::SocketAddr,
+    from_lsn: u64,
+    skip_source: Option<&str>,
+) -> tandem_probe::Connection {
+    let mut conn = connect(addr, Duration::from_secs(30)).await;
+    conn.send(&Message::Subscribe {
+        from_lsn,
+        skip_source: skip_source.map(str::to_owned),
+    })
+    .await
+    .unwrap();
+    conn
+}
+
 async fn read_entries(conn: &mut tandem_probe::Connection, want: usize) -> Vec<LogEntry> {
     let mut got = Vec::new();
     while got.len() < want {
@@ -54,13 +70,7 @@ async fn subscribers_get_every_entry_in_order_and_then_live_ones() {
     )
     .await;
 
-    let mut sub = connect(addr, Duration::from_secs(30)).await;
-    sub.send(&Message::Subscribe {
-        from_lsn: 1,
-        skip_source: None,
-    })
-    .await
-    .unwrap();
+    let mut sub = subscribe(addr, 1, None).await;
     let first = read_entries(&mut sub, 50).await;
     assert_eq!(first.len(), 50);
     for (i, entry) in first.iter().enumerate() {
@@ -85,13 +95,7 @@ async fn subscribers_get_every_entry_in_order_and_then_live_ones() {
     );
 
     // From the middle, leaving out what came from AGG_P itself: nothing to send.
-    let mut skip = connect(addr, Duration::from_secs(30)).await;
-    skip.send(&Message::Subscribe {
-        from_lsn: 30,
-        skip_source: Some("AGG_P".into()),
-    })
-    .await
-    .unwrap();
+    let mut skip = subscribe(addr, 30, Some("AGG_P")).await;
     match tokio::time::timeout(Duration::from_secs(10), skip.recv()).await {
         Ok(Ok(Message::LogEntries {
             entries,
@@ -129,13 +133,7 @@ async fn a_subscriber_far_behind_gets_every_entry_in_order() {
     )
     .await;
 
-    let mut sub = connect(addr, Duration::from_secs(30)).await;
-    sub.send(&Message::Subscribe {
-        from_lsn: 1,
-        skip_source: None,
-    })
-    .await
-    .unwrap();
+    let mut sub = subscribe(addr, 1, None).await;
     let got = read_entries(&mut sub, N as usize).await;
     assert_eq!(got.len(), N as usize);
     for (i, entry) in got.iter().enumerate() {
@@ -168,24 +166,12 @@ async fn a_trimmed_position_is_reported() {
     )
     .await;
 
-    let mut sub = connect(addr, Duration::from_secs(30)).await;
-    sub.send(&Message::Subscribe {
-        from_lsn: 1,
-        skip_source: None,
-    })
-    .await
-    .unwrap();
+    let mut sub = subscribe(addr, 1, None).await;
     match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
         Ok(Ok(Message::LogTrimmed { first_lsn })) => assert_eq!(first_lsn, 201),
         other => panic!("expected LogTrimmed, got {other:?}"),
     }
-    let mut ok = connect(addr, Duration::from_secs(30)).await;
-    ok.send(&Message::Subscribe {
-        from_lsn: 201,
-        skip_source: None,
-    })
-    .await
-    .unwrap();
+    let mut ok = subscribe(addr, 201, None).await;
     let entries = read_entries(&mut ok, 100).await;
     assert_eq!(entries.first().map(|e| e.lsn), Some(201));
     assert_eq!(entries.last().map(|e| e.lsn), Some(300));
