@@ -71,20 +71,44 @@ fn http_status(addr: Option<SocketAddr>) -> Option<Value> {
     serde_json::from_str(&body).ok()
 }
 
+/// [`http_status`] off the async thread, so that every member is asked at once.
+async fn http_status_of(addr: Option<SocketAddr>) -> Option<Value> {
+    let addr = addr?;
+    tokio::task::spawn_blocking(move || http_status(Some(addr)))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Asks every member at once: with several of them hung, asking one after the other would
+/// add up their timeouts, when status is what an operator runs because something is wrong.
 pub async fn collect(pair: &PairFile, tls: Option<&ClientTls>) -> Value {
-    let mut stores = Vec::new();
-    for s in &pair.stores {
-        let mut status = store_status(pair, tls, &s.name, s.listen.0).await;
+    let stores = futures::future::join_all(pair.stores.iter().map(|s| async move {
+        let (mut status, http) = tokio::join!(
+            store_status(pair, tls, &s.name, s.listen.0),
+            http_status_of(s.http.map(|a| a.0))
+        );
         // A store whose commit is stuck (a hung disk) may still answer the protocol; only its
         // `/status` says so. Null when it has no HTTP address or does not answer there.
-        status["stalled"] =
-            http_status(s.http.map(|a| a.0)).map_or(Value::Null, |h| h["stalled"].clone());
-        stores.push(status);
-    }
+        status["stalled"] = http.map_or(Value::Null, |h| h["stalled"].clone());
+        status
+    }));
+    let proxies = futures::future::join_all(
+        pair.proxies
+            .iter()
+            .map(|p| http_status_of(p.http.map(|a| a.0))),
+    );
+    let gateways = futures::future::join_all(
+        pair.gateways
+            .iter()
+            .map(|g| http_status_of(g.http.map(|a| a.0))),
+    );
+    let (stores, proxies, gateways) = tokio::join!(stores, proxies, gateways);
     let proxies: Vec<Value> = pair
         .proxies
         .iter()
-        .map(|p| match http_status(p.http.map(|a| a.0)) {
+        .zip(proxies)
+        .map(|(p, status)| match status {
             Some(s) => json!({
                 "name": p.name, "up": true, "store": p.store, "probes": s["probes"],
                 "store_up": s["store_up"], "events_forwarded": s["events_forwarded"],
@@ -95,7 +119,8 @@ pub async fn collect(pair: &PairFile, tls: Option<&ClientTls>) -> Value {
     let gateways: Vec<Value> = pair
         .gateways
         .iter()
-        .map(|g| match http_status(g.http.map(|a| a.0)) {
+        .zip(gateways)
+        .map(|(g, status)| match status {
             Some(s) => json!({
                 "name": g.name, "up": true, "state": s["state"], "resynced": s["resynced"],
                 "directions": s["directions"],

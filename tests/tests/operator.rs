@@ -421,3 +421,51 @@ async fn housekeeping_expires_and_deletes_on_the_acting_primary_only() {
         "the backup, not acting primary, leaves housekeeping to the primary"
     );
 }
+
+/// `tandem status` asks every member at once: with every member hung (each port accepts
+/// connections and never answers), it still answers, each member shown down, in about one
+/// member's timeout (2 s), where asking one after the other would add up to about 14 s.
+#[test]
+fn status_with_every_member_hung_answers_in_about_one_timeout() {
+    let pair = Pair::new(|t| t);
+    let f = &pair.file;
+    let addrs = f
+        .stores
+        .iter()
+        .flat_map(|s| [Some(s.listen.0), s.http.map(|a| a.0)])
+        .chain(
+            f.proxies
+                .iter()
+                .flat_map(|p| [Some(p.listen.0), p.http.map(|a| a.0)]),
+        )
+        .chain(f.gateways.iter().map(|g| g.http.map(|a| a.0)))
+        .flatten();
+    // Bound and never accepted from: the kernel completes each connection, and no byte
+    // ever comes back.
+    let _hung: Vec<std::net::TcpListener> = addrs
+        .map(|a| std::net::TcpListener::bind(a).unwrap())
+        .collect();
+    // Built (if need be) before the clock starts.
+    tandem_tests::tandem_bin();
+    let started = std::time::Instant::now();
+    let out = pair.run(&["status", "--json"], Duration::from_secs(60));
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for kind in ["stores", "proxies", "gateways"] {
+        let members = status[kind].as_array().unwrap();
+        assert!(!members.is_empty(), "{kind}");
+        assert!(
+            members.iter().all(|m| m["up"] == false),
+            "{kind}: {members:?}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(8),
+        "status took {took:?}: the members' timeouts were added up"
+    );
+}
