@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{ClientError, Connection};
 use crate::failover::{Action, Failover, Input, Member, Settings};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Batch, Spool, SpoolError};
 
 /// Where the pair is and how to behave.
 #[derive(Clone, Debug)]
@@ -657,13 +657,9 @@ impl Driver {
             let room =
                 (self.config.max_in_flight - self.in_flight_events).min(self.config.batch_events);
             let batch = self.next_id + 1;
-            let mut seqs = Vec::new();
             // The spool's encodings, one after the other: no event is encoded again.
-            let frame = match self
-                .spool
-                .batch_frame(self.sent_upto, room, batch, &mut seqs)
-            {
-                Ok(Some(frame)) => RawFrame(frame.into()),
+            let (frame, seqs) = match self.spool.batch_frame(self.sent_upto, room, batch) {
+                Ok(Some(Batch { frame, seqs })) => (RawFrame(frame.into()), seqs),
                 Ok(None) => return,
                 Err(e) => {
                     tracing::error!(error = %e, "a batch could not be encoded; it stays spooled");

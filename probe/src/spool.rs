@@ -118,6 +118,13 @@ impl Spooled {
     }
 }
 
+/// A batch of spooled events ready to send: its `Events` frame and its events' seqs, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub frame: Vec<u8>,
+    pub seqs: Vec<u64>,
+}
+
 /// The events a probe has numbered and not yet seen acknowledged; see the module doc.
 pub struct Spool {
     origin: Origin,
@@ -216,7 +223,7 @@ impl Spool {
         let mut spans = Vec::with_capacity(bodies.len());
         for (body, seq) in bodies.iter().zip(first..) {
             let start = buf.len();
-            let encoded = append_bytes(&(&self.origin, seq), &mut buf)
+            let stored = append_bytes(&(&self.origin, seq), &mut buf)
                 .and_then(|()| {
                     let stored = buf.len();
                     append_bytes(&(time, body), &mut buf).map(|()| stored)
@@ -232,7 +239,7 @@ impl Spool {
             spans.push(Span {
                 seq,
                 start,
-                stored: encoded,
+                stored,
                 end: buf.len(),
             });
         }
@@ -290,16 +297,15 @@ impl Spool {
     }
 
     /// An `Events` frame for batch `batch` of the unacknowledged events after seq `after`, at
-    /// most `max` of them, as [`Spool::unacked`] would give them; their seqs go to `seqs`.
-    /// `None` when there are none.
+    /// most `max` of them, as [`Spool::unacked`] would give them, and their seqs. `None` when
+    /// there are none.
     pub fn batch_frame(
         &self,
         after: u64,
         max: usize,
         batch: u64,
-        seqs: &mut Vec<u64>,
-    ) -> Result<Option<Vec<u8>>, CodecError> {
-        seqs.clear();
+    ) -> Result<Option<Batch>, CodecError> {
+        let mut seqs = Vec::new();
         let mut events = Vec::new();
         for (seq, bytes) in self.events.after(after).take(max) {
             seqs.push(seq);
@@ -308,7 +314,8 @@ impl Spool {
         if events.is_empty() {
             return Ok(None);
         }
-        tandem_protocol::codec::events_frame(batch, &events).map(Some)
+        let frame = tandem_protocol::codec::events_frame(batch, &events)?;
+        Ok(Some(Batch { frame, seqs }))
     }
 
     /// How many events are unacknowledged.
@@ -902,19 +909,14 @@ mod tests {
         assert!(spool.unacked(u64::MAX, 3).is_empty());
 
         // A batch frame is an `Events` message of the same page.
-        let mut batch_seqs = vec![99];
-        let frame = spool
-            .batch_frame(3, 3, 7, &mut batch_seqs)
-            .unwrap()
-            .unwrap();
-        assert_eq!(batch_seqs, [6, 7, 8]);
+        let Batch { frame, seqs } = spool.batch_frame(3, 3, 7).unwrap().unwrap();
+        assert_eq!(seqs, [6, 7, 8]);
         let want = Message::Events {
             batch: 7,
             events: decoded(&spool.unacked(3, 3)),
         };
         assert_eq!(frame, to_bytes(&want).unwrap());
-        assert_eq!(spool.batch_frame(10, 3, 8, &mut batch_seqs).unwrap(), None);
-        assert!(batch_seqs.is_empty());
+        assert_eq!(spool.batch_frame(10, 3, 8).unwrap(), None);
     }
 
     #[test]
