@@ -274,13 +274,16 @@ async fn send_all(
                 .map(|i| {
                     let global = load.first + i * load.step;
                     let identifier = &identifiers[(global % load.identifiers) as usize];
-                    EventBody::Occurrence(AlertFields {
-                        identifier: identifier.clone(),
-                        node: identifier.clone(),
-                        summary: summary.clone(),
-                        severity: Severity::MINOR,
-                        ..AlertFields::default()
-                    })
+                    EventBody::Occurrence(
+                        AlertFields {
+                            identifier: identifier.clone(),
+                            node: identifier.clone(),
+                            summary: summary.clone(),
+                            severity: Severity::MINOR,
+                            ..AlertFields::default()
+                        }
+                        .pack(),
+                    )
                 })
                 .collect();
             let at = Instant::now();

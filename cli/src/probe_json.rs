@@ -156,7 +156,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, follow_file: bool, file: Option<&Pa
             read += 1;
             match alert_json::parse(&line) {
                 Ok((fields, time)) => {
-                    let body = vec![EventBody::Occurrence(fields)];
+                    let body = vec![EventBody::Occurrence(fields.pack())];
                     client
                         .push(time.unwrap_or_else(now_ms), body, Some(at))
                         .await?;

@@ -131,7 +131,7 @@ async fn feed(
                         }
                         time = at;
                     }
-                    bodies.push(EventBody::Occurrence(fields));
+                    bodies.push(EventBody::Occurrence(fields.pack()));
                 }
                 Err(e) => {
                     tracing::warn!(line = line_no, "skipped: {e}");

@@ -41,7 +41,7 @@ fn typical_batch(n: u64) -> Message {
                     severity: Severity::MINOR,
                     expire_seconds: 3600,
                     extra,
-                }),
+                }.pack()),
             }
         })
         .collect();

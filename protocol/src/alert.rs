@@ -4,6 +4,7 @@
 //! the JSON keys of `tandem alerts --json` and the names the filter language knows, so they are
 //! snake_case and never renamed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -139,6 +140,298 @@ pub struct AlertFields {
     pub extra: BTreeMap<String, String>,
 }
 
+/// An occurrence's fields as events and rows carry them: the nine text fields in one allocation.
+///
+/// [`AlertFields`] is the form to build and read in full; this is the form a store decodes
+/// about a million of a second and keeps one of per alert. Nine `String`s cost a store nine
+/// allocations to decode an occurrence, nine frees when a newer one displaces it, and 216
+/// bytes of headers per row; here it is one of each and a few words. The encoding is
+/// [`AlertFields`]' own, field for field, so the two are interchangeable on the wire and on
+/// disk.
+/// The text fields' names, in [`AlertFields`]' order.
+const TEXT_NAMES: [&str; 9] = [
+    "identifier",
+    "node",
+    "node_alias",
+    "manager",
+    "agent",
+    "alert_group",
+    "alert_key",
+    "summary",
+    "class",
+];
+
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PackedFields {
+    /// The text fields back to back, in [`AlertFields`]' order.
+    text: Box<str>,
+    /// Where each text field but the last ends in `text` (the last ends at its end).
+    ends: [usize; 8],
+    pub kind: Kind,
+    pub severity: Severity,
+    /// Seconds after the last occurrence at which the alert is cleared; 0 never expires.
+    pub expire_seconds: u32,
+    pub extra: BTreeMap<String, String>,
+}
+
+impl PackedFields {
+    /// Packs the nine text fields, in [`AlertFields`]' order.
+    fn from_texts(
+        texts: [&str; 9],
+        kind: Kind,
+        severity: Severity,
+        expire_seconds: u32,
+        extra: BTreeMap<String, String>,
+    ) -> PackedFields {
+        let mut text = String::with_capacity(texts.iter().map(|t| t.len()).sum());
+        let mut ends = [0; 8];
+        for (i, part) in texts.iter().enumerate() {
+            text.push_str(part);
+            if let Some(end) = ends.get_mut(i) {
+                *end = text.len();
+            }
+        }
+        PackedFields {
+            text: text.into_boxed_str(),
+            ends,
+            kind,
+            severity,
+            expire_seconds,
+            extra,
+        }
+    }
+
+    /// Text field `i` in [`AlertFields`]' order.
+    fn part(&self, i: usize) -> &str {
+        let start = match i {
+            0 => 0,
+            _ => self.ends.get(i - 1).copied().unwrap_or(self.text.len()),
+        };
+        let end = self.ends.get(i).copied().unwrap_or(self.text.len());
+        // Always in range and on character boundaries: `from_texts` set them.
+        self.text.get(start..end).unwrap_or_default()
+    }
+
+    fn texts(&self) -> [&str; 9] {
+        std::array::from_fn(|i| self.part(i))
+    }
+
+    pub fn identifier(&self) -> &str {
+        self.part(0)
+    }
+    pub fn node(&self) -> &str {
+        self.part(1)
+    }
+    pub fn node_alias(&self) -> &str {
+        self.part(2)
+    }
+    pub fn manager(&self) -> &str {
+        self.part(3)
+    }
+    pub fn agent(&self) -> &str {
+        self.part(4)
+    }
+    pub fn alert_group(&self) -> &str {
+        self.part(5)
+    }
+    pub fn alert_key(&self) -> &str {
+        self.part(6)
+    }
+    pub fn summary(&self) -> &str {
+        self.part(7)
+    }
+    pub fn class(&self) -> &str {
+        self.part(8)
+    }
+
+    /// The fields as separate strings.
+    pub fn unpack(&self) -> AlertFields {
+        let [
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+        ] = self.texts().map(String::from);
+        AlertFields {
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+            kind: self.kind,
+            severity: self.severity,
+            expire_seconds: self.expire_seconds,
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+impl From<AlertFields> for PackedFields {
+    fn from(f: AlertFields) -> PackedFields {
+        PackedFields::from_texts(
+            [
+                &f.identifier,
+                &f.node,
+                &f.node_alias,
+                &f.manager,
+                &f.agent,
+                &f.alert_group,
+                &f.alert_key,
+                &f.summary,
+                &f.class,
+            ],
+            f.kind,
+            f.severity,
+            f.expire_seconds,
+            f.extra,
+        )
+    }
+}
+
+impl AlertFields {
+    /// The fields in one allocation, as events and rows carry them.
+    pub fn pack(self) -> PackedFields {
+        self.into()
+    }
+}
+
+impl fmt::Debug for PackedFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = f.debug_struct("PackedFields");
+        for (name, text) in TEXT_NAMES.iter().zip(self.texts()) {
+            out.field(name, &text);
+        }
+        out.field("kind", &self.kind)
+            .field("severity", &self.severity)
+            .field("expire_seconds", &self.expire_seconds)
+            .field("extra", &self.extra)
+            .finish()
+    }
+}
+
+/// [`AlertFields`]' layout, borrowed: what [`PackedFields`] encodes as.
+#[derive(Serialize)]
+#[serde(rename = "AlertFields")]
+struct FieldsRef<'a> {
+    identifier: &'a str,
+    node: &'a str,
+    node_alias: &'a str,
+    manager: &'a str,
+    agent: &'a str,
+    alert_group: &'a str,
+    alert_key: &'a str,
+    summary: &'a str,
+    class: &'a str,
+    kind: Kind,
+    severity: Severity,
+    expire_seconds: u32,
+    extra: &'a BTreeMap<String, String>,
+}
+
+impl Serialize for PackedFields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let [
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+        ] = self.texts();
+        FieldsRef {
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+            kind: self.kind,
+            severity: self.severity,
+            expire_seconds: self.expire_seconds,
+            extra: &self.extra,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// [`AlertFields`]' layout with the text borrowed from the input where the format allows (the
+/// codec's does): the texts are copied once, into the packed allocation.
+#[derive(Deserialize)]
+#[serde(rename = "AlertFields")]
+struct FieldsWire<'a> {
+    #[serde(borrow)]
+    identifier: Cow<'a, str>,
+    #[serde(borrow)]
+    node: Cow<'a, str>,
+    #[serde(borrow)]
+    node_alias: Cow<'a, str>,
+    #[serde(borrow)]
+    manager: Cow<'a, str>,
+    #[serde(borrow)]
+    agent: Cow<'a, str>,
+    #[serde(borrow)]
+    alert_group: Cow<'a, str>,
+    #[serde(borrow)]
+    alert_key: Cow<'a, str>,
+    #[serde(borrow)]
+    summary: Cow<'a, str>,
+    #[serde(borrow)]
+    class: Cow<'a, str>,
+    kind: Kind,
+    severity: Severity,
+    expire_seconds: u32,
+    extra: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for PackedFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let w = FieldsWire::deserialize(deserializer)?;
+        Ok(PackedFields::from_texts(
+            [
+                &w.identifier,
+                &w.node,
+                &w.node_alias,
+                &w.manager,
+                &w.agent,
+                &w.alert_group,
+                &w.alert_key,
+                &w.summary,
+                &w.class,
+            ],
+            w.kind,
+            w.severity,
+            w.expire_seconds,
+            w.extra,
+        ))
+    }
+}
+
+#[cfg(test)]
+impl proptest::arbitrary::Arbitrary for PackedFields {
+    type Parameters = ();
+    type Strategy = proptest::strategy::BoxedStrategy<Self>;
+
+    fn arbitrary_with(_: ()) -> Self::Strategy {
+        use proptest::prelude::*;
+        any::<AlertFields>().prop_map(PackedFields::from).boxed()
+    }
+}
+
 /// An alert as a store presents it to operators and queries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -219,5 +512,40 @@ mod tests {
         }
         assert_eq!(json["severity"], 4);
         assert_eq!(json["kind"], "problem");
+    }
+
+    #[test]
+    fn packed_fields_keep_every_field_and_the_same_encoding() {
+        use proptest::prelude::*;
+        proptest!(|(fields in any::<AlertFields>())| {
+            let packed = fields.clone().pack();
+            prop_assert_eq!(packed.unpack(), fields.clone());
+            prop_assert_eq!(packed.identifier(), fields.identifier.as_str());
+            prop_assert_eq!(packed.class(), fields.class.as_str());
+            let bytes = crate::codec::to_bytes(&fields).unwrap();
+            prop_assert_eq!(crate::codec::to_bytes(&packed).unwrap(), bytes.clone());
+            let decoded: PackedFields = crate::codec::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(&decoded, &packed);
+            let json = serde_json::to_string(&packed).unwrap();
+            prop_assert_eq!(&json, &serde_json::to_string(&fields).unwrap());
+            prop_assert_eq!(serde_json::from_str::<PackedFields>(&json).unwrap(), packed);
+        });
+    }
+
+    #[test]
+    fn packed_fields_tell_apart_where_one_field_ends() {
+        let a = AlertFields {
+            node: "ab".into(),
+            manager: "c".into(),
+            ..AlertFields::default()
+        };
+        let b = AlertFields {
+            node: "a".into(),
+            manager: "bc".into(),
+            ..AlertFields::default()
+        };
+        assert_ne!(a.clone().pack(), b.clone().pack());
+        assert_eq!(a.pack().node(), "ab");
+        assert_eq!(b.pack().manager(), "bc");
     }
 }

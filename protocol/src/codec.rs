@@ -704,7 +704,7 @@ mod tests {
                 origin: crate::event::Origin::new("p", 1),
                 seq: 1,
                 time: 0,
-                body: crate::event::EventBody::Occurrence(fields),
+                body: crate::event::EventBody::Occurrence(fields.pack()),
             }],
         };
         let mut frame = encode(&msg);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::alert::{AlertFields, Millis, Severity};
+use crate::alert::{Millis, PackedFields, Severity};
 
 /// The writer of an event: a probe instance, an operator command or a store's housekeeping.
 ///
@@ -139,7 +139,7 @@ impl Event {
     /// The alert this event is about.
     pub fn identifier(&self) -> &str {
         match &self.body {
-            EventBody::Occurrence(fields) => &fields.identifier,
+            EventBody::Occurrence(fields) => fields.identifier(),
             EventBody::Acknowledge { identifier, .. }
             | EventBody::SetOwner { identifier, .. }
             | EventBody::SetSeverity { identifier, .. }
@@ -157,7 +157,7 @@ pub enum EventBody {
     /// A probe saw something: inserts the alert or deduplicates into it (tally + 1). A
     /// resolution also clears the earlier problems with the same node, alert key, alert group
     /// and manager.
-    Occurrence(AlertFields),
+    Occurrence(PackedFields),
     Acknowledge {
         identifier: String,
         acknowledged: bool,

@@ -14,7 +14,9 @@ pub mod event;
 pub mod message;
 pub mod state;
 
-pub use alert::{Alert, AlertFields, JournalEntry, Kind, Millis, Severity, SeverityOutOfRange};
+pub use alert::{
+    Alert, AlertFields, JournalEntry, Kind, Millis, PackedFields, Severity, SeverityOutOfRange,
+};
 pub use codec::{
     BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsHead, FrameCodec, MAX_FRAME_LIMIT, MessageCodec,
     RawFrame,

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{AlertFields, JournalEntry, Millis, Severity};
+use crate::alert::{JournalEntry, Millis, PackedFields, Severity};
 use crate::event::{Origin, OriginCount, Version};
 
 /// A value with the version of the write that set it (last-writer-wins by version).
@@ -26,7 +26,7 @@ pub struct AlertState {
     /// occurrence with the lowest version (ties broken by store name).
     pub inserted: Versioned<(String, u64)>,
     /// The newest occurrence's fields.
-    pub latest: Versioned<AlertFields>,
+    pub latest: Versioned<PackedFields>,
     /// Set by occurrences, generic clears, expiry and operators; newest version wins.
     pub severity: Versioned<Severity>,
     pub acknowledged: Versioned<bool>,

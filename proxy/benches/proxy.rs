@@ -91,13 +91,16 @@ fn event(origin: &Origin, seq: u64) -> Event {
         origin: origin.clone(),
         seq,
         time: 1_700_000_000_000 + seq as i64,
-        body: EventBody::Occurrence(AlertFields {
-            identifier: format!("host{:05}:disk", seq % 10_000),
-            node: format!("host{:05}", seq % 10_000),
-            summary: "filesystem /var is 91% full (threshold 90%), growth 1.2 GiB/h".into(),
-            severity: Severity::MINOR,
-            ..AlertFields::default()
-        }),
+        body: EventBody::Occurrence(
+            AlertFields {
+                identifier: format!("host{:05}:disk", seq % 10_000),
+                node: format!("host{:05}", seq % 10_000),
+                summary: "filesystem /var is 91% full (threshold 90%), growth 1.2 GiB/h".into(),
+                severity: Severity::MINOR,
+                ..AlertFields::default()
+            }
+            .pack(),
+        ),
     }
 }
 

@@ -159,11 +159,14 @@ async fn a_probe_waiting_on_a_slow_store_does_not_fail_over() {
     let mut client = PairClient::start(config, Spool::open(None, "slow-store-probe").unwrap());
     let bodies = (0..3 * WINDOW)
         .map(|i| {
-            EventBody::Occurrence(AlertFields {
-                identifier: format!("id-{i}"),
-                summary: "slow".into(),
-                ..AlertFields::default()
-            })
+            EventBody::Occurrence(
+                AlertFields {
+                    identifier: format!("id-{i}"),
+                    summary: "slow".into(),
+                    ..AlertFields::default()
+                }
+                .pack(),
+            )
         })
         .collect();
     client.push(1, bodies, None).await.unwrap();

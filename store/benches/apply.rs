@@ -22,16 +22,19 @@ fn events() -> Vec<Event> {
                 origin: origin.clone(),
                 seq,
                 time: 1_700_000_000_000 + seq as i64,
-                body: EventBody::Occurrence(AlertFields {
-                    identifier: format!("host{:05}:disk", id),
-                    node: format!("host{:05}", id),
-                    alert_key: "/var".into(),
-                    alert_group: "disk".into(),
-                    manager: "bench".into(),
-                    summary: format!("/var on host{id:05} is 91% full"),
-                    severity: Severity::MINOR,
-                    ..AlertFields::default()
-                }),
+                body: EventBody::Occurrence(
+                    AlertFields {
+                        identifier: format!("host{:05}:disk", id),
+                        node: format!("host{:05}", id),
+                        alert_key: "/var".into(),
+                        alert_group: "disk".into(),
+                        manager: "bench".into(),
+                        summary: format!("/var on host{id:05} is 91% full"),
+                        severity: Severity::MINOR,
+                        ..AlertFields::default()
+                    }
+                    .pack(),
+                ),
             }
         })
         .collect()

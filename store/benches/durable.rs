@@ -37,18 +37,21 @@ fn event(origin: &Origin, seq: u64, id: u64) -> Event {
         origin: origin.clone(),
         seq,
         time: 1_700_000_000_000 + seq as i64,
-        body: EventBody::Occurrence(AlertFields {
-            identifier: format!("host{:07}:disk:/var", id),
-            node: format!("host{id:07}"),
-            alert_key: "/var".into(),
-            alert_group: "disk".into(),
-            manager: "bench".into(),
-            summary: format!(
-                "filesystem /var on host{id:07} is 91% full (threshold 90%), growth 1.2 GiB/h"
-            ),
-            severity: Severity::MINOR,
-            ..AlertFields::default()
-        }),
+        body: EventBody::Occurrence(
+            AlertFields {
+                identifier: format!("host{:07}:disk:/var", id),
+                node: format!("host{id:07}"),
+                alert_key: "/var".into(),
+                alert_group: "disk".into(),
+                manager: "bench".into(),
+                summary: format!(
+                    "filesystem /var on host{id:07} is 91% full (threshold 90%), growth 1.2 GiB/h"
+                ),
+                severity: Severity::MINOR,
+                ..AlertFields::default()
+            }
+            .pack(),
+        ),
     }
 }
 

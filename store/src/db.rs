@@ -966,10 +966,13 @@ mod tests {
             origin: Origin::new("probe", 1),
             seq,
             time: 1,
-            body: tandem_protocol::EventBody::Occurrence(tandem_protocol::AlertFields {
-                identifier: format!("alert-{seq}"),
-                ..Default::default()
-            }),
+            body: tandem_protocol::EventBody::Occurrence(
+                tandem_protocol::AlertFields {
+                    identifier: format!("alert-{seq}"),
+                    ..Default::default()
+                }
+                .pack(),
+            ),
         }
     }
 

@@ -182,7 +182,7 @@ impl Shared {
             ..tandem_protocol::AlertFields::default()
         };
         let request = Request::Housekeeping {
-            bodies: vec![EventBody::Occurrence(fields)],
+            bodies: vec![EventBody::Occurrence(fields.pack())],
         };
         if tx.try_send(request).is_err() {
             tracing::warn!(key, "the commit queue is full; the notice alert is dropped");
@@ -783,13 +783,13 @@ impl Drop for Syncer {
 /// of a commit's displaced fields is megabytes, and a new one each commit was memory the
 /// process had never touched, a quarter of the page faults of a new store (docs/PERFORMANCE.md).
 struct Freeing {
-    batches: std::sync::mpsc::SyncSender<Vec<tandem_protocol::AlertFields>>,
-    emptied: std::sync::mpsc::Receiver<Vec<tandem_protocol::AlertFields>>,
+    batches: std::sync::mpsc::SyncSender<Vec<tandem_protocol::PackedFields>>,
+    emptied: std::sync::mpsc::Receiver<Vec<tandem_protocol::PackedFields>>,
 }
 
 impl Freeing {
     fn start(name: &str) -> Option<Freeing> {
-        let (batches, rx) = std::sync::mpsc::sync_channel::<Vec<tandem_protocol::AlertFields>>(4);
+        let (batches, rx) = std::sync::mpsc::sync_channel::<Vec<tandem_protocol::PackedFields>>(4);
         let (back, emptied) = std::sync::mpsc::sync_channel(4);
         let started = std::thread::Builder::new()
             .name(format!("{name}-free"))
@@ -811,12 +811,12 @@ impl Freeing {
 
     /// Passes a commit's displaced fields on; when the freeing thread is behind, they are
     /// freed right here.
-    fn free(&self, displaced: Vec<tandem_protocol::AlertFields>) {
+    fn free(&self, displaced: Vec<tandem_protocol::PackedFields>) {
         let _ = self.batches.try_send(displaced);
     }
 
     /// An emptied list to collect the next commit's displaced fields in, if one is back.
-    fn emptied(&self) -> Option<Vec<tandem_protocol::AlertFields>> {
+    fn emptied(&self) -> Option<Vec<tandem_protocol::PackedFields>> {
         self.emptied.try_recv().ok()
     }
 }
@@ -1254,13 +1254,16 @@ mod tests {
             origin: Origin::new("probe", 1),
             seq,
             time: 1_700_000_000_000 + seq as i64,
-            body: EventBody::Occurrence(AlertFields {
-                identifier: format!("alert-{seq}"),
-                node: "host".into(),
-                summary: format!("event {seq}"),
-                severity: Severity::MINOR,
-                ..AlertFields::default()
-            }),
+            body: EventBody::Occurrence(
+                AlertFields {
+                    identifier: format!("alert-{seq}"),
+                    node: "host".into(),
+                    summary: format!("event {seq}"),
+                    severity: Severity::MINOR,
+                    ..AlertFields::default()
+                }
+                .pack(),
+            ),
         }
     }
 

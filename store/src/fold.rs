@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use tandem_protocol::{
-    Alert, AlertFields, AlertState, EventBody, JournalEntry, Kind, Millis, Origin, OriginCount,
+    Alert, AlertState, EventBody, JournalEntry, Kind, Millis, Origin, OriginCount, PackedFields,
     Severity, Version, Versioned,
 };
 
@@ -101,26 +101,29 @@ pub fn is_alive(state: &AlertState) -> bool {
 pub struct ClearKey(Arc<str>);
 
 impl ClearKey {
-    pub fn of(fields: &AlertFields) -> ClearKey {
+    pub fn of(fields: &PackedFields) -> ClearKey {
         // \u{1f} (unit separator) cannot be confused with text in any of the four fields.
         let key = format!(
             "{}\u{1f}{}\u{1f}{}\u{1f}{}",
-            fields.node, fields.alert_key, fields.alert_group, fields.manager
+            fields.node(),
+            fields.alert_key(),
+            fields.alert_group(),
+            fields.manager()
         );
         ClearKey(key.into())
     }
 
     /// Whether `fields` have this key, without building it.
-    pub fn matches(&self, fields: &AlertFields) -> bool {
+    pub fn matches(&self, fields: &PackedFields) -> bool {
         let mut parts = self.0.split('\u{1f}');
         [
-            &fields.node,
-            &fields.alert_key,
-            &fields.alert_group,
-            &fields.manager,
+            fields.node(),
+            fields.alert_key(),
+            fields.alert_group(),
+            fields.manager(),
         ]
         .iter()
-        .all(|f| parts.next() == Some(f.as_str()))
+        .all(|f| parts.next() == Some(*f))
             && parts.next().is_none()
     }
 
@@ -146,10 +149,10 @@ impl ClearKey {
 /// commit thread hands them to another thread to free.
 pub fn occurrence(
     state: &mut AlertState,
-    mut fields: AlertFields,
+    fields: PackedFields,
     version: &Version,
     inserted_at: (&str, u64),
-) -> AlertFields {
+) -> PackedFields {
     let first_ever = state.occurrences.is_empty();
     bump(&mut state.occurrences, &version.origin, 1);
     let time = version.time;
@@ -167,8 +170,8 @@ pub fn occurrence(
         fields.severity
     };
     propose(&mut state.severity, severity, version);
-    // The row's key holds the identifier; keeping a second copy here would only cost memory.
-    fields.identifier = String::new();
+    // The fields keep their copy of the identifier (the row's key has another): dropping it
+    // would take a second allocation and copy, and it costs the row a few bytes.
     let displaced = propose_swap(&mut state.latest, fields, version);
     merge_inserted(state, version, inserted_at);
     displaced
@@ -298,14 +301,14 @@ pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
         serial,
         server_name: state.inserted.value.0.clone(),
         server_serial: state.inserted.value.1,
-        node: f.node.clone(),
-        node_alias: f.node_alias.clone(),
-        manager: f.manager.clone(),
-        agent: f.agent.clone(),
-        alert_group: f.alert_group.clone(),
-        alert_key: f.alert_key.clone(),
-        summary: f.summary.clone(),
-        class: f.class.clone(),
+        node: f.node().to_string(),
+        node_alias: f.node_alias().to_string(),
+        manager: f.manager().to_string(),
+        agent: f.agent().to_string(),
+        alert_group: f.alert_group().to_string(),
+        alert_key: f.alert_key().to_string(),
+        summary: f.summary().to_string(),
+        class: f.class().to_string(),
         kind: f.kind,
         severity: state.severity.value,
         first_occurrence: state.first_occurrence,
@@ -332,13 +335,14 @@ mod tests {
         }
     }
 
-    fn fields(severity: u8, summary: &str) -> AlertFields {
-        AlertFields {
+    fn fields(severity: u8, summary: &str) -> PackedFields {
+        tandem_protocol::AlertFields {
             identifier: "a".into(),
             summary: summary.into(),
             severity: Severity::new(severity).unwrap(),
-            ..AlertFields::default()
+            ..Default::default()
         }
+        .pack()
     }
 
     #[test]
@@ -347,7 +351,7 @@ mod tests {
         occurrence(&mut s, fields(5, "new"), &v(20, 2), ("AGG_P", 1));
         occurrence(&mut s, fields(2, "old"), &v(10, 1), ("AGG_P", 1));
         assert_eq!(tally(&s), 2);
-        assert_eq!(s.latest.value.summary, "new");
+        assert_eq!(s.latest.value.summary(), "new");
         assert_eq!(s.severity.value, Severity::CRITICAL);
         assert_eq!((s.first_occurrence, s.last_occurrence), (10, 20));
     }

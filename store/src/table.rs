@@ -167,7 +167,7 @@ pub struct Table {
     /// since every candidate is checked against the key itself.
     by_clear: HashMap<u64, Ids>,
     /// Alert fields an occurrence displaced, not yet freed: see [`Table::take_displaced`].
-    displaced: Vec<tandem_protocol::AlertFields>,
+    displaced: Vec<tandem_protocol::PackedFields>,
     hasher: foldhash::fast::RandomState,
     next_serial: u64,
     alive: u64,
@@ -202,13 +202,13 @@ impl Table {
     /// The fields occurrences displaced since the last call. Freeing them (several strings
     /// each, allocated on the connection tasks' threads) was a sixth of the commit thread's
     /// time; the commit thread passes them to another thread instead.
-    pub fn take_displaced(&mut self) -> Vec<tandem_protocol::AlertFields> {
+    pub fn take_displaced(&mut self) -> Vec<tandem_protocol::PackedFields> {
         std::mem::take(&mut self.displaced)
     }
 
     /// Collects the next displaced fields in `list`, an emptied list from an earlier
     /// [`Table::take_displaced`], rather than in memory of its own.
-    pub fn recycle_displaced(&mut self, list: Vec<tandem_protocol::AlertFields>) {
+    pub fn recycle_displaced(&mut self, list: Vec<tandem_protocol::PackedFields>) {
         debug_assert!(list.is_empty());
         if self.displaced.is_empty() && list.capacity() > self.displaced.capacity() {
             self.displaced = list;
@@ -245,12 +245,12 @@ impl Table {
         clear_hash(&self.hasher, node, alert_key, alert_group, manager)
     }
 
-    fn fields_hash(&self, f: &tandem_protocol::AlertFields) -> u64 {
+    fn fields_hash(&self, f: &tandem_protocol::PackedFields) -> u64 {
         fields_hash(&self.hasher, f)
     }
 
     /// The newest resolution matching `fields`' clear key.
-    fn clear_for(&self, hash: u64, fields: &tandem_protocol::AlertFields) -> Option<&Version> {
+    fn clear_for(&self, hash: u64, fields: &tandem_protocol::PackedFields) -> Option<&Version> {
         clear_for(&self.clears, hash, fields)
     }
 
@@ -709,15 +709,21 @@ fn clear_hash(
 }
 
 /// The hash of `f`'s clear key.
-fn fields_hash(hasher: &foldhash::fast::RandomState, f: &tandem_protocol::AlertFields) -> u64 {
-    clear_hash(hasher, &f.node, &f.alert_key, &f.alert_group, &f.manager)
+fn fields_hash(hasher: &foldhash::fast::RandomState, f: &tandem_protocol::PackedFields) -> u64 {
+    clear_hash(
+        hasher,
+        f.node(),
+        f.alert_key(),
+        f.alert_group(),
+        f.manager(),
+    )
 }
 
 /// The newest resolution in `clears` matching `fields`' clear key, whose hash is `hash`.
 fn clear_for<'a>(
     clears: &'a HashMap<u64, Vec<(ClearKey, Version)>>,
     hash: u64,
-    fields: &tandem_protocol::AlertFields,
+    fields: &tandem_protocol::PackedFields,
 ) -> Option<&'a Version> {
     clears
         .get(&hash)?
@@ -777,15 +783,18 @@ mod tests {
     }
 
     fn problem(id: &str, node: &str, severity: u8, kind: Kind) -> EventBody {
-        EventBody::Occurrence(AlertFields {
-            identifier: id.into(),
-            node: node.into(),
-            alert_key: "k".into(),
-            summary: format!("{id} {severity}"),
-            severity: Severity::new(severity).unwrap(),
-            kind,
-            ..AlertFields::default()
-        })
+        EventBody::Occurrence(
+            AlertFields {
+                identifier: id.into(),
+                node: node.into(),
+                alert_key: "k".into(),
+                summary: format!("{id} {severity}"),
+                severity: Severity::new(severity).unwrap(),
+                kind,
+                ..AlertFields::default()
+            }
+            .pack(),
+        )
     }
 
     fn snapshot(table: &Table) -> BTreeMap<String, Alert> {
@@ -1221,12 +1230,12 @@ mod tests {
 }
 #[cfg(test)]
 mod row_size {
-    /// Every alert is a boxed row: one word more than 640 bytes puts each in the allocator's
-    /// next size class (768), 128 bytes more per alert against the memory target of 1 KiB
+    /// Every alert is a boxed row: one word more than 512 bytes puts each in the allocator's
+    /// next size class (640), 128 bytes more per alert against the memory target of 1 KiB
     /// beyond the alert's text (docs/PERFORMANCE.md).
     #[test]
-    fn a_row_fits_the_allocators_640_byte_class() {
+    fn a_row_fits_the_allocators_512_byte_class() {
         let size = std::mem::size_of::<super::Row>();
-        assert!(size <= 640, "a row is {size} bytes");
+        assert!(size <= 512, "a row is {size} bytes");
     }
 }

@@ -405,13 +405,16 @@ pub mod client {
             origin: origin.clone(),
             seq,
             time: 1_700_000_000_000 + seq as i64,
-            body: EventBody::Occurrence(AlertFields {
-                summary: format!("occurrence {seq} of {identifier}"),
-                node: "node".into(),
-                severity: Severity::MAJOR,
-                identifier,
-                ..AlertFields::default()
-            }),
+            body: EventBody::Occurrence(
+                AlertFields {
+                    summary: format!("occurrence {seq} of {identifier}"),
+                    node: "node".into(),
+                    severity: Severity::MAJOR,
+                    identifier,
+                    ..AlertFields::default()
+                }
+                .pack(),
+            ),
         }
     }
 

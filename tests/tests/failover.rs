@@ -388,7 +388,9 @@ async fn probes_queued_behind_a_hung_store_are_still_told_to_leave() {
                         let mut e =
                             tandem_tests::client::occurrence(&origin, seq, format!("id-{n}"));
                         if let tandem_protocol::EventBody::Occurrence(f) = &mut e.body {
-                            f.summary = "x".repeat(500);
+                            let mut fields = f.unpack();
+                            fields.summary = "x".repeat(500);
+                            *f = fields.pack();
                         }
                         e
                     })

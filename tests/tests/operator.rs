@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tandem_probe::Connection;
 use tandem_protocol::{
-    AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, Severity,
+    AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, PackedFields,
+    Severity,
 };
 use tandem_tests::client::{alerts, connect, occurrence, send_reliably};
 use tandem_tests::{Pair, http_get};
@@ -30,8 +31,10 @@ async fn operators_list_filter_and_act_on_alerts() {
         .map(|seq| occurrence(&origin, seq, format!("web{}:ping", seq % 3)))
         .collect();
     if let EventBody::Occurrence(f) = &mut events[0].body {
-        f.severity = Severity::CRITICAL;
-        f.node = "web1".into();
+        let mut fields = f.unpack();
+        fields.severity = Severity::CRITICAL;
+        fields.node = "web1".into();
+        *f = fields.pack();
     }
     send_reliably(
         addr,
@@ -222,12 +225,13 @@ async fn ops_endpoints_report_health_role_and_metrics() {
     }
 }
 
-fn fields(identifier: &str) -> AlertFields {
+fn fields(identifier: &str) -> PackedFields {
     AlertFields {
         identifier: identifier.into(),
         severity: Severity::MINOR,
         ..AlertFields::default()
     }
+    .pack()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,11 +305,14 @@ async fn bad_input_is_refused_and_harms_nothing() {
             origin: Origin::new("f", 1),
             seq: 1,
             time: 1,
-            body: EventBody::Occurrence(AlertFields {
-                identifier: "f".into(),
-                severity: Severity::CRITICAL,
-                ..AlertFields::default()
-            }),
+            body: EventBody::Occurrence(
+                AlertFields {
+                    identifier: "f".into(),
+                    severity: Severity::CRITICAL,
+                    ..AlertFields::default()
+                }
+                .pack(),
+            ),
         }],
     })
     .unwrap();

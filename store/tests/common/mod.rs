@@ -49,12 +49,15 @@ pub fn event(origin: &Origin, seq: u64, hosts: u64) -> Event {
         origin: origin.clone(),
         seq,
         time: 1_700_000_000_000 + seq as i64,
-        body: EventBody::Occurrence(AlertFields {
-            identifier: format!("host{}:disk", seq % hosts),
-            node: format!("host{}", seq % hosts),
-            summary: "disk full".into(),
-            severity: Severity::MAJOR,
-            ..AlertFields::default()
-        }),
+        body: EventBody::Occurrence(
+            AlertFields {
+                identifier: format!("host{}:disk", seq % hosts),
+                node: format!("host{}", seq % hosts),
+                summary: "disk full".into(),
+                severity: Severity::MAJOR,
+                ..AlertFields::default()
+            }
+            .pack(),
+        ),
     }
 }
