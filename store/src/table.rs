@@ -32,9 +32,11 @@ pub struct Row {
     /// stored) so that the hot path neither rebuilds nor keeps a copy of the key's text.
     #[serde(skip)]
     clear_hash: u64,
-    /// Changed since the last commit; in `Changes::rows` once.
+    /// The table's [`Table::generation`] when the row last went into `Changes::rows`: it is
+    /// there, once, while the two are equal. A number rather than a flag, so that starting a
+    /// new commit does not look up every row the last one wrote to clear it.
     #[serde(skip)]
-    dirty: bool,
+    marked: u64,
     /// In the problem index under `clear_hash`. The index only grows, so a newer occurrence
     /// with the same clear key needs no index lookup. (A flag, not the hash: it fits in the
     /// row's padding, and a row one word longer moves to the allocator's next size class.)
@@ -48,7 +50,7 @@ impl Row {
             serial,
             state,
             clear_hash: 0,
-            dirty: false,
+            marked: 0,
             indexed: false,
         }
     }
@@ -151,9 +153,12 @@ impl Ids {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Table {
     name: Arc<str>,
+    /// Counts the commits [`Table::start_commit`] started; never 0, which no row is marked
+    /// with.
+    generation: u64,
     /// Boxed: a row is several hundred bytes, and the map's spare capacity should cost a
     /// pointer per slot, not a row.
     rows: RowMap,
@@ -177,8 +182,16 @@ impl Table {
     pub fn new(name: &str) -> Table {
         Table {
             name: name.into(),
+            generation: 1,
+            rows: RowMap::default(),
+            applied: HashMap::default(),
+            origins: HashSet::default(),
+            clears: HashMap::default(),
+            by_clear: HashMap::default(),
+            displaced: Vec::new(),
+            hasher: foldhash::fast::RandomState::default(),
             next_serial: 1,
-            ..Table::default()
+            alive: 0,
         }
     }
 
@@ -395,11 +408,8 @@ impl Table {
 
     /// Marks the start of a new commit: rows written by the last one are clean again.
     pub fn start_commit(&mut self, changes: &mut Changes) {
-        for id in changes.rows.drain(..) {
-            if let Some(row) = self.rows.get_mut(&id) {
-                row.dirty = false;
-            }
-        }
+        self.generation += 1;
+        changes.rows.clear();
         changes.origins.clear();
         changes.clears.clear();
         changes.unlogged = false;
@@ -408,12 +418,14 @@ impl Table {
 
     /// Records that a row changed. Called by every change to a row, so that no encoding kept
     /// from before the change is written for it.
-    fn mark(changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
-        if !changes.stored.is_empty() {
-            changes.stored.remove(id);
-        }
-        if !row.dirty {
-            row.dirty = true;
+    fn mark(generation: u64, changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
+        if row.marked == generation {
+            // Only a row marked in this commit can have a kept encoding.
+            if !changes.stored.is_empty() {
+                changes.stored.remove(id);
+            }
+        } else {
+            row.marked = generation;
             changes.rows.push(id.clone());
         }
     }
@@ -460,7 +472,7 @@ impl Table {
                     let before = row.state.inserted.clone();
                     fold::merge_inserted(&mut row.state, &event.version(), at);
                     if row.state.inserted != before {
-                        Self::mark(changes, &id, row);
+                        Self::mark(self.generation, changes, &id, row);
                         changes.unlogged = true;
                     }
                 }
@@ -525,7 +537,7 @@ impl Table {
                 body => fold::action(&mut row.state, &body, &version),
             }
             let alive = fold::is_alive(&row.state);
-            Self::mark(changes, &id, row);
+            Self::mark(self.generation, changes, &id, row);
             self.account(was_alive, alive);
         }
         if let Some(hash) = index_problem {
@@ -570,7 +582,7 @@ impl Table {
                     continue;
                 }
                 fold::generic_clear(&mut row.state, &version);
-                Self::mark(changes, &target, row);
+                Self::mark(self.generation, changes, &target, row);
             }
         }
     }
@@ -649,7 +661,7 @@ impl Table {
             }
         };
         let alive = fold::is_alive(&row.state);
-        Self::mark(changes, &id, row);
+        Self::mark(self.generation, changes, &id, row);
         // The merged state's newest occurrence decides the clear key, and a resolution this
         // store already knows may postdate it.
         if !row.state.occurrences.is_empty() {
@@ -734,10 +746,11 @@ fn clear_for<'a>(
 
 /// Adds problem alert `id` to the clear index under its clear key's `hash`.
 fn index_problem(by_clear: &mut HashMap<u64, Ids>, hash: u64, id: &Arc<str>) {
-    match by_clear.get_mut(&hash) {
-        Some(ids) => ids.add(id),
-        None => {
-            by_clear.insert(hash, Ids::One(id.clone()));
+    // One probe of a map as large as the table: a lookup then an insert was two.
+    match by_clear.entry(hash) {
+        std::collections::hash_map::Entry::Occupied(mut ids) => ids.get_mut().add(id),
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(Ids::One(id.clone()));
         }
     }
 }
@@ -816,6 +829,52 @@ mod tests {
         assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Applied);
         assert_eq!(t.apply(e.clone(), None, &mut ch), Outcome::Duplicate);
         assert_eq!(t.alerts().next().unwrap().tally, 1);
+    }
+
+    /// What a commit writes: every row changed since the last commit started, each once, and
+    /// after `start_commit` only the rows changed again.
+    #[test]
+    fn a_commit_lists_each_changed_row_once_and_forgets_the_last_commits() {
+        let mut t = Table::new("AGG_P");
+        let mut ch = Changes::default();
+        let ids = |ch: &Changes| {
+            let mut ids: Vec<String> = ch.rows.iter().map(|id| id.to_string()).collect();
+            ids.sort();
+            ids
+        };
+        for (seq, id) in [(1, "a"), (2, "b"), (3, "a")] {
+            t.apply(
+                event("p", seq, 10, problem(id, "n", 4, Kind::Problem)),
+                None,
+                &mut ch,
+            );
+        }
+        assert_eq!(ids(&ch), ["a", "b"]);
+        t.start_commit(&mut ch);
+        assert!(ch.rows.is_empty());
+        t.apply(
+            event("p", 4, 11, problem("b", "n", 4, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        t.apply(
+            event("p", 5, 11, problem("c", "n", 4, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        t.apply(
+            event("p", 6, 12, problem("b", "n", 4, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        assert_eq!(ids(&ch), ["b", "c"]);
+        t.start_commit(&mut ch);
+        t.apply(
+            event("p", 7, 13, problem("a", "n", 4, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        assert_eq!(ids(&ch), ["a"]);
     }
 
     /// The snapshot's size comes from the peer: an absurd one must neither panic nor reserve
