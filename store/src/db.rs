@@ -30,6 +30,8 @@ use tandem_protocol::codec::{
     SnapshotPageWriter, append_bytes, from_bytes, from_prefix, split_prefix, to_bytes,
 };
 use tandem_protocol::message::{LogBatch, LogEntry, Records, ResyncPoint, SnapshotKey};
+
+use crate::ingest::{self, Ingest};
 use tandem_protocol::state::AppliedRanges;
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{CodecError, Origin, Version};
@@ -52,6 +54,8 @@ pub enum DbError {
         #[source]
         source: CodecError,
     },
+    #[error("bulk loading a full resync's rows: {0}")]
+    Ingest(String),
     #[error("the storage engine did not write its memtables out within {0:?}")]
     FlushTimeout(std::time::Duration),
     #[error("record could not be encoded: {0}")]
@@ -73,6 +77,9 @@ pub type Clears = Vec<(String, Version)>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Space {
     Alerts,
+    /// An alert row exactly as a peer's snapshot sent it: a full resync's bulk, which the
+    /// store may ingest instead of writing through a batch ([`crate::ingest`]).
+    Taken,
     Applied,
     Clears,
     Meta,
@@ -118,15 +125,19 @@ impl Checkpoint {
                 self.buf.extend_from_slice(id.as_bytes());
                 let key_end = self.buf.len();
                 // Looked up only when a merge kept any: it hashes the identifier.
-                match if kept { changes.stored.get(id) } else { None } {
+                let space = match if kept { changes.stored.get(id) } else { None } {
                     // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
                     Some(state) => {
                         append_bytes(&row.serial, &mut self.buf)?;
                         self.buf.extend_from_slice(state);
+                        Space::Taken
                     }
-                    None => append_bytes(row, &mut self.buf)?,
-                }
-                self.records.push((Space::Alerts, key_end, self.buf.len()));
+                    None => {
+                        append_bytes(row, &mut self.buf)?;
+                        Space::Alerts
+                    }
+                };
+                self.records.push((space, key_end, self.buf.len()));
             }
         }
         for origin in &changes.origins {
@@ -338,6 +349,9 @@ pub struct Db {
     /// Where the commit packs its log blocks (see [`pack_block`]); only the commit thread
     /// writes, so the lock is never contended.
     pack_scratch: std::sync::Mutex<Vec<u8>>,
+    /// The full resync's rows being bulk loaded, if any (see [`crate::ingest`]). Held while a
+    /// batch is routed and committed, so that whether an ingestion was open is exact.
+    ingest: std::sync::Mutex<Option<Ingest>>,
 }
 
 /// Decodes a stored record, naming it when it does not decode.
@@ -415,6 +429,7 @@ impl Db {
             db,
             log_start: std::sync::atomic::AtomicU64::new(1),
             pack_scratch: std::sync::Mutex::new(Vec::new()),
+            ingest: std::sync::Mutex::new(None),
         })
     }
 
@@ -493,12 +508,18 @@ impl Db {
     /// crash keeps all of it or none, and it is durable only after the next [`Db::sync`]; reads
     /// see it at once, a trim (`meta.first_lsn` moved on) included. The trimmed entries' space
     /// comes back with [`Db::reclaim_log`].
+    ///
+    /// Rows a peer's snapshot sent, in a page-sized run, are bulk loaded instead of written
+    /// through the batch (see [`crate::ingest`]). The commit that finishes the resync, or that
+    /// brings the open ingestion to [`ingest::FINISH_EVERY`] rows, finishes it first and
+    /// then writes again, from `table`, every row written through a batch meanwhile.
     pub fn write(
         &self,
         log: &LogBuf,
         meta: &Meta,
         peers: &PeerWrites,
         checkpoint: Option<&Checkpoint>,
+        table: &Table,
     ) -> Result<(), DbError> {
         // Sized for a merged snapshot page's checkpoint, a record per alert: grown on demand,
         // the batch's list was copied at every doubling on the commit thread.
@@ -506,8 +527,21 @@ impl Db {
         // Written out to the OS at commit, as `Database::batch` would have it.
         let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), records + 16)
             .durability(Some(PersistMode::Buffer));
+        let mut ingest = self
+            .ingest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let resync_done = peers.resync.iter().any(|(_, point)| point.is_none());
         if let Some(checkpoint) = checkpoint {
-            self.insert_checkpoint(&mut batch, checkpoint);
+            let taken = checkpoint
+                .records
+                .iter()
+                .filter(|(space, ..)| matches!(space, Space::Taken))
+                .count();
+            if ingest.is_none() && !resync_done && taken >= ingest::START_AT {
+                *ingest = Some(Ingest::start(&self.alerts, "ingest")?);
+            }
+            self.insert_checkpoint(&mut batch, checkpoint, ingest.as_mut())?;
         }
         {
             let mut scratch = self
@@ -528,11 +562,44 @@ impl Db {
                 lsn.to_be_bytes(),
             );
         }
+        let finish = ingest
+            .as_ref()
+            .is_some_and(|i| resync_done || i.rows() >= ingest::FINISH_EVERY);
+        if let Some(done) = ingest.take_if(|_| finish) {
+            let (rows, started) = (done.rows(), std::time::Instant::now());
+            let ingest::Finished { written, held } = done.finish()?;
+            tracing::info!(
+                rows,
+                rewritten = written.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "bulk loaded a full resync's rows"
+            );
+            let mut row = Vec::new();
+            for key in written {
+                let current = std::str::from_utf8(&key).ok().and_then(|id| table.row(id));
+                if let Some(current) = current {
+                    row.clear();
+                    append_bytes(current, &mut row)?;
+                    batch.insert(&self.alerts, &*key, row.as_slice());
+                }
+            }
+            for (peer, point) in held {
+                if !peers.resync.iter().any(|(p, _)| *p == peer) {
+                    batch.insert(
+                        &self.meta,
+                        format!("{RESYNC_PREFIX}{peer}"),
+                        to_bytes(&point)?,
+                    );
+                }
+            }
+        }
         for (peer, point) in &peers.resync {
             let key = format!("{RESYNC_PREFIX}{peer}");
-            match point {
-                Some(point) => batch.insert(&self.meta, key, to_bytes(point)?),
-                None => batch.remove(&self.meta, key),
+            match (point, ingest.as_mut()) {
+                // Not yet durable: the pages it covers are in the open ingestion.
+                (Some(point), Some(open)) => open.hold(peer, point.clone()),
+                (Some(point), None) => batch.insert(&self.meta, key, to_bytes(point)?),
+                (None, _) => batch.remove(&self.meta, key),
             }
         }
         batch.insert(&self.meta, HEAD_LSN, meta.head_lsn.to_be_bytes());
@@ -559,22 +626,61 @@ impl Db {
     /// already be durable.
     pub fn write_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), DbError> {
         let mut batch = self.db.batch();
-        self.insert_checkpoint(&mut batch, checkpoint);
-        batch.commit()?;
+        {
+            let mut ingest = self
+                .ingest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Through the batch only: an ingestion takes the resync's pages, in order.
+            if let Some(open) = ingest.as_mut() {
+                open.note_written(
+                    checkpoint
+                        .records()
+                        .filter(|(space, ..)| matches!(space, Space::Alerts | Space::Taken))
+                        .map(|(_, key, _)| key),
+                );
+            }
+            self.insert_checkpoint(&mut batch, checkpoint, None)?;
+            batch.commit()?;
+        }
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
-    fn insert_checkpoint(&self, batch: &mut fjall::OwnedWriteBatch, checkpoint: &Checkpoint) {
+    /// Adds `checkpoint`'s records to `batch`, or the rows a peer's snapshot sent to `ingest`
+    /// when one is open and takes them, and notes in `ingest` every other row's key. If this
+    /// batch then finishes the ingestion, those rows are written twice in it, the same both
+    /// times: as the table holds them now.
+    fn insert_checkpoint(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        checkpoint: &Checkpoint,
+        mut ingest: Option<&mut Ingest>,
+    ) -> Result<(), DbError> {
+        let mut page = ingest::Page::default();
+        let mut written = Vec::new();
         for (space, key, value) in checkpoint.records() {
             let keyspace = match space {
-                Space::Alerts => &self.alerts,
+                Space::Taken | Space::Alerts => {
+                    if let Some(open) = ingest.as_deref_mut() {
+                        if matches!(space, Space::Taken) && open.take(key, value, &mut page) {
+                            continue;
+                        }
+                        written.push(key);
+                    }
+                    &self.alerts
+                }
                 Space::Applied => &self.applied,
                 Space::Clears => &self.clears,
                 Space::Meta => &self.meta,
             };
             batch.insert(keyspace, key, value);
         }
+        if let Some(open) = ingest {
+            open.send(page)?;
+            open.note_written(written);
+        }
+        Ok(())
     }
 
     /// Gives back the space of the log below `first_lsn`, which must be durable as the log's
@@ -801,7 +907,20 @@ impl Db {
     }
 
     /// A full resync from `peer` that is under way here.
+    ///
+    /// While an ingestion is open the recorded point lags the pages it holds: this answers with
+    /// the newest, which this store makes durable as long as it keeps running. A store that
+    /// stops first starts again from the recorded one.
     pub fn resync_point(&self, peer: &str) -> Result<Option<ResyncPoint>, DbError> {
+        let held = self
+            .ingest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .and_then(|open| open.held(peer).cloned());
+        if held.is_some() {
+            return Ok(held);
+        }
         let key = format!("{RESYNC_PREFIX}{peer}");
         let Some(value) = self.meta.get(&key)? else {
             return Ok(None);
@@ -931,6 +1050,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::sync::Arc;
+    use tandem_protocol::AlertState;
     use tandem_protocol::message::SnapshotHead;
 
     #[test]
@@ -990,9 +1111,15 @@ mod tests {
             meta.head_lsn = lsn;
         }
         meta.first_lsn = first_lsn;
-        db.write(&log, meta, &PeerWrites::default(), None)
-            .and_then(|()| db.sync())
-            .unwrap();
+        db.write(
+            &log,
+            meta,
+            &PeerWrites::default(),
+            None,
+            &Table::new("AGG_P"),
+        )
+        .and_then(|()| db.sync())
+        .unwrap();
     }
 
     fn lsns(entries: &[LogEntry]) -> Vec<u64> {
@@ -1115,6 +1242,185 @@ mod tests {
         }
         let mut want: Vec<String> = (1..=2_500).map(|seq| format!("alert-{seq}")).collect();
         want.sort();
+        assert_eq!(ids, want);
+    }
+
+    /// A receiving store's resync, as the commit thread drives it: `pages` of the sender's
+    /// rows merged as taken (their states as encoded bytes), each page one forced checkpoint
+    /// with its progress; the last page ends the resync.
+    struct Receiver {
+        db: Db,
+        table: Table,
+        meta: Meta,
+        changes: Changes,
+    }
+
+    impl Receiver {
+        fn open(path: &Path) -> Receiver {
+            let db = Db::open(path).unwrap();
+            let mut table = Table::new("AGG_B");
+            let meta = db.load(&mut table, 2).unwrap();
+            Receiver {
+                db,
+                table,
+                meta,
+                changes: Changes::default(),
+            }
+        }
+
+        fn commit(&mut self, resync: Option<Option<ResyncPoint>>) {
+            let mut peers = PeerWrites::default();
+            if let Some(point) = resync {
+                peers.set_resync("AGG_P", point);
+            }
+            let mut checkpoint = Checkpoint::default();
+            checkpoint
+                .encode(&self.table, &self.changes, &self.meta, &[])
+                .unwrap();
+            self.db
+                .write(
+                    &LogBuf::default(),
+                    &self.meta,
+                    &peers,
+                    Some(&checkpoint),
+                    &self.table,
+                )
+                .and_then(|()| self.db.sync())
+                .unwrap();
+            self.table.start_commit(&mut self.changes);
+        }
+
+        fn merge(&mut self, rows: &[(Arc<str>, AlertState)], point: Option<ResyncPoint>) {
+            for (id, state) in rows {
+                let stored = bytes::Bytes::from(to_bytes(state).unwrap());
+                let incoming = crate::table::Incoming::new(id, state.clone());
+                self.table
+                    .merge_row(incoming, Some(stored), Some(Vec::new()), &mut self.changes);
+            }
+            self.commit(Some(point));
+        }
+
+        /// Every row as stored, read back by a fresh start.
+        fn reloaded(path: &Path) -> (Vec<(String, u64, AlertState)>, Option<ResyncPoint>) {
+            let again = Receiver::open(path);
+            let point = again.db.resync_point("AGG_P").unwrap();
+            (rows_of(&again.table), point)
+        }
+    }
+
+    fn rows_of(table: &Table) -> Vec<(String, u64, AlertState)> {
+        let mut rows: Vec<_> = table
+            .rows()
+            .map(|(id, row)| (id.to_string(), row.serial, row.state.clone()))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+
+    /// A sender's rows in key order, as its snapshot pages bring them.
+    fn snapshot_rows(n: u64) -> Vec<(Arc<str>, AlertState)> {
+        let mut sender = Table::new("AGG_P");
+        let mut changes = Changes::default();
+        for seq in 1..=n {
+            sender.apply(event(seq), None, &mut changes);
+        }
+        let mut rows: Vec<_> = sender
+            .rows()
+            .map(|(id, row)| (id.clone(), row.state.clone()))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+
+    fn point(merged: u64) -> ResyncPoint {
+        ResyncPoint {
+            snapshot: 7,
+            lsn: 300,
+            peer_cursor: 0,
+            after: None,
+            merged,
+            total: 300,
+        }
+    }
+
+    /// The rows a full resync takes unchanged are bulk loaded; a row written through a batch
+    /// meanwhile (a live event on a row the snapshot brought) keeps its newer state on disk;
+    /// the progress is recorded once the rows are durable, and reported meanwhile.
+    #[test]
+    fn a_resyncs_rows_are_bulk_loaded_and_a_row_changed_meanwhile_stays_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let rows = snapshot_rows(300);
+        let mut receiver = Receiver::open(&path);
+        receiver.merge(&rows[..100], Some(point(100)));
+        assert!(receiver.db.ingest.lock().unwrap().is_some(), "no ingestion");
+        assert_eq!(receiver.db.resync_point("AGG_P").unwrap(), Some(point(100)));
+        let recorded = receiver
+            .db
+            .meta
+            .get(format!("{RESYNC_PREFIX}AGG_P"))
+            .unwrap();
+        assert!(
+            recorded.is_none(),
+            "progress recorded before its rows are durable"
+        );
+
+        // A live event on a merged row, its checkpoint written through a batch.
+        let changed = rows[10].0.to_string();
+        let mut live = event(1);
+        live.origin = Origin::new("live", 1);
+        live.time = 99;
+        if let tandem_protocol::EventBody::Occurrence(fields) = &mut live.body {
+            let mut f = fields.unpack();
+            f.identifier = changed.clone();
+            f.summary = "newer".into();
+            *fields = f.pack();
+        }
+        receiver.table.apply(live, None, &mut receiver.changes);
+        receiver.commit(None);
+
+        receiver.merge(&rows[100..200], Some(point(200)));
+        receiver.merge(&rows[200..], None);
+        assert!(receiver.db.ingest.lock().unwrap().is_none(), "not finished");
+        let want = rows_of(&receiver.table);
+        assert_eq!(want.len(), 300);
+        let summary = |rows: &[(String, u64, AlertState)]| {
+            let row = rows.iter().find(|(id, ..)| *id == changed).unwrap();
+            row.2.latest.value.summary().to_string()
+        };
+        assert_eq!(summary(&want), "newer");
+        drop(receiver);
+
+        let (stored, point) = Receiver::reloaded(&path);
+        assert_eq!(point, None, "the finished resync is forgotten");
+        assert_eq!(
+            summary(&stored),
+            "newer",
+            "the ingested copy hid the newer row"
+        );
+        assert_eq!(stored, want);
+    }
+
+    /// A store that stops with an ingestion open keeps what its commits made durable: the
+    /// rows written through batches, not the unfinished ingestion's, and the progress recorded
+    /// before it, from which the resync resumes.
+    #[test]
+    fn a_store_stopped_during_a_bulk_load_resumes_from_its_last_durable_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let rows = snapshot_rows(300);
+        let mut receiver = Receiver::open(&path);
+        // Small pages go through batches; the first big one opens an ingestion.
+        receiver.merge(&rows[..20], Some(point(20)));
+        assert!(receiver.db.ingest.lock().unwrap().is_none());
+        receiver.merge(&rows[20..150], Some(point(150)));
+        assert!(receiver.db.ingest.lock().unwrap().is_some());
+        drop(receiver);
+
+        let (stored, point) = Receiver::reloaded(&path);
+        assert_eq!(point, Some(self::point(20)));
+        let ids: Vec<&str> = stored.iter().map(|(id, ..)| id.as_str()).collect();
+        let want: Vec<&str> = rows[..20].iter().map(|(id, _)| &**id).collect();
         assert_eq!(ids, want);
     }
 

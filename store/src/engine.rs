@@ -1086,9 +1086,13 @@ fn commit_loop(
             if let Some(encoded) = encoded.as_mut() {
                 encoded.log_start = meta.first_lsn;
             }
-            let written = shared
-                .db
-                .write(&log, &meta, &peers, encoded.as_ref().filter(|_| forced));
+            let written = shared.db.write(
+                &log,
+                &meta,
+                &peers,
+                encoded.as_ref().filter(|_| forced),
+                &table,
+            );
             if let Err(e) = written {
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
@@ -1143,7 +1147,7 @@ fn commit_loop(
             let mut last = std::mem::take(&mut checkpointer.spare);
             let written = last
                 .encode(&table, &changes, &meta, &checkpoint_cursors)
-                .and_then(|()| shared.db.write(&log, &meta, &peers, Some(&last)))
+                .and_then(|()| shared.db.write(&log, &meta, &peers, Some(&last), &table))
                 .and_then(|()| shared.db.sync());
             if let Err(e) = written {
                 tracing::warn!(error = %e, "the last checkpoint failed; the next start replays the log");

@@ -27,6 +27,7 @@ pub mod db;
 pub mod engine;
 pub mod fold;
 pub mod housekeeping;
+pub mod ingest;
 pub mod peer;
 pub mod query;
 pub mod resync;

@@ -157,6 +157,12 @@ async fn a_store_behind_the_retained_log_is_resynced_from_a_snapshot() {
         "the resync started over:\n{log}"
     );
     assert_identical(p, b);
+    // The snapshot's rows were bulk loaded into AGG_B's storage, not written row by row.
+    let log = pair.log("agg_b");
+    assert!(
+        log.contains("bulk loaded a full resync's rows"),
+        "no bulk load:\n{log}"
+    );
 
     // Killed and started again, AGG_B loads what the resync wrote (rows it took unchanged
     // are written as the snapshot sent them, not encoded again) and still agrees.
