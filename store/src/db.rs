@@ -119,13 +119,11 @@ impl Checkpoint {
         self.records.clear();
         self.lsn = meta.head_lsn;
         self.log_start = 0;
-        let kept = !changes.stored.is_empty();
-        for id in &changes.rows {
+        for (id, kept) in changes.rows() {
             if let Some(row) = table.row(id) {
                 self.buf.extend_from_slice(id.as_bytes());
                 let key_end = self.buf.len();
-                // Looked up only when a merge kept any: it hashes the identifier.
-                let space = match if kept { changes.stored.get(id) } else { None } {
+                let space = match kept {
                     // A row is its serial followed by its state (see `row_bytes_are_the_serial_then_the_state`).
                     Some(state) => {
                         append_bytes(&row.serial, &mut self.buf)?;

@@ -37,6 +37,9 @@ pub struct Row {
     /// new commit does not look up every row the last one wrote to clear it.
     #[serde(skip)]
     marked: u64,
+    /// Where in `Changes::rows` it went (`u32::MAX`: too far to keep an encoding for).
+    #[serde(skip)]
+    slot: u32,
     /// In the problem index under `clear_hash`. The index only grows, so a newer occurrence
     /// with the same clear key needs no index lookup. (A flag, not the hash: it fits in the
     /// row's padding, and a row one word longer moves to the allocator's next size class.)
@@ -51,6 +54,7 @@ impl Row {
             state,
             clear_hash: 0,
             marked: 0,
+            slot: 0,
             indexed: false,
         }
     }
@@ -86,10 +90,30 @@ pub struct Changes {
     /// A row changed without a log entry to replay it from (a duplicate that taught the row
     /// who inserted it first): the commit must be a checkpoint.
     pub unlogged: bool,
-    /// Rows whose state is exactly one a peer's snapshot sent, with its encoding as it came:
-    /// the checkpoint writes those bytes instead of encoding the state again. Any later change
-    /// to such a row drops its entry (in [`Table::mark`]).
-    pub stored: HashMap<Arc<str>, bytes::Bytes>,
+    /// For each of `rows`, at the same index: the state's encoding as a peer's snapshot sent
+    /// it, when the row holds exactly that state. The checkpoint writes those bytes instead of
+    /// encoding the state again. Any later change to such a row drops its encoding (in
+    /// [`Table::mark`], which finds it by the row's slot, without a lookup).
+    pub kept: Vec<Option<bytes::Bytes>>,
+}
+
+impl Changes {
+    /// The rows to write, each with its kept encoding if it has one.
+    pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, Option<&bytes::Bytes>)> {
+        self.rows.iter().zip(
+            self.kept
+                .iter()
+                .map(Option::as_ref)
+                .chain(std::iter::repeat(None)),
+        )
+    }
+
+    /// The encoding kept for `id`, if any.
+    pub fn kept(&self, id: &str) -> Option<&bytes::Bytes> {
+        self.rows()
+            .find(|(row, _)| &***row == id)
+            .and_then(|(_, kept)| kept)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -413,7 +437,7 @@ impl Table {
         changes.origins.clear();
         changes.clears.clear();
         changes.unlogged = false;
-        changes.stored.clear();
+        changes.kept.clear();
     }
 
     /// Records that a row changed. Called by every change to a row, so that no encoding kept
@@ -421,12 +445,14 @@ impl Table {
     fn mark(generation: u64, changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
         if row.marked == generation {
             // Only a row marked in this commit can have a kept encoding.
-            if !changes.stored.is_empty() {
-                changes.stored.remove(id);
+            if let Some(kept) = changes.kept.get_mut(row.slot as usize) {
+                *kept = None;
             }
         } else {
             row.marked = generation;
+            row.slot = u32::try_from(changes.rows.len()).unwrap_or(u32::MAX);
             changes.rows.push(id.clone());
+            changes.kept.push(None);
         }
     }
 
@@ -679,10 +705,12 @@ impl Table {
                 }
             }
         }
-        self.account(was_alive, alive);
         if let (true, Some(stored)) = (unchanged, stored) {
-            changes.stored.insert(id.clone(), stored);
+            if let Some(kept) = changes.kept.get_mut(row.slot as usize) {
+                *kept = Some(stored);
+            }
         }
+        self.account(was_alive, alive);
         for (event, in_snapshot) in own.into_iter().flatten() {
             if !in_snapshot {
                 self.fold_in(event, None, changes);
@@ -1147,7 +1175,7 @@ mod tests {
     /// Every state a checkpoint would write from the bytes a snapshot sent is the row's state
     /// now: a kept encoding is never stale.
     fn kept_encodings_are_current(table: &Table, ch: &Changes) -> Result<(), TestCaseError> {
-        for (id, bytes) in &ch.stored {
+        for (id, bytes) in ch.rows().filter_map(|(id, kept)| Some(id).zip(kept)) {
             let row = table.row(id);
             prop_assert!(row.is_some(), "{id} kept but not in the table");
             let now = tandem_protocol::codec::to_bytes(&row.unwrap().state).unwrap();
@@ -1184,7 +1212,7 @@ mod tests {
         let mut receiver = Table::new("AGG_B");
         let mut ch = resync(&sender, &mut receiver, &[], true);
         assert!(
-            ch.stored.contains_key("a"),
+            ch.kept("a").is_some(),
             "a row taken as sent keeps its encoding"
         );
         receiver.apply(
@@ -1193,7 +1221,7 @@ mod tests {
             &mut ch,
         );
         assert!(
-            !ch.stored.contains_key("a"),
+            ch.kept("a").is_none(),
             "a changed row must be encoded again"
         );
         // Cleared on arrival by a resolution only the receiver has: not as sent.
@@ -1208,13 +1236,13 @@ mod tests {
             "the receiver's resolution clears the problem as it arrives"
         );
         assert!(
-            !ch.stored.contains_key("a"),
+            ch.kept("a").is_none(),
             "a row cleared on arrival must be encoded again"
         );
         // Joined (the receiver's own events unknown): never kept.
         let mut other = Table::new("AGG_B");
         let ch = resync(&sender, &mut other, &[], false);
-        assert!(ch.stored.is_empty());
+        assert!(ch.kept.iter().all(Option::is_none));
     }
 
     proptest! {
