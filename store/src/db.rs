@@ -246,8 +246,21 @@ fn pack_block(block: &[u8], scratch: &mut Vec<u8>) -> Option<usize> {
 
 /// A stored block's entries as one buffer: the value itself, or the block it packs.
 fn unpack_block(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DbError> {
+    let mut scratch = Vec::new();
+    let block = unpack_block_into(value, &mut scratch)?;
+    Ok(if block.as_ptr() == value.as_ptr() {
+        std::borrow::Cow::Borrowed(value)
+    } else {
+        std::borrow::Cow::Owned(block.to_vec())
+    })
+}
+
+/// [`unpack_block`] into `scratch`, which grows to the largest block and is not cleared: a
+/// reader of many blocks (a subscriber's page of the log) neither allocates nor zeroes a
+/// buffer for each.
+fn unpack_block_into<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], DbError> {
     if value.len() < 8 || value[..4] != PACKED {
-        return Ok(std::borrow::Cow::Borrowed(value));
+        return Ok(value);
     }
     let corrupt = |why: String| DbError::Corrupt {
         what: "log block",
@@ -260,15 +273,16 @@ fn unpack_block(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DbError> {
             "it claims {len} bytes, more than a block can hold"
         )));
     }
-    let block =
-        lz4_flex::block::decompress(&value[8..], len).map_err(|e| corrupt(e.to_string()))?;
-    if block.len() != len {
-        return Err(corrupt(format!(
-            "it holds {} bytes where it claims {len}",
-            block.len()
-        )));
+    if scratch.len() < len {
+        scratch.resize(len, 0);
     }
-    Ok(std::borrow::Cow::Owned(block))
+    let out = &mut scratch[..len];
+    let n =
+        lz4_flex::block::decompress_into(&value[8..], out).map_err(|e| corrupt(e.to_string()))?;
+    if n != len {
+        return Err(corrupt(format!("it holds {n} bytes where it claims {len}")));
+    }
+    Ok(&scratch[..len])
 }
 
 fn u32_le(bytes: &[u8]) -> u32 {
@@ -758,13 +772,14 @@ impl Db {
     ) -> Result<(), DbError> {
         let from = from.max(self.log_start.load(std::sync::atomic::Ordering::Relaxed));
         let start = self.block_holding(from)?.unwrap_or(from);
+        let mut scratch = Vec::new();
         for item in self.log.range(block_key(start)..) {
             let (key, value) = item.into_inner()?;
             let Some(first) = block_first(&key) else {
                 break;
             };
-            let block = unpack_block(&value)?;
-            for bytes in block_entries(&block) {
+            let block = unpack_block_into(&value, &mut scratch)?;
+            for bytes in block_entries(block) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn >= from && !visit(lsn, bytes)? {
