@@ -318,60 +318,10 @@ impl fmt::Debug for PackedFields {
     }
 }
 
-/// [`AlertFields`]' layout, borrowed: what [`PackedFields`] encodes as.
-#[derive(Serialize)]
-#[serde(rename = "AlertFields")]
-struct FieldsRef<'a> {
-    identifier: &'a str,
-    node: &'a str,
-    node_alias: &'a str,
-    manager: &'a str,
-    agent: &'a str,
-    alert_group: &'a str,
-    alert_key: &'a str,
-    summary: &'a str,
-    class: &'a str,
-    kind: Kind,
-    severity: Severity,
-    expire_seconds: u32,
-    extra: &'a BTreeMap<String, String>,
-}
-
-impl Serialize for PackedFields {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let [
-            identifier,
-            node,
-            node_alias,
-            manager,
-            agent,
-            alert_group,
-            alert_key,
-            summary,
-            class,
-        ] = self.texts();
-        FieldsRef {
-            identifier,
-            node,
-            node_alias,
-            manager,
-            agent,
-            alert_group,
-            alert_key,
-            summary,
-            class,
-            kind: self.kind,
-            severity: self.severity,
-            expire_seconds: self.expire_seconds,
-            extra: &self.extra,
-        }
-        .serialize(serializer)
-    }
-}
-
-/// [`AlertFields`]' layout with the text borrowed from the input where the format allows (the
-/// codec's does): the texts are copied once, into the packed allocation.
-#[derive(Deserialize)]
+/// [`AlertFields`]' layout with the text borrowed: what [`PackedFields`] encodes as, and
+/// decodes from with the text borrowed from the input where the format allows (the codec's
+/// does), so that the texts are copied once, into the packed allocation.
+#[derive(Serialize, Deserialize)]
 #[serde(rename = "AlertFields")]
 struct FieldsWire<'a> {
     #[serde(borrow)]
@@ -395,7 +345,39 @@ struct FieldsWire<'a> {
     kind: Kind,
     severity: Severity,
     expire_seconds: u32,
-    extra: BTreeMap<String, String>,
+    extra: Cow<'a, BTreeMap<String, String>>,
+}
+
+impl Serialize for PackedFields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let [
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+        ] = self.texts().map(Cow::Borrowed);
+        FieldsWire {
+            identifier,
+            node,
+            node_alias,
+            manager,
+            agent,
+            alert_group,
+            alert_key,
+            summary,
+            class,
+            kind: self.kind,
+            severity: self.severity,
+            expire_seconds: self.expire_seconds,
+            extra: Cow::Borrowed(&self.extra),
+        }
+        .serialize(serializer)
+    }
 }
 
 impl<'de> Deserialize<'de> for PackedFields {
@@ -416,7 +398,7 @@ impl<'de> Deserialize<'de> for PackedFields {
             w.kind,
             w.severity,
             w.expire_seconds,
-            w.extra,
+            w.extra.into_owned(),
         ))
     }
 }
