@@ -545,11 +545,21 @@ impl Db {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let resync_done = peers.resync.iter().any(|(_, point)| point.is_none());
         if let Some(checkpoint) = checkpoint {
-            let taken = checkpoint
-                .records
-                .iter()
-                .filter(|(space, ..)| matches!(space, Space::Taken))
-                .count();
+            let mut taken = checkpoint
+                .records()
+                .filter(|(space, ..)| matches!(space, Space::Taken));
+            // A resync started over (on a new snapshot) brings keys the open ingestion is
+            // past: finish it now rather than send them all through batches, to be written
+            // again at its finish.
+            let first = taken.next().map(|(_, key, _)| key);
+            if let Some(key) = first.filter(|key| ingest.as_ref().is_some_and(|i| !i.is_past(key)))
+            {
+                tracing::debug!(key = %String::from_utf8_lossy(key), "a resync's pages went back; finishing the open ingestion");
+                if let Some(done) = ingest.take() {
+                    self.finish_ingest(done, &mut batch, table, peers)?;
+                }
+            }
+            let taken = usize::from(first.is_some()) + taken.count();
             if ingest.is_none() && !resync_done && taken >= ingest::START_AT {
                 *ingest = Some(Ingest::start(&self.alerts, "ingest")?);
             }
@@ -578,32 +588,7 @@ impl Db {
             .as_ref()
             .is_some_and(|i| resync_done || i.rows() >= ingest::FINISH_EVERY);
         if let Some(done) = ingest.take_if(|_| finish) {
-            let (rows, started) = (done.rows(), std::time::Instant::now());
-            let ingest::Finished { written, held } = done.finish()?;
-            tracing::info!(
-                rows,
-                rewritten = written.len(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "bulk loaded a full resync's rows"
-            );
-            let mut row = Vec::new();
-            for key in written {
-                let current = std::str::from_utf8(&key).ok().and_then(|id| table.row(id));
-                if let Some(current) = current {
-                    row.clear();
-                    append_bytes(current, &mut row)?;
-                    batch.insert(&self.alerts, &*key, row.as_slice());
-                }
-            }
-            for (peer, point) in held {
-                if !peers.resync.iter().any(|(p, _)| *p == peer) {
-                    batch.insert(
-                        &self.meta,
-                        format!("{RESYNC_PREFIX}{peer}"),
-                        to_bytes(&point)?,
-                    );
-                }
-            }
+            self.finish_ingest(done, &mut batch, table, peers)?;
         }
         for (peer, point) in &peers.resync {
             let key = format!("{RESYNC_PREFIX}{peer}");
@@ -624,6 +609,45 @@ impl Db {
         batch.commit()?;
         self.log_start
             .fetch_max(meta.first_lsn, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Finishes `done` and adds to `batch` what must follow it: every row written through a
+    /// batch while it was open, as `table` holds it now, and the resync progress it held
+    /// (unless `peers` brings newer).
+    fn finish_ingest(
+        &self,
+        done: Ingest,
+        batch: &mut fjall::OwnedWriteBatch,
+        table: &Table,
+        peers: &PeerWrites,
+    ) -> Result<(), DbError> {
+        let (rows, started) = (done.rows(), std::time::Instant::now());
+        let ingest::Finished { written, held } = done.finish()?;
+        tracing::info!(
+            rows,
+            rewritten = written.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "bulk loaded a full resync's rows"
+        );
+        let mut row = Vec::new();
+        for key in written {
+            let current = std::str::from_utf8(&key).ok().and_then(|id| table.row(id));
+            if let Some(current) = current {
+                row.clear();
+                append_bytes(current, &mut row)?;
+                batch.insert(&self.alerts, &*key, row.as_slice());
+            }
+        }
+        for (peer, point) in held {
+            if !peers.resync.iter().any(|(p, _)| *p == peer) {
+                batch.insert(
+                    &self.meta,
+                    format!("{RESYNC_PREFIX}{peer}"),
+                    to_bytes(&point)?,
+                );
+            }
+        }
         Ok(())
     }
 
@@ -1434,6 +1458,30 @@ mod tests {
         assert_eq!(point, Some(self::point(20)));
         let ids: Vec<&str> = stored.iter().map(|(id, ..)| id.as_str()).collect();
         let want: Vec<&str> = rows[..20].iter().map(|(id, _)| &**id).collect();
+        assert_eq!(ids, want);
+    }
+
+    /// A resync that starts over on a new snapshot brings keys the open ingestion is past: it
+    /// finishes that one (its rows durable) and opens another for the new pages, instead of
+    /// writing them all through batches.
+    #[test]
+    fn a_resync_that_starts_over_finishes_the_open_bulk_load_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let rows = snapshot_rows(300);
+        let mut receiver = Receiver::open(&path);
+        receiver.merge(&rows[100..200], Some(point(100)));
+        // The new snapshot's first page: keys before the ones taken.
+        receiver.merge(&rows[..60], Some(point(60)));
+        assert!(receiver.db.ingest.lock().unwrap().is_some());
+        drop(receiver);
+
+        // Stopped with the second open: the first's rows are durable, the second's are not,
+        // nor the new snapshot's progress (the old one's is moot).
+        let (stored, point) = Receiver::reloaded(&path);
+        assert_eq!(point, None);
+        let ids: Vec<&str> = stored.iter().map(|(id, ..)| id.as_str()).collect();
+        let want: Vec<&str> = rows[100..200].iter().map(|(id, _)| &**id).collect();
         assert_eq!(ids, want);
     }
 

@@ -98,10 +98,15 @@ impl Ingest {
         })
     }
 
+    /// Whether `key` comes after every key taken so far, so that it can be taken.
+    pub fn is_past(&self, key: &[u8]) -> bool {
+        key > self.last.as_slice()
+    }
+
     /// Adds a row to `page` if it can be ingested now (its key is past every key taken so
     /// far); otherwise it must go through a write batch.
     pub fn take(&mut self, key: &[u8], value: &[u8], page: &mut Page) -> bool {
-        if key <= self.last.as_slice() {
+        if !self.is_past(key) {
             return false;
         }
         let start = page.buf.len();
