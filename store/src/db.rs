@@ -244,21 +244,11 @@ fn pack_block(block: &[u8], scratch: &mut Vec<u8>) -> Option<usize> {
     (packed < block.len()).then_some(packed)
 }
 
-/// A stored block's entries as one buffer: the value itself, or the block it packs.
-fn unpack_block(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DbError> {
-    let mut scratch = Vec::new();
-    let block = unpack_block_into(value, &mut scratch)?;
-    Ok(if block.as_ptr() == value.as_ptr() {
-        std::borrow::Cow::Borrowed(value)
-    } else {
-        std::borrow::Cow::Owned(block.to_vec())
-    })
-}
-
-/// [`unpack_block`] into `scratch`, which grows to the largest block and is not cleared: a
-/// reader of many blocks (a subscriber's page of the log) neither allocates nor zeroes a
-/// buffer for each.
-fn unpack_block_into<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], DbError> {
+/// A stored block's entries as one buffer: the value itself, or the block it packs,
+/// unpacked into `scratch`. `scratch` grows to the largest block and is not cleared: a reader
+/// of many blocks (a subscriber's page of the log) neither allocates nor zeroes a buffer for
+/// each.
+fn unpack_block<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], DbError> {
     if value.len() < 8 || value[..4] != PACKED {
         return Ok(value);
     }
@@ -802,7 +792,7 @@ impl Db {
             let Some(first) = block_first(&key) else {
                 break;
             };
-            let block = unpack_block_into(&value, &mut scratch)?;
+            let block = unpack_block(&value, &mut scratch)?;
             for bytes in block_entries(block) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
@@ -880,8 +870,9 @@ impl Db {
         let Some(value) = self.log.get(block_key(first))? else {
             return Ok(None);
         };
-        let block = unpack_block(&value)?;
-        for bytes in block_entries(&block) {
+        let mut scratch = Vec::new();
+        let block = unpack_block(&value, &mut scratch)?;
+        for bytes in block_entries(block) {
             let bytes = bytes?;
             if entry_lsn(first, bytes)? == lsn {
                 return Ok(Some(decode("log entry", lsn, bytes)?));
@@ -1530,7 +1521,7 @@ mod tests {
             let value = item.into_inner().unwrap().1;
             assert_eq!(value[..4], PACKED, "every block of this log compresses");
             stored += value.len() as u64;
-            blocks += unpack_block(&value).unwrap().len() as u64;
+            blocks += unpack_block(&value, &mut Vec::new()).unwrap().len() as u64;
         }
         let on_disk = db.log.disk_space();
         assert!(
@@ -1550,20 +1541,29 @@ mod tests {
     #[test]
     fn a_bad_packed_block_is_an_error_and_a_plain_one_reads() {
         let block = b"\x03\x00\x00\x00abc";
-        assert_eq!(&*unpack_block(block).unwrap(), block);
+        assert_eq!(unpack_block(block, &mut Vec::new()).unwrap(), block);
         let mut scratch = Vec::new();
         let packed = vec![7u8; 4096];
         let len = pack_block(&packed, &mut scratch).expect("it compresses");
-        assert_eq!(&*unpack_block(&scratch[..len]).unwrap(), &packed[..]);
+        assert_eq!(
+            unpack_block(&scratch[..len], &mut Vec::new()).unwrap(),
+            &packed[..]
+        );
         let mut lying = scratch[..len].to_vec();
         lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(unpack_block(&lying), Err(DbError::Corrupt { .. })));
+        assert!(matches!(
+            unpack_block(&lying, &mut Vec::new()),
+            Err(DbError::Corrupt { .. })
+        ));
         let mut short = scratch[..len].to_vec();
         short[4..8].copy_from_slice(&5000u32.to_le_bytes());
-        assert!(matches!(unpack_block(&short), Err(DbError::Corrupt { .. })));
+        assert!(matches!(
+            unpack_block(&short, &mut Vec::new()),
+            Err(DbError::Corrupt { .. })
+        ));
         let mut garbage = scratch[..len].to_vec();
         garbage.truncate(10);
-        assert!(unpack_block(&garbage).is_err());
+        assert!(unpack_block(&garbage, &mut Vec::new()).is_err());
     }
 
     #[test]

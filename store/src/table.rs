@@ -84,28 +84,22 @@ impl Incoming {
 /// What a commit must write: the records an apply touched.
 #[derive(Debug, Default)]
 pub struct Changes {
-    pub rows: Vec<Arc<str>>,
+    /// The changed rows, each with the state's encoding as a peer's snapshot sent it when the
+    /// row holds exactly that state: the checkpoint writes those bytes instead of encoding the
+    /// state again. Any later change to such a row drops its encoding (in [`Table::mark`],
+    /// which finds it by the row's slot, without a lookup).
+    pub rows: Vec<(Arc<str>, Option<bytes::Bytes>)>,
     pub origins: HashSet<Origin>,
     pub clears: HashSet<ClearKey>,
     /// A row changed without a log entry to replay it from (a duplicate that taught the row
     /// who inserted it first): the commit must be a checkpoint.
     pub unlogged: bool,
-    /// For each of `rows`, at the same index: the state's encoding as a peer's snapshot sent
-    /// it, when the row holds exactly that state. The checkpoint writes those bytes instead of
-    /// encoding the state again. Any later change to such a row drops its encoding (in
-    /// [`Table::mark`], which finds it by the row's slot, without a lookup).
-    pub kept: Vec<Option<bytes::Bytes>>,
 }
 
 impl Changes {
     /// The rows to write, each with its kept encoding if it has one.
     pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, Option<&bytes::Bytes>)> {
-        self.rows.iter().zip(
-            self.kept
-                .iter()
-                .map(Option::as_ref)
-                .chain(std::iter::repeat(None)),
-        )
+        self.rows.iter().map(|(id, kept)| (id, kept.as_ref()))
     }
 
     /// The encoding kept for `id`, if any.
@@ -437,7 +431,6 @@ impl Table {
         changes.origins.clear();
         changes.clears.clear();
         changes.unlogged = false;
-        changes.kept.clear();
     }
 
     /// Records that a row changed. Called by every change to a row, so that no encoding kept
@@ -445,14 +438,13 @@ impl Table {
     fn mark(generation: u64, changes: &mut Changes, id: &Arc<str>, row: &mut Row) {
         if row.marked == generation {
             // Only a row marked in this commit can have a kept encoding.
-            if let Some(kept) = changes.kept.get_mut(row.slot as usize) {
+            if let Some((_, kept)) = changes.rows.get_mut(row.slot as usize) {
                 *kept = None;
             }
         } else {
             row.marked = generation;
             row.slot = u32::try_from(changes.rows.len()).unwrap_or(u32::MAX);
-            changes.rows.push(id.clone());
-            changes.kept.push(None);
+            changes.rows.push((id.clone(), None));
         }
     }
 
@@ -706,7 +698,7 @@ impl Table {
             }
         }
         if let (true, Some(stored)) = (unchanged, stored) {
-            if let Some(kept) = changes.kept.get_mut(row.slot as usize) {
+            if let Some((_, kept)) = changes.rows.get_mut(row.slot as usize) {
                 *kept = Some(stored);
             }
         }
@@ -866,7 +858,7 @@ mod tests {
         let mut t = Table::new("AGG_P");
         let mut ch = Changes::default();
         let ids = |ch: &Changes| {
-            let mut ids: Vec<String> = ch.rows.iter().map(|id| id.to_string()).collect();
+            let mut ids: Vec<String> = ch.rows().map(|(id, _)| id.to_string()).collect();
             ids.sort();
             ids
         };
@@ -1242,7 +1234,7 @@ mod tests {
         // Joined (the receiver's own events unknown): never kept.
         let mut other = Table::new("AGG_B");
         let ch = resync(&sender, &mut other, &[], false);
-        assert!(ch.kept.iter().all(Option::is_none));
+        assert!(ch.rows().all(|(_, kept)| kept.is_none()));
     }
 
     proptest! {
