@@ -339,8 +339,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Sends an already encoded frame body (a proxy passing a batch on).
-    pub async fn send_raw(&mut self, frame: tandem_protocol::RawFrame) -> Result<(), ClientError> {
+    /// Sends an `Events` frame from its parts (a probe's spooled batch, or a proxy passing
+    /// one on under its own batch id).
+    pub async fn send_events(
+        &mut self,
+        frame: tandem_protocol::EventsFrame,
+    ) -> Result<(), ClientError> {
         let addr = self.addr;
         self.inner
             .send(frame)

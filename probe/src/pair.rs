@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::{ClientKind, Directive, EventBody, Message, RawFrame, RejectReason};
+use tandem_protocol::{ClientKind, Directive, EventBody, EventsFrame, Message, RejectReason};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -198,8 +198,8 @@ enum Report {
 /// What the writer task of a link sends.
 enum Outgoing {
     Message(Message),
-    /// An event batch, already encoded.
-    Frame(RawFrame),
+    /// An event batch, its events already encoded.
+    Frame(EventsFrame),
 }
 
 /// The current link: its id, the member and its writer queue; its tasks die with it.
@@ -564,7 +564,7 @@ impl Driver {
             while let Some(out) = rx.recv().await {
                 let sent = match out {
                     Outgoing::Message(msg) => writer.send(&msg).await,
-                    Outgoing::Frame(frame) => writer.send_raw(frame).await,
+                    Outgoing::Frame(frame) => writer.send_events(frame).await,
                 };
                 if let Err(e) = sent {
                     let _ = reports
@@ -658,13 +658,9 @@ impl Driver {
                 (self.config.max_in_flight - self.in_flight_events).min(self.config.batch_events);
             let batch = self.next_id + 1;
             // The spool's encodings, one after the other: no event is encoded again.
-            let (frame, seqs) = match self.spool.batch_frame(self.sent_upto, room, batch) {
-                Ok(Some(Batch { frame, seqs })) => (RawFrame(frame.into()), seqs),
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::error!(error = %e, "a batch could not be encoded; it stays spooled");
-                    return;
-                }
+            let Some(Batch { frame, seqs }) = self.spool.batch_frame(self.sent_upto, room, batch)
+            else {
+                return;
             };
             let Some(&last) = seqs.last() else { return };
             self.next_id = batch;

@@ -30,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tandem_protocol::codec::{append_bytes, from_bytes, to_bytes};
-use tandem_protocol::{CodecError, Event, EventBody, Origin};
+use tandem_protocol::{CodecError, Event, EventBody, EventsFrame, Origin};
 
 const EVENTS: &str = "events";
 const META: &str = "meta";
@@ -118,10 +118,11 @@ impl Spooled {
     }
 }
 
-/// A batch of spooled events ready to send: its `Events` frame and its events' seqs, in order.
-#[derive(Debug, PartialEq, Eq)]
+/// A batch of spooled events ready to send: its `Events` frame (the events' encodings as
+/// held, written out by the connection's codec) and its events' seqs, in order.
+#[derive(Debug)]
 pub struct Batch {
-    pub frame: Vec<u8>,
+    pub frame: EventsFrame,
     pub seqs: Vec<u64>,
 }
 
@@ -299,23 +300,20 @@ impl Spool {
     /// An `Events` frame for batch `batch` of the unacknowledged events after seq `after`, at
     /// most `max` of them, as [`Spool::unacked`] would give them, and their seqs. `None` when
     /// there are none.
-    pub fn batch_frame(
-        &self,
-        after: u64,
-        max: usize,
-        batch: u64,
-    ) -> Result<Option<Batch>, CodecError> {
+    pub fn batch_frame(&self, after: u64, max: usize, batch: u64) -> Option<Batch> {
         let mut seqs = Vec::new();
         let mut events = Vec::new();
         for (seq, bytes) in self.events.after(after).take(max) {
             seqs.push(seq);
-            events.push(&bytes[..]);
+            events.push(bytes.clone());
         }
         if events.is_empty() {
-            return Ok(None);
+            return None;
         }
-        let frame = tandem_protocol::codec::events_frame(batch, &events)?;
-        Ok(Some(Batch { frame, seqs }))
+        Some(Batch {
+            frame: EventsFrame::Encoded { batch, events },
+            seqs,
+        })
     }
 
     /// How many events are unacknowledged.
@@ -707,6 +705,7 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use tandem_protocol::Message;
+    use tokio_util::codec::Encoder;
 
     fn body(n: u64) -> EventBody {
         EventBody::Expire {
@@ -909,14 +908,18 @@ mod tests {
         assert!(spool.unacked(u64::MAX, 3).is_empty());
 
         // A batch frame is an `Events` message of the same page.
-        let Batch { frame, seqs } = spool.batch_frame(3, 3, 7).unwrap().unwrap();
+        let Batch { frame, seqs } = spool.batch_frame(3, 3, 7).unwrap();
         assert_eq!(seqs, [6, 7, 8]);
         let want = Message::Events {
             batch: 7,
             events: decoded(&spool.unacked(3, 3)),
         };
-        assert_eq!(frame, to_bytes(&want).unwrap());
-        assert_eq!(spool.batch_frame(10, 3, 8).unwrap(), None);
+        let mut sent = bytes::BytesMut::new();
+        tandem_protocol::MessageCodec::default()
+            .encode(frame, &mut sent)
+            .unwrap();
+        assert_eq!(sent[4..], to_bytes(&want).unwrap());
+        assert!(spool.batch_frame(10, 3, 8).is_none());
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub use alert::{
     Alert, AlertFields, JournalEntry, Kind, Millis, PackedFields, Severity, SeverityOutOfRange,
 };
 pub use codec::{
-    BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsHead, FrameCodec, MAX_FRAME_LIMIT, MessageCodec,
-    RawFrame,
+    BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsFrame, EventsHead, FrameCodec, MAX_FRAME_LIMIT,
+    MessageCodec, RawFrame,
 };
 pub use event::{Event, EventBody, Origin, OriginCount, Version};
 pub use message::{

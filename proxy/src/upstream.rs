@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tandem_probe::{Connection, Writer};
-use tandem_protocol::codec::with_batch;
-use tandem_protocol::{ClientKind, Directive, EventsHead, Message, RawFrame};
+use tandem_protocol::{ClientKind, Directive, EventsFrame, EventsHead, Message};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +33,7 @@ pub struct Forward {
 /// What goes up the store link.
 enum Outgoing {
     Message(Message),
-    Raw(RawFrame),
+    Events(EventsFrame),
 }
 
 /// The connected probes, by id, and where to send their answers.
@@ -149,7 +148,7 @@ async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
         let sent = match out {
             Outgoing::Message(msg) => writer.send(&msg).await,
-            Outgoing::Raw(frame) => writer.send_raw(frame).await,
+            Outgoing::Events(frame) => writer.send_events(frame).await,
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, "store link write failed");
@@ -195,20 +194,14 @@ async fn session(
             forward = forwards.recv(), if wtx.capacity() > 0 => {
                 let Some(f) = forward else { break };
                 next_batch += 1;
-                let frame = match with_batch(&f.frame, &f.head, next_batch) {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        let reason = format!("the batch could not be passed on: {e}");
-                        registry.route(f.probe, Message::Refused { batch: f.head.batch, index: 0, reason });
-                        continue;
-                    }
-                };
+                // Written out under this link's batch id by the codec: not copied here.
+                let frame = EventsFrame::Renumbered { batch: next_batch, frame: f.frame.freeze(), head: f.head };
                 if pending.is_empty() {
                     last_progress = Instant::now();
                 }
                 pending.insert(next_batch, (f.probe, f.head.batch));
                 let n = f.head.events;
-                if wtx.try_send(Outgoing::Raw(RawFrame(frame))).is_err() {
+                if wtx.try_send(Outgoing::Events(frame)).is_err() {
                     break;
                 }
                 state.events_forwarded.fetch_add(n, Ordering::Relaxed);
