@@ -100,6 +100,15 @@ pub fn append_bytes<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resu
         .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Serialises `value` onto the end of `out`.
+pub(crate) fn append_to_buf<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut BytesMut,
+) -> Result<(), CodecError> {
+    bincode::serde::encode_into_writer(value, BufWriter(out), config())
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
 /// Deserialises a value written by [`to_bytes`]; the whole slice must be used.
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config())
@@ -200,6 +209,60 @@ fn decode_merge(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
     ))
 }
 
+/// Decodes a `LogEntries` or `Replicate` frame with its log batch as a slice of the frame, not
+/// a copy: both carry up to thousands of entries, which the gateway passes on and the receiver
+/// keeps slices of. Equivalent to decoding the frame as a [`Message`].
+fn decode_log_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
+    use crate::message::LogBatch;
+    // A log batch is its count, then its bytes as `serde_bytes` writes them: a length, then
+    // the bytes.
+    let batch_at = |frame: &BytesMut, at: usize, len: u64| {
+        usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(len))
+            .filter(|&end| end <= frame.len())
+            .ok_or_else(|| {
+                CodecError::Decode(format!(
+                    "a log batch of {len} bytes in a frame of {}",
+                    frame.len()
+                ))
+            })
+    };
+    match peek_variant(&frame) {
+        Some(LOG_ENTRIES) => {
+            let ((_, count, len), at) = decode_prefix::<(u32, u32, u64)>(&frame)?;
+            let end = batch_at(&frame, at, len)?;
+            let (last_lsn, head_lsn) = from_bytes::<(u64, u64)>(&frame[end..])?;
+            frame.truncate(end);
+            let bytes = frame.split_off(at);
+            Ok(Message::LogEntries {
+                entries: LogBatch::from_parts(count, bytes),
+                last_lsn,
+                head_lsn,
+            })
+        }
+        Some(REPLICATE) => {
+            type Head = (u32, u64, String, u64, u64, u32, u64);
+            let ((_, batch, peer, after, cursor, count, len), at) = decode_prefix::<Head>(&frame)?;
+            let end = batch_at(&frame, at, len)?;
+            if end != frame.len() {
+                return Err(CodecError::TrailingBytes {
+                    extra: frame.len() - end,
+                });
+            }
+            let bytes = frame.split_off(at);
+            Ok(Message::Replicate {
+                batch,
+                peer,
+                after,
+                cursor,
+                entries: LogBatch::from_parts(count, bytes),
+            })
+        }
+        _ => from_bytes(&frame),
+    }
+}
+
 /// Length-delimited bincode frames carrying [`Message`]s.
 #[derive(Debug)]
 pub struct MessageCodec {
@@ -257,6 +320,7 @@ impl Default for MessageCodec {
 /// the refusal can name the batch and the sender can stop waiting for it.
 // Variant indices of Message::Events, Replicate and Merge; each starts with `batch`.
 const EVENTS: u32 = 3;
+const LOG_ENTRIES: u32 = 10;
 const REPLICATE: u32 = 12;
 const MERGE: u32 = 18;
 
@@ -300,6 +364,12 @@ impl Decoder for MessageCodec {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
+            Ok(Some(frame)) if matches!(peek_variant(&frame), Some(LOG_ENTRIES | REPLICATE)) => {
+                let batch = peek_batch(&frame);
+                Ok(Some(
+                    decode_log_frame(frame).map_err(|error| BadFrame { error, batch }),
+                ))
+            }
             Ok(Some(frame)) if self.keep_record_bytes => {
                 let decode: KeepingDecoder = match peek_variant(&frame) {
                     Some(EVENTS) => decode_events,
@@ -1055,6 +1125,39 @@ mod tests {
                 prop_assert_eq!(a.is_ok(), b.is_ok());
                 if let (Ok(a), Ok(b)) = (a, b) {
                     prop_assert_eq!(a, b);
+                }
+            }
+        }
+
+        #[test]
+        fn log_frames_decode_to_slices_exactly_as_the_plain_decoder_decodes_them(
+            entries in any::<crate::message::LogBatch>(),
+            lsns in any::<(u64, u64, u64)>(),
+            peer in "[A-Z_]{0,8}",
+            edit in proptest::option::of((any::<prop::sample::Index>(), any::<u8>(), 0u8..3)),
+        ) {
+            let (a, b, c) = lsns;
+            for msg in [
+                Message::LogEntries { entries: entries.clone(), last_lsn: a, head_lsn: b },
+                Message::Replicate { batch: c, peer: peer.clone(), after: a, cursor: b, entries: entries.clone() },
+            ] {
+                let mut body = to_bytes(&msg).unwrap();
+                if let Some((at, byte, op)) = edit {
+                    let i = at.index(body.len());
+                    match op {
+                        0 => body[i] = byte,
+                        1 => body.insert(i, byte),
+                        _ => { body.remove(i); }
+                    }
+                }
+                let mut framed = BytesMut::new();
+                framed.put_u32(body.len() as u32);
+                framed.extend_from_slice(&body);
+                let sliced = MessageCodec::default().decode(&mut framed).unwrap().unwrap();
+                match (sliced, from_bytes::<Message>(&body)) {
+                    (Ok(sliced), Ok(plain)) => prop_assert_eq!(sliced, plain),
+                    (Err(_), Err(_)) => {}
+                    (sliced, plain) => prop_assert!(false, "the codec gave {:?}, the plain decoder {:?}", sliced, plain),
                 }
             }
         }

@@ -19,6 +19,7 @@
 //! Requests that a multiplexing proxy forwards carry a `batch` id so that replies can be routed
 //! back to the connection that asked.
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::Alert;
@@ -131,12 +132,40 @@ pub struct LogEntry {
 /// little-endian): the form of a store's log blocks. A store sends its log in this form
 /// without decoding it, and the gateway passes it to the peer untouched; only the store that
 /// applies the entries decodes them.
+///
+/// The bytes are a `BytesMut` so that a batch decoded from a frame is a slice of that frame,
+/// not a copy (the codec does this for `LogEntries` and `Replicate`), and can still be built up
+/// entry by entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct LogBatch {
     count: u32,
-    #[serde(with = "serde_bytes")]
-    bytes: Vec<u8>,
+    #[serde(with = "batch_bytes")]
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::strategy::Strategy::prop_map(proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..64), |v| BytesMut::from(&v[..]))"
+        )
+    )]
+    bytes: BytesMut,
+}
+
+/// A [`LogBatch`]'s bytes, encoded as `serde_bytes` encodes a `Vec<u8>`.
+mod batch_bytes {
+    use bytes::{Bytes, BytesMut};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &BytesMut, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BytesMut, D::Error> {
+        let vec = serde_bytes::ByteBuf::deserialize(deserializer)?.into_vec();
+        // A vector's `Bytes` is its only owner: taking it back as `BytesMut` does not copy.
+        Ok(Bytes::from(vec)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..])))
+    }
 }
 
 /// Bytes before each entry in a [`LogBatch`] and a stored log block: its length.
@@ -159,11 +188,16 @@ impl LogBatch {
         self.count += 1;
     }
 
+    /// A batch of `count` entries whose stored form is `bytes` (a slice of a frame).
+    pub(crate) fn from_parts(count: u32, bytes: BytesMut) -> LogBatch {
+        LogBatch { count, bytes }
+    }
+
     /// Appends one entry, encoding it.
     pub fn push(&mut self, entry: &LogEntry) -> Result<(), crate::codec::CodecError> {
         let before = self.bytes.len();
         self.bytes.extend_from_slice(&[0; ENTRY_LEN_PREFIX]);
-        if let Err(e) = crate::codec::append_bytes(entry, &mut self.bytes) {
+        if let Err(e) = crate::codec::append_to_buf(entry, &mut self.bytes) {
             self.bytes.truncate(before);
             return Err(e);
         }
@@ -185,7 +219,7 @@ impl LogBatch {
     ) -> Result<Vec<(LogEntry, bytes::Bytes)>, crate::codec::CodecError> {
         use crate::codec::{CodecError, decode_prefix};
         let count = self.len();
-        let bytes = bytes::Bytes::from(self.bytes);
+        let bytes = self.bytes.freeze();
         let mut out = Vec::with_capacity(count.min(crate::codec::PREALLOC_LIMIT));
         let mut at = 0;
         for record in Records::of(&bytes) {
