@@ -140,6 +140,24 @@ pub(crate) fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usi
         .map_err(|e| CodecError::Decode(e.to_string()))
 }
 
+/// [`decode_prefix`] for a value that borrows from `bytes`.
+pub(crate) fn decode_prefix_borrowed<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<(T, usize), CodecError> {
+    bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))
+}
+
+/// A string field, borrowed from the input where the format allows.
+pub(crate) fn borrow_cow_str<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::borrow::Cow<'de, str>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(transparent)]
+    struct Borrowed<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+    <Borrowed as serde::Deserialize>::deserialize(deserializer).map(|b| b.0)
+}
+
 /// Decodes an `Events` frame event by event, keeping each event's encoding (a slice of the
 /// frame, not a copy) next to it. Equivalent to decoding the frame as a [`Message`].
 fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {

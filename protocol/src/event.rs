@@ -74,8 +74,16 @@ thread_local! {
     static RECENT_NAMES: RefCell<RecentNames> = RefCell::default();
 }
 
+/// A store or origin name, decoded through [`shared_name`].
+pub(crate) fn deserialize_shared_name<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Arc<str>, D::Error> {
+    let name: Cow<'de, str> = crate::codec::borrow_cow_str(deserializer)?;
+    Ok(shared_name(&name))
+}
+
 /// `name` as an `Arc<str>`, shared with the last origins decoded on this thread that had it.
-fn shared_name(name: &str) -> Arc<str> {
+pub(crate) fn shared_name(name: &str) -> Arc<str> {
     if name.len() > SHARED_NAME_MAX {
         return Arc::from(name);
     }

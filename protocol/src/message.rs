@@ -121,8 +121,16 @@ pub enum Directive {
 pub struct LogEntry {
     pub lsn: u64,
     /// The store at which the event entered the pair (from a probe or an operator); replication
-    /// never sends an entry back to its source.
-    pub source: String,
+    /// never sends an entry back to its source. Shared, as an origin's name is: a replicated
+    /// batch names the same store in every entry.
+    #[serde(deserialize_with = "crate::event::deserialize_shared_name")]
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::strategy::Strategy::prop_map(\"[A-Z_]{0,8}\", std::sync::Arc::from)"
+        )
+    )]
+    pub source: std::sync::Arc<str>,
     /// The alert's serial at `source` after the event, for `server_serial`.
     pub source_serial: u64,
     pub event: Event,
@@ -225,7 +233,9 @@ impl LogBatch {
         for record in Records::of(&bytes) {
             let record = record?;
             let start = at + ENTRY_LEN_PREFIX;
-            let ((lsn, source, source_serial), head) = decode_prefix::<(u64, String, u64)>(record)?;
+            let ((lsn, source, source_serial), head) =
+                crate::codec::decode_prefix_borrowed::<(u64, &str, u64)>(record)?;
+            let source = crate::event::shared_name(source);
             let (event, used) = decode_prefix::<Event>(&record[head..])?;
             if head + used != record.len() {
                 return Err(CodecError::TrailingBytes {

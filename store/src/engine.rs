@@ -318,7 +318,7 @@ pub(crate) fn replay(
                 break;
             }
             let from_peer =
-                (entry.source != own_name).then_some((entry.source.as_str(), entry.source_serial));
+                (*entry.source != *own_name).then_some((&*entry.source, entry.source_serial));
             table.apply(entry.event, from_peer, changes);
             replayed += 1;
             next += 1;
@@ -476,9 +476,7 @@ impl Group<'_> {
             // A full resync under way must replay what this store logs for itself meanwhile.
             let noted = (source.is_none() && self.receiving.active())
                 .then(|| event.identifier().to_string());
-            let source = source
-                .as_ref()
-                .map(|(name, serial)| (name.as_str(), *serial));
+            let source = source.as_ref().map(|(name, serial)| (&**name, *serial));
             let outcome = apply_one(
                 self.table,
                 event,
@@ -510,7 +508,11 @@ impl Group<'_> {
 
 /// An event to apply: the event, where it entered the pair (for a replicated entry), and its
 /// encoding as it arrived (when kept).
-type Item = (Event, Option<(String, u64)>, Option<bytes::Bytes>);
+type Item = (
+    Event,
+    Option<(std::sync::Arc<str>, u64)>,
+    Option<bytes::Bytes>,
+);
 
 /// Applies one event that entered the pair here or came from the peer, logging it first.
 #[allow(clippy::too_many_arguments)]

@@ -367,7 +367,7 @@ fn own_entries(
             break;
         };
         for entry in page {
-            if entry.source == io.own_name {
+            if *entry.source == *io.own_name {
                 own.entry(entry.event.identifier().to_string())
                     .or_default()
                     .push(entry.lsn);
@@ -382,7 +382,7 @@ fn own_entries(
         if let Ok(entry) =
             tandem_protocol::codec::from_bytes::<tandem_protocol::message::LogEntry>(bytes)
         {
-            if entry.source == io.own_name {
+            if *entry.source == *io.own_name {
                 own.entry(entry.event.identifier().to_string())
                     .or_default()
                     .push(lsn);

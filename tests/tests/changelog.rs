@@ -76,7 +76,7 @@ async fn subscribers_get_every_entry_in_order_and_then_live_ones() {
     for (i, entry) in first.iter().enumerate() {
         assert_eq!(entry.lsn, i as u64 + 1);
         assert_eq!(entry.event, events[i]);
-        assert_eq!(entry.source, "AGG_P");
+        assert_eq!(&*entry.source, "AGG_P");
     }
 
     send_reliably(
