@@ -115,6 +115,8 @@ pub struct Shared {
     pub db: Db,
     /// The LSN of the newest durable log entry.
     pub head: watch::Sender<u64>,
+    /// Which source the newest log entries came from.
+    pub log_sources: LogSources,
     pub first_lsn: AtomicU64,
     pub acting_primary: AtomicBool,
     pub resynced: AtomicBool,
@@ -267,6 +269,7 @@ pub fn start(
         table: RwLock::new(table),
         db,
         head,
+        log_sources: LogSources::new(meta.head_lsn),
         first_lsn: AtomicU64::new(meta.first_lsn),
         acting_primary: AtomicBool::new(false),
         resynced: AtomicBool::new(false),
@@ -364,6 +367,8 @@ pub struct LogBuf {
     pub bytes: Vec<u8>,
     /// (LSN, end offset in `bytes`) per entry; each record starts where the previous ended.
     pub ends: Vec<(u64, usize)>,
+    /// The newest entry of each source among these (see [`LogSources`]).
+    sources: Vec<(String, u64)>,
 }
 
 use tandem_protocol::message::ENTRY_LEN_PREFIX as LEN_PREFIX;
@@ -372,6 +377,16 @@ impl LogBuf {
     fn clear(&mut self) {
         self.bytes.clear();
         self.ends.clear();
+        self.sources.clear();
+    }
+
+    /// Notes that `lsn` came from `source`: a group logs one or two sources, so a scan of
+    /// those is a comparison or two per entry.
+    fn note_source(&mut self, source: &str, lsn: u64) {
+        match self.sources.iter_mut().find(|(s, _)| s == source) {
+            Some((_, newest)) => *newest = lsn,
+            None => self.sources.push((source.to_string(), lsn)),
+        }
     }
 
     /// Entries as (LSN, encoded bytes).
@@ -423,6 +438,7 @@ impl LogBuf {
         let len = (self.bytes.len() - before - LEN_PREFIX) as u32;
         self.bytes[before..before + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
         self.ends.push((lsn, self.bytes.len()));
+        self.note_source(source, lsn);
     }
 
     pub(crate) fn push(&mut self, entry: LogEntryRef<'_>) {
@@ -438,6 +454,59 @@ impl LogBuf {
         let len = (self.bytes.len() - before - LEN_PREFIX) as u32;
         self.bytes[before..before + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
         self.ends.push((entry.lsn, self.bytes.len()));
+        self.note_source(entry.source, entry.lsn);
+    }
+}
+
+/// The newest log entry of each source, for a subscriber that leaves one source out: the
+/// gateway never sends a store its own entries back, so on the backup nearly every entry is
+/// one its subscriber skips. When none of the entries it has not had came from another
+/// source, it is told its new position without the log being read (reading and unpacking
+/// every block the backup wrote, to find nothing, was a twentieth of its CPU). Entries logged
+/// before this process started count as from every source.
+#[derive(Debug)]
+pub struct LogSources {
+    /// The head when the store started.
+    floor: u64,
+    newest: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+impl LogSources {
+    fn new(floor: u64) -> LogSources {
+        LogSources {
+            floor,
+            newest: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The newest entry whose source is not `source`, as far as this store knows. Noted before
+    /// the entries become durable, so it never lags the head a subscriber reads first.
+    pub fn newest_not_from(&self, source: &str) -> u64 {
+        let Ok(newest) = self.newest.lock() else {
+            // Nothing known: every entry may be from anyone.
+            return u64::MAX;
+        };
+        newest
+            .iter()
+            .filter(|(s, _)| s != source)
+            .map(|&(_, lsn)| lsn)
+            .fold(self.floor, u64::max)
+    }
+
+    /// Notes a written group's sources.
+    fn note(&self, group: &[(String, u64)]) {
+        if group.is_empty() {
+            return;
+        }
+        let Ok(mut newest) = self.newest.lock() else {
+            return;
+        };
+        for (source, lsn) in group {
+            match newest.iter_mut().find(|(s, _)| s == source) {
+                Some((_, known)) => *known = (*known).max(*lsn),
+                None => newest.push((source.clone(), *lsn)),
+            }
+        }
     }
 }
 
@@ -1099,6 +1168,8 @@ fn commit_loop(
                 tracing::error!(error = %e, "commit failed; exiting so a restart reloads the last durable state");
                 std::process::exit(1);
             }
+            // Before the sync publishes the new head.
+            shared.log_sources.note(&log.sources);
             if let Some(encoded) = encoded {
                 checkpoint_cursors.clear();
                 last_checkpoint = Instant::now();

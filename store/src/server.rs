@@ -409,6 +409,21 @@ impl Handler {
             if sub.next > head {
                 return Ok(());
             }
+            if let Some(skip) = sub.skip_source.as_deref() {
+                if self.shared.log_sources.newest_not_from(skip) < sub.next {
+                    // Every entry it has not had came from the source it leaves out: its new
+                    // position, without reading the log.
+                    sub.next = head + 1;
+                    conn.send(&Message::LogEntries {
+                        entries: LogBatch::default(),
+                        last_lsn: head,
+                        head_lsn: head,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    continue;
+                }
+            }
             let want = ((head - sub.next + 1) as usize).min(LOG_CHUNK);
             // As stored: the entries are not decoded on their way out.
             let (entries, seen) = if head - sub.next < FAR_BEHIND {

@@ -176,3 +176,104 @@ async fn a_trimmed_position_is_reported() {
     assert_eq!(entries.first().map(|e| e.lsn), Some(201));
     assert_eq!(entries.last().map(|e| e.lsn), Some(300));
 }
+
+/// Sends `entries` of the peer `AGG_B`'s log, as a gateway does, following `after`.
+async fn replicate(addr: std::net::SocketAddr, batch: u64, after: u64, entries: &[LogEntry]) {
+    let mut conn = connect(addr, Duration::from_secs(30)).await;
+    let mut log = tandem_protocol::message::LogBatch::default();
+    for entry in entries {
+        log.push(entry).unwrap();
+    }
+    let cursor = entries.last().map_or(after, |e| e.lsn);
+    conn.send(&Message::Replicate {
+        batch,
+        peer: "AGG_B".into(),
+        after,
+        cursor,
+        entries: log,
+    })
+    .await
+    .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+        Ok(Ok(Message::Ack { batch: b, .. })) => assert_eq!(b, batch),
+        other => panic!("expected the replicated batch acknowledged, got {other:?}"),
+    }
+}
+
+/// The log pages a subscriber gets until one reaches `last`: the entries, in order.
+async fn read_until(conn: &mut tandem_probe::Connection, last: u64) -> Vec<LogEntry> {
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Ok(Message::LogEntries {
+                entries, last_lsn, ..
+            })) => {
+                got.extend(entries.decode().unwrap());
+                if last_lsn >= last {
+                    return got;
+                }
+            }
+            other => panic!("expected log entries up to {last}, got {other:?}"),
+        }
+    }
+}
+
+/// A store's log interleaves its own entries with a peer's. A subscriber leaving out the
+/// peer's gets exactly the store's own, whether they come after a run of the peer's or live,
+/// and a page covering only the peer's entries still moves it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_leaving_out_a_source_gets_every_other_entry_between_its_runs() {
+    let pair = Pair::new(|t| t);
+    let addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let _store = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let peer_origin = Origin::new("peer-probe", 1);
+    let peer_entry = |lsn: u64| LogEntry {
+        lsn,
+        source: "AGG_B".into(),
+        source_serial: lsn,
+        event: occurrence(&peer_origin, lsn, format!("peer{lsn}")),
+    };
+    let own_origin = Origin::new("own-probe", 1);
+    let own: Vec<_> = (1..=4)
+        .map(|s| occurrence(&own_origin, s, format!("own{s}")))
+        .collect();
+    let send_own = |events: Vec<tandem_protocol::Event>| async move {
+        send_reliably(
+            addr,
+            &events,
+            10,
+            Duration::ZERO,
+            Duration::from_secs(30),
+            |_| {},
+        )
+        .await
+    };
+
+    // AGG_P's log: 1-5 the peer's, 6-8 its own, 9-13 the peer's.
+    replicate(addr, 1, 0, &(1..=5).map(peer_entry).collect::<Vec<_>>()).await;
+    send_own(own[..3].to_vec()).await;
+    replicate(addr, 2, 5, &(6..=10).map(peer_entry).collect::<Vec<_>>()).await;
+
+    let mut sub = subscribe(addr, 1, Some("AGG_B")).await;
+    let got = read_until(&mut sub, 13).await;
+    assert_eq!(got.iter().map(|e| e.lsn).collect::<Vec<_>>(), [6, 7, 8]);
+    assert!(got.iter().all(|e| &*e.source == "AGG_P"));
+    assert_eq!(got[0].event, own[0]);
+
+    // From after the store's own: only the peer's are left, and the page says so.
+    let mut rest = subscribe(addr, 9, Some("AGG_B")).await;
+    assert!(read_until(&mut rest, 13).await.is_empty());
+
+    // Live: more of the peer's, then one of its own.
+    replicate(addr, 3, 10, &(11..=12).map(peer_entry).collect::<Vec<_>>()).await;
+    send_own(own[3..].to_vec()).await;
+    let live = read_until(&mut sub, 16).await;
+    assert_eq!(live.iter().map(|e| e.lsn).collect::<Vec<_>>(), [16]);
+    assert_eq!(live[0].event, own[3]);
+
+    // Leaving out the store's own instead: the peer's, all of them, in order.
+    let mut peer = subscribe(addr, 1, Some("AGG_P")).await;
+    let got = read_until(&mut peer, 16).await;
+    let want: Vec<u64> = (1..=5).chain(9..=15).collect();
+    assert_eq!(got.iter().map(|e| e.lsn).collect::<Vec<_>>(), want);
+}
