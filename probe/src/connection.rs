@@ -231,7 +231,7 @@ impl Connection {
     /// The next message; a frame that does not decode is an error.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
         let frame = self.recv_frame().await?;
-        from_bytes(&frame).map_err(|e| ClientError::BadFrame {
+        tandem_protocol::codec::decode_frame(frame).map_err(|e| ClientError::BadFrame {
             addr: self.addr,
             message: e.to_string(),
         })

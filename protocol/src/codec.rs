@@ -281,6 +281,15 @@ fn decode_log_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
     }
 }
 
+/// Decodes a whole frame body (as [`FrameCodec`] yields it) as a [`Message`], a `LogEntries` or
+/// `Replicate` frame's log batch as a slice of the frame (see [`decode_log_frame`]).
+pub fn decode_frame(frame: BytesMut) -> Result<Message, CodecError> {
+    match peek_variant(&frame) {
+        Some(LOG_ENTRIES | REPLICATE) => decode_log_frame(frame),
+        _ => from_bytes(&frame),
+    }
+}
+
 /// Length-delimited bincode frames carrying [`Message`]s.
 #[derive(Debug)]
 pub struct MessageCodec {
@@ -1172,6 +1181,8 @@ mod tests {
                 framed.put_u32(body.len() as u32);
                 framed.extend_from_slice(&body);
                 let sliced = MessageCodec::default().decode(&mut framed).unwrap().unwrap();
+                let whole = decode_frame(BytesMut::from(&body[..]));
+                prop_assert_eq!(whole.as_ref().ok(), sliced.as_ref().ok());
                 match (sliced, from_bytes::<Message>(&body)) {
                     (Ok(sliced), Ok(plain)) => prop_assert_eq!(sliced, plain),
                     (Err(_), Err(_)) => {}
