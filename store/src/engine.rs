@@ -493,6 +493,18 @@ impl LogSources {
             .fold(self.floor, u64::max)
     }
 
+    /// The newest entry whose source is `source`, as far as this store knows.
+    pub fn newest_from(&self, source: &str) -> u64 {
+        let Ok(newest) = self.newest.lock() else {
+            return u64::MAX;
+        };
+        newest
+            .iter()
+            .filter(|(s, _)| s == source)
+            .map(|&(_, lsn)| lsn)
+            .fold(self.floor, u64::max)
+    }
+
     /// Notes a written group's sources.
     fn note(&self, group: &[(String, u64)]) {
         if group.is_empty() {

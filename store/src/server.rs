@@ -425,19 +425,26 @@ impl Handler {
                 }
             }
             let want = ((head - sub.next + 1) as usize).min(LOG_CHUNK);
+            // Nothing from the source it leaves out since its position (on the primary, the
+            // gateway's subscriber leaves out the backup, which mostly sends nothing): no entry
+            // need be looked at for its source.
+            let skip = sub
+                .skip_source
+                .as_deref()
+                .filter(|skip| self.shared.log_sources.newest_from(skip) >= sub.next);
             // As stored: the entries are not decoded on their way out.
             let (entries, seen) = if head - sub.next < FAR_BEHIND {
                 // Just written: in the storage engine's memory, read in microseconds.
                 self.shared
                     .db
-                    .read_log_raw(sub.next, want, sub.skip_source.as_deref())
+                    .read_log_raw(sub.next, want, skip)
                     .map_err(|e| e.to_string())?
             } else {
                 // Off the async workers: a subscriber this far behind reads blocks the page
                 // cache may not hold, while the workers serve the probes' batches. Not every
                 // read: handing each one over cost a store whose subscriber keeps up about a
                 // tenth more CPU.
-                let (from, skip) = (sub.next, sub.skip_source.clone());
+                let (from, skip) = (sub.next, skip.map(str::to_owned));
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || {
                     shared.db.read_log_raw(from, want, skip.as_deref())

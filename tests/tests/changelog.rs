@@ -276,4 +276,9 @@ async fn a_subscriber_leaving_out_a_source_gets_every_other_entry_between_its_ru
     let got = read_until(&mut peer, 16).await;
     let want: Vec<u64> = (1..=5).chain(9..=15).collect();
     assert_eq!(got.iter().map(|e| e.lsn).collect::<Vec<_>>(), want);
+
+    // From the middle of the peer's last run: still none of the peer's.
+    let mut late = subscribe(addr, 14, Some("AGG_B")).await;
+    let got = read_until(&mut late, 16).await;
+    assert_eq!(got.iter().map(|e| e.lsn).collect::<Vec<_>>(), [16]);
 }
