@@ -227,10 +227,10 @@ fn decode_merge(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
     ))
 }
 
-/// Decodes a `LogEntries` or `Replicate` frame with its log batch as a slice of the frame, not
-/// a copy: both carry up to thousands of entries, which the gateway passes on and the receiver
-/// keeps slices of. Equivalent to decoding the frame as a [`Message`].
-fn decode_log_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
+/// Decodes a whole frame body (as [`FrameCodec`] yields it) as a [`Message`]. A `LogEntries` or
+/// `Replicate` frame's log batch is a slice of the frame, not a copy: both carry up to
+/// thousands of entries, which the gateway passes on and the receiver keeps slices of.
+pub fn decode_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
     use crate::message::LogBatch;
     // A log batch is its count, then its bytes as `serde_bytes` writes them: a length, then
     // the bytes.
@@ -277,15 +277,6 @@ fn decode_log_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
                 entries: LogBatch::from_parts(count, bytes),
             })
         }
-        _ => from_bytes(&frame),
-    }
-}
-
-/// Decodes a whole frame body (as [`FrameCodec`] yields it) as a [`Message`], a `LogEntries` or
-/// `Replicate` frame's log batch as a slice of the frame (see [`decode_log_frame`]).
-pub fn decode_frame(frame: BytesMut) -> Result<Message, CodecError> {
-    match peek_variant(&frame) {
-        Some(LOG_ENTRIES | REPLICATE) => decode_log_frame(frame),
         _ => from_bytes(&frame),
     }
 }
@@ -391,16 +382,16 @@ impl Decoder for MessageCodec {
         let announced = (src.len() >= LENGTH_FIELD)
             .then(|| u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize);
         match self.frames.decode(src) {
-            Ok(Some(frame)) if matches!(peek_variant(&frame), Some(LOG_ENTRIES | REPLICATE)) => {
-                let batch = peek_batch(&frame);
-                Ok(Some(
-                    decode_log_frame(frame).map_err(|error| BadFrame { error, batch }),
-                ))
-            }
-            Ok(Some(frame)) if self.keep_record_bytes => {
+            Ok(Some(frame)) => {
                 let decode: KeepingDecoder = match peek_variant(&frame) {
-                    Some(EVENTS) => decode_events,
-                    Some(MERGE) => decode_merge,
+                    Some(LOG_ENTRIES | REPLICATE) => {
+                        let batch = peek_batch(&frame);
+                        return Ok(Some(
+                            decode_frame(frame).map_err(|error| BadFrame { error, batch }),
+                        ));
+                    }
+                    Some(EVENTS) if self.keep_record_bytes => decode_events,
+                    Some(MERGE) if self.keep_record_bytes => decode_merge,
                     _ => return Ok(Some(decode_message(&frame))),
                 };
                 let frame = frame.freeze();
@@ -413,7 +404,6 @@ impl Decoder for MessageCodec {
                     Err(error) => Err(BadFrame { error, batch }),
                 }))
             }
-            Ok(Some(frame)) => Ok(Some(decode_message(&frame))),
             Ok(None) => Ok(None),
             Err(e)
                 if e.get_ref().is_some_and(|inner| {
@@ -441,6 +431,14 @@ impl Encoder<&Message> for MessageCodec {
             dst.truncate(start);
             return Err(CodecError::Encode(e.to_string()));
         }
+        self.finish_frame(dst, start)
+    }
+}
+
+impl MessageCodec {
+    /// Fills in the length field of the frame written at `start`, or takes the frame back out
+    /// of `dst` if it is over the limit.
+    fn finish_frame(&self, dst: &mut BytesMut, start: usize) -> Result<(), CodecError> {
         let len = dst.len() - start - LENGTH_FIELD;
         if len > self.max_frame {
             dst.truncate(start);
@@ -605,20 +603,6 @@ pub enum EventsFrame {
     },
 }
 
-impl EventsFrame {
-    /// How many events it carries.
-    pub fn len(&self) -> u64 {
-        match self {
-            EventsFrame::Encoded { events, .. } => events.len() as u64,
-            EventsFrame::Renumbered { head, .. } => head.events,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 impl Encoder<EventsFrame> for MessageCodec {
     type Error = CodecError;
 
@@ -659,27 +643,7 @@ impl Encoder<EventsFrame> for MessageCodec {
                 dst.extend_from_slice(frame.get(head.head_len..).unwrap_or_default());
             }
         }
-        let len = dst.len() - start - LENGTH_FIELD;
-        let field = u32::try_from(len)
-            .ok()
-            .filter(|_| len <= self.max_frame)
-            .ok_or_else(|| {
-                dst.truncate(start);
-                CodecError::FrameTooLarge {
-                    len,
-                    max: self.max_frame,
-                }
-            })?;
-        dst[start..start + LENGTH_FIELD].copy_from_slice(&field.to_be_bytes());
-        Ok(())
-    }
-}
-
-impl Encoder<EventsFrame> for FrameCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: EventsFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        self.messages.encode(item, dst)
+        self.finish_frame(dst, start)
     }
 }
 

@@ -380,13 +380,9 @@ impl LogBuf {
         self.sources.clear();
     }
 
-    /// Notes that `lsn` came from `source`: a group logs one or two sources, so a scan of
-    /// those is a comparison or two per entry.
+    /// Notes that `lsn` came from `source`.
     fn note_source(&mut self, source: &str, lsn: u64) {
-        match self.sources.iter_mut().find(|(s, _)| s == source) {
-            Some((_, newest)) => *newest = lsn,
-            None => self.sources.push((source.to_string(), lsn)),
-        }
+        raise(&mut self.sources, source, lsn);
     }
 
     /// Entries as (LSN, encoded bytes).
@@ -479,30 +475,30 @@ impl LogSources {
         }
     }
 
-    /// The newest entry whose source is not `source`, as far as this store knows. Noted before
-    /// the entries become durable, so it never lags the head a subscriber reads first.
-    pub fn newest_not_from(&self, source: &str) -> u64 {
+    /// The newest entries from `source` and from any other, as far as this store knows.
+    /// Noted before the entries become durable, so they never lag the head a subscriber reads
+    /// first.
+    pub fn newest(&self, source: &str) -> Newest {
         let Ok(newest) = self.newest.lock() else {
             // Nothing known: every entry may be from anyone.
-            return u64::MAX;
+            return Newest {
+                from: u64::MAX,
+                others: u64::MAX,
+            };
         };
-        newest
-            .iter()
-            .filter(|(s, _)| s != source)
-            .map(|&(_, lsn)| lsn)
-            .fold(self.floor, u64::max)
-    }
-
-    /// The newest entry whose source is `source`, as far as this store knows.
-    pub fn newest_from(&self, source: &str) -> u64 {
-        let Ok(newest) = self.newest.lock() else {
-            return u64::MAX;
+        let mut found = Newest {
+            from: self.floor,
+            others: self.floor,
         };
-        newest
-            .iter()
-            .filter(|(s, _)| s == source)
-            .map(|&(_, lsn)| lsn)
-            .fold(self.floor, u64::max)
+        for (s, lsn) in newest.iter() {
+            let slot = if s == source {
+                &mut found.from
+            } else {
+                &mut found.others
+            };
+            *slot = (*slot).max(*lsn);
+        }
+        found
     }
 
     /// Notes a written group's sources.
@@ -514,11 +510,24 @@ impl LogSources {
             return;
         };
         for (source, lsn) in group {
-            match newest.iter_mut().find(|(s, _)| s == source) {
-                Some((_, known)) => *known = (*known).max(*lsn),
-                None => newest.push((source.clone(), *lsn)),
-            }
+            raise(&mut newest, source, *lsn);
         }
+    }
+}
+
+/// The newest log entries of one source and of all the others ([`LogSources::newest`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Newest {
+    pub from: u64,
+    pub others: u64,
+}
+
+/// Raises `source`'s newest LSN in `list` to `lsn`: a group logs one or two sources, so a
+/// scan of those is a comparison or two.
+fn raise(list: &mut Vec<(String, u64)>, source: &str, lsn: u64) {
+    match list.iter_mut().find(|(s, _)| s == source) {
+        Some((_, newest)) => *newest = (*newest).max(lsn),
+        None => list.push((source.to_string(), lsn)),
     }
 }
 

@@ -409,8 +409,12 @@ impl Handler {
             if sub.next > head {
                 return Ok(());
             }
-            if let Some(skip) = sub.skip_source.as_deref() {
-                if self.shared.log_sources.newest_not_from(skip) < sub.next {
+            let newest = sub
+                .skip_source
+                .as_deref()
+                .map(|skip| self.shared.log_sources.newest(skip));
+            if let Some(newest) = newest {
+                if newest.others < sub.next {
                     // Every entry it has not had came from the source it leaves out: its new
                     // position, without reading the log.
                     sub.next = head + 1;
@@ -431,7 +435,7 @@ impl Handler {
             let skip = sub
                 .skip_source
                 .as_deref()
-                .filter(|skip| self.shared.log_sources.newest_from(skip) >= sub.next);
+                .filter(|_| newest.is_some_and(|newest| newest.from >= sub.next));
             // As stored: the entries are not decoded on their way out.
             let (entries, seen) = if head - sub.next < FAR_BEHIND {
                 // Just written: in the storage engine's memory, read in microseconds.
