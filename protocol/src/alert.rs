@@ -165,8 +165,11 @@ const TEXT_NAMES: [&str; 9] = [
 pub struct PackedFields {
     /// The text fields back to back, in [`AlertFields`]' order.
     text: Box<str>,
-    /// Where each text field but the last ends in `text` (the last ends at its end).
-    ends: [usize; 8],
+    /// Where each text field but the last ends in `text` (the last ends at its end). `u32`,
+    /// not `usize`: a frame is at most 64 MiB, and 32 bytes less keeps an `Event` within the
+    /// size the compiler moves inline rather than through `memcpy` (every decoded event is
+    /// moved several times on its way into a batch).
+    ends: [u32; 8],
     pub kind: Kind,
     pub severity: Severity,
     /// Seconds after the last occurrence at which the alert is cleared; 0 never expires.
@@ -176,12 +179,18 @@ pub struct PackedFields {
 
 /// Where each of nine texts of these lengths, laid back to back, ends (the last ends at the
 /// end).
-fn ends_of(lens: [usize; 9]) -> [usize; 8] {
-    let mut end = 0;
+fn ends_of(lens: [usize; 9]) -> [u32; 8] {
+    let mut end = 0usize;
     std::array::from_fn(|i| {
-        end += lens.get(i).copied().unwrap_or(0);
-        end
+        end = end.saturating_add(lens.get(i).copied().unwrap_or(0));
+        narrow(end)
     })
+}
+
+/// An end as stored. Texts past 4 GiB cannot be sent (a frame is at most 64 MiB); saturating
+/// keeps [`PackedFields::part`] in range whatever it is given.
+fn narrow(end: usize) -> u32 {
+    u32::try_from(end).unwrap_or(u32::MAX)
 }
 
 impl PackedFields {
@@ -207,9 +216,15 @@ impl PackedFields {
     fn part(&self, i: usize) -> &str {
         let start = match i {
             0 => 0,
-            _ => self.ends.get(i - 1).copied().unwrap_or(self.text.len()),
+            _ => self
+                .ends
+                .get(i - 1)
+                .map_or(self.text.len(), |&end| end as usize),
         };
-        let end = self.ends.get(i).copied().unwrap_or(self.text.len());
+        let end = self
+            .ends
+            .get(i)
+            .map_or(self.text.len(), |&end| end as usize);
         // Always in range and on character boundaries: `from_texts` set them.
         self.text.get(start..end).unwrap_or_default()
     }
@@ -432,7 +447,7 @@ impl BinaryWire<'_> {
         for (i, part) in texts.iter().enumerate() {
             bytes.extend_from_slice(part);
             if let Some(end) = ends.get_mut(i) {
-                *end = bytes.len();
+                *end = narrow(bytes.len());
             }
         }
         // Valid as a whole and split on character boundaries: then each field is valid too.
@@ -442,7 +457,10 @@ impl BinaryWire<'_> {
                 e.utf8_error()
             )
         })?;
-        if let Some(i) = ends.iter().position(|&end| !text.is_char_boundary(end)) {
+        if let Some(i) = ends
+            .iter()
+            .position(|&end| !text.is_char_boundary(end as usize))
+        {
             return Err(format!(
                 "the alert field {} is not valid UTF-8: it ends inside a character",
                 TEXT_NAMES[i]
