@@ -160,16 +160,16 @@ pub(crate) fn borrow_cow_str<'de, D: serde::Deserializer<'de>>(
 
 /// Decodes an `Events` frame event by event, keeping each event's encoding (a slice of the
 /// frame, not a copy) next to it. Equivalent to decoding the frame as a [`Message`].
-fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
+fn decode_events(frame: Bytes) -> Result<(Message, RecordBytes), CodecError> {
     let ((_, batch, count), mut at) = decode_prefix::<(u32, u64, u64)>(&frame)?;
     // The count comes from the peer: reserve for what it says only up to a bound, so a
     // lying count costs a bad-frame error, not an allocation of its choosing.
     let room = (count as usize).min(frame.len() - at).min(PREALLOC_LIMIT);
     let mut events = Vec::with_capacity(room);
-    let mut encoded = Vec::with_capacity(room);
+    let mut encoded = RecordBytes::new(frame.clone(), room);
     for _ in 0..count {
         let (event, used) = decode_prefix::<crate::Event>(&frame[at..])?;
-        encoded.push(frame.slice(at..at + used));
+        encoded.push(at, at + used);
         events.push(event);
         at += used;
     }
@@ -184,7 +184,7 @@ fn decode_events(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
 /// Decodes a `Merge` frame record by record, keeping each alert state's encoding (a slice of
 /// the frame) next to it, so a receiver can store a state it takes unchanged as it came.
 /// Equivalent to decoding the frame as a [`Message`].
-fn decode_merge(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
+fn decode_merge(frame: Bytes) -> Result<(Message, RecordBytes), CodecError> {
     type Head = (
         u32,
         u64,
@@ -197,12 +197,12 @@ fn decode_merge(frame: Bytes) -> Result<(Message, Vec<Bytes>), CodecError> {
     let ((_, batch, peer, head, applied, clears, count), mut at) = decode_prefix::<Head>(&frame)?;
     let room = (count as usize).min(frame.len() - at).min(PREALLOC_LIMIT);
     let mut alerts = Vec::with_capacity(room);
-    let mut encoded = Vec::with_capacity(room);
+    let mut encoded = RecordBytes::new(frame.clone(), room);
     for _ in 0..count {
         let (identifier, used) = decode_prefix::<String>(&frame[at..])?;
         at += used;
         let (state, used) = decode_prefix::<crate::state::AlertState>(&frame[at..])?;
-        encoded.push(frame.slice(at..at + used));
+        encoded.push(at, at + used);
         alerts.push((identifier, state));
         at += used;
     }
@@ -282,6 +282,54 @@ pub fn decode_frame(mut frame: BytesMut) -> Result<Message, CodecError> {
 }
 
 /// Length-delimited bincode frames carrying [`Message`]s.
+/// The records of one frame (the events of an `Events` message, the alert states of a
+/// `Merge`, the events of a log batch), each a range of the frame: one reference to the frame
+/// for all of them. A `Bytes` per record cost an atomic increment of the frame's shared count
+/// on the decoding thread and a decrement on the commit thread for every event.
+#[derive(Clone, Debug, Default)]
+pub struct RecordBytes {
+    frame: Bytes,
+    spans: Vec<(usize, usize)>,
+}
+
+impl RecordBytes {
+    pub(crate) fn new(frame: Bytes, records: usize) -> RecordBytes {
+        RecordBytes {
+            frame,
+            spans: Vec::with_capacity(records),
+        }
+    }
+
+    /// Records `frame[start..end]`, which the decoder has just read.
+    pub(crate) fn push(&mut self, start: usize, end: usize) {
+        self.spans.push((start, end));
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Each record's bytes, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> {
+        self.spans
+            .iter()
+            .map(|&(start, end)| self.frame.get(start..end).unwrap_or_default())
+    }
+
+    /// Each record as its own `Bytes`, for records kept past the message (a merged row's
+    /// state, written at a later checkpoint).
+    pub fn into_bytes(self) -> impl ExactSizeIterator<Item = Bytes> {
+        let RecordBytes { frame, spans } = self;
+        spans
+            .into_iter()
+            .map(move |(start, end)| frame.slice(start..end))
+    }
+}
+
 #[derive(Debug)]
 pub struct MessageCodec {
     frames: LengthDelimitedCodec,
@@ -290,7 +338,7 @@ pub struct MessageCodec {
     /// as they came instead of encoding them again), and of the alert states of each `Merge`
     /// (a store writes a state it takes unchanged as it came).
     keep_record_bytes: bool,
-    record_bytes: Vec<Bytes>,
+    record_bytes: RecordBytes,
 }
 
 impl MessageCodec {
@@ -305,7 +353,7 @@ impl MessageCodec {
                 .new_codec(),
             max_frame,
             keep_record_bytes: false,
-            record_bytes: Vec::new(),
+            record_bytes: RecordBytes::default(),
         }
     }
 
@@ -319,7 +367,7 @@ impl MessageCodec {
     /// The encodings of the events (or, for a `Merge`, the alert states) of the message decoded
     /// last, in order (empty unless the codec keeps them). Take them before decoding the next
     /// frame.
-    pub fn take_record_bytes(&mut self) -> Vec<Bytes> {
+    pub fn take_record_bytes(&mut self) -> RecordBytes {
         std::mem::take(&mut self.record_bytes)
     }
 
@@ -364,7 +412,7 @@ pub struct BadFrame {
 }
 
 /// Decodes a frame keeping each record's encoding ([`decode_events`], [`decode_merge`]).
-type KeepingDecoder = fn(Bytes) -> Result<(Message, Vec<Bytes>), CodecError>;
+type KeepingDecoder = fn(Bytes) -> Result<(Message, RecordBytes), CodecError>;
 
 /// A frame decoded as a [`Message`], or why it is not one (with its batch id, if it names one).
 fn decode_message(frame: &[u8]) -> Result<Message, BadFrame> {
@@ -998,9 +1046,10 @@ mod tests {
                 return Err(TestCaseError::fail("not a Replicate"));
             };
             prop_assert_eq!(back.decode().unwrap(), entries.clone());
-            let kept = back.clone().decode_keeping_event_bytes().unwrap();
-            prop_assert_eq!(kept.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(), entries.clone());
-            for (entry, event) in &kept {
+            let (kept, events) = back.clone().decode_keeping_event_bytes().unwrap();
+            prop_assert_eq!(&kept, &entries);
+            prop_assert_eq!(events.len(), entries.len());
+            for (entry, event) in kept.iter().zip(events.iter()) {
                 prop_assert_eq!(event.to_vec(), to_bytes(&entry.event).unwrap());
             }
             // A stored block cut short anywhere reads as the whole entries before the cut and

@@ -220,15 +220,17 @@ impl LogBatch {
         Records { rest: &self.bytes }
     }
 
-    /// Decodes every entry, keeping each event's encoding (a slice of this batch's bytes, not
-    /// a copy) next to it: the applying store logs the event as it came.
+    /// Decodes every entry, keeping each event's encoding (a range of this batch's bytes, not
+    /// a copy) beside it: the applying store logs the event as it came.
     pub fn decode_keeping_event_bytes(
         self,
-    ) -> Result<Vec<(LogEntry, bytes::Bytes)>, crate::codec::CodecError> {
-        use crate::codec::{CodecError, decode_prefix};
+    ) -> Result<(Vec<LogEntry>, crate::codec::RecordBytes), crate::codec::CodecError> {
+        use crate::codec::{CodecError, RecordBytes, decode_prefix};
         let count = self.len();
         let bytes = self.bytes.freeze();
-        let mut out = Vec::with_capacity(count.min(crate::codec::PREALLOC_LIMIT));
+        let room = count.min(crate::codec::PREALLOC_LIMIT);
+        let mut out = Vec::with_capacity(room);
+        let mut events = RecordBytes::new(bytes.clone(), room);
         let mut at = 0;
         for record in Records::of(&bytes) {
             let record = record?;
@@ -242,13 +244,13 @@ impl LogBatch {
                     extra: record.len() - head - used,
                 });
             }
-            let entry = LogEntry {
+            out.push(LogEntry {
                 lsn,
                 source,
                 source_serial,
                 event,
-            };
-            out.push((entry, bytes.slice(start + head..start + head + used)));
+            });
+            events.push(start + head, start + head + used);
             at = start + record.len();
         }
         if out.len() != count {
@@ -257,7 +259,7 @@ impl LogBatch {
                 out.len()
             )));
         }
-        Ok(out)
+        Ok((out, events))
     }
 
     /// Decodes every entry.

@@ -185,7 +185,7 @@ async fn fill(path: std::path::PathBuf) {
         let (reply, rx) = tokio::sync::oneshot::channel();
         tx.send(engine::Request::Events {
             events,
-            encoded: Vec::new(),
+            encoded: tandem_protocol::RecordBytes::default(),
             reply,
         })
         .await

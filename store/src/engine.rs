@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tandem_protocol::codec::append_bytes;
 use tandem_protocol::message::{LogEntry, LogEntryRef, SnapshotChunk};
-use tandem_protocol::{Event, EventBody, Origin};
+use tandem_protocol::{Event, EventBody, Origin, RecordBytes};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::{Checkpoint, Db, DbError, Meta, PeerWrites};
@@ -68,7 +68,7 @@ pub enum Request {
     /// the connection kept it (empty otherwise): logged as it came instead of encoded again.
     Events {
         events: Vec<Event>,
-        encoded: Vec<bytes::Bytes>,
+        encoded: RecordBytes,
         reply: oneshot::Sender<Reply>,
     },
     /// A peer's log entries, applied together with the new cursor for that peer. `after` is
@@ -79,7 +79,7 @@ pub enum Request {
         cursor: u64,
         entries: Vec<LogEntry>,
         /// Each entry's event as it arrived encoded (empty when not kept).
-        encoded: Vec<bytes::Bytes>,
+        encoded: RecordBytes,
         reply: oneshot::Sender<Reply>,
     },
     /// A page of a peer's snapshot, in a full resync.
@@ -88,7 +88,8 @@ pub enum Request {
         /// The page without its alerts, which are `rows`.
         chunk: SnapshotChunk,
         rows: Vec<Incoming>,
-        /// Each alert's state as it arrived encoded (empty when not kept).
+        /// Each alert's state as it arrived encoded (empty when not kept), each its own
+        /// reference to the frame: a row taken as it came keeps its bytes past the request.
         encoded: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Reply>,
     },
@@ -548,10 +549,10 @@ impl Group<'_> {
     /// item is an event, for a replicated entry the store it entered at and its serial there,
     /// and the event's encoding when it arrived encoded. The items come as an iterator over
     /// the request's own vectors: collecting them into one first moved every event once more.
-    fn batch(
+    fn batch<'a>(
         &mut self,
         checked: Result<(), (u32, String)>,
-        items: impl Iterator<Item = Item>,
+        items: impl Iterator<Item = Item<'a>>,
     ) -> Reply {
         if let Err((index, reason)) = checked {
             return Reply::Refused { index, reason };
@@ -570,7 +571,7 @@ impl Group<'_> {
             let outcome = apply_one(
                 self.table,
                 event,
-                encoded.as_deref(),
+                encoded,
                 source,
                 self.own_name,
                 self.meta,
@@ -598,11 +599,7 @@ impl Group<'_> {
 
 /// An event to apply: the event, where it entered the pair (for a replicated entry), and its
 /// encoding as it arrived (when kept).
-type Item = (
-    Event,
-    Option<(std::sync::Arc<str>, u64)>,
-    Option<bytes::Bytes>,
-);
+type Item<'a> = (Event, Option<(std::sync::Arc<str>, u64)>, Option<&'a [u8]>);
 
 /// Applies one event that entered the pair here or came from the peer, logging it first.
 #[allow(clippy::too_many_arguments)]
@@ -1018,7 +1015,7 @@ fn commit_loop(
                             reply,
                         } => {
                             let checked = check(events.iter());
-                            let mut encoded = encoded.into_iter();
+                            let mut encoded = encoded.iter();
                             let items = events.into_iter().map(|e| (e, None, encoded.next()));
                             let answer = work.batch(checked, items);
                             replies.push((reply, answer));
@@ -1044,7 +1041,7 @@ fn commit_loop(
                                 continue;
                             }
                             let checked = check(entries.iter().map(|e| &e.event));
-                            let mut encoded = encoded.into_iter();
+                            let mut encoded = encoded.iter();
                             let items = entries.into_iter().map(|e| {
                                 (e.event, Some((e.source, e.source_serial)), encoded.next())
                             });
@@ -1369,7 +1366,7 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         tx.blocking_send(Request::Events {
             events: vec![event(seq)],
-            encoded: Vec::new(),
+            encoded: RecordBytes::default(),
             reply,
         })
         .unwrap();

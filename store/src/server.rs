@@ -251,8 +251,8 @@ impl Handler {
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
                             // Decoded here, on this connection's task, not on the commit thread.
-                            let (entries, encoded): (Vec<_>, Vec<_>) = match entries.decode_keeping_event_bytes() {
-                                Ok(entries) => entries.into_iter().unzip(),
+                            let (entries, encoded) = match entries.decode_keeping_event_bytes() {
+                                Ok(decoded) => decoded,
                                 Err(e) => {
                                     let reason = format!("the log entries do not decode: {e}");
                                     conn.send(&Message::Refused { batch, index: 0, reason }).await.map_err(|e| e.to_string())?;
@@ -265,7 +265,9 @@ impl Handler {
                         }
                         Message::Merge { batch, peer, mut chunk } => {
                             let (reply, rx) = oneshot::channel();
-                            let encoded = conn.codec_mut().take_record_bytes();
+                            // Each state's own reference to the frame, taken here rather than
+                            // on the commit thread.
+                            let encoded = conn.codec_mut().take_record_bytes().into_bytes().collect();
                             // Rows built here, off the commit thread.
                             let rows = std::mem::take(&mut chunk.alerts)
                                 .into_iter()
