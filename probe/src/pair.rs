@@ -180,7 +180,9 @@ enum Report {
     Connected {
         attempt: u64,
         member: Member,
-        result: Result<Connection, ClientError>,
+        /// Boxed: a connection is several times the size of the messages that make up
+        /// almost every report.
+        result: Result<Box<Connection>, ClientError>,
     },
     Message {
         link: u64,
@@ -435,7 +437,7 @@ impl Driver {
                 match result {
                     Ok(conn) => {
                         tracing::debug!(?member, unacked = self.spool.len(), "connected");
-                        self.open_link(member, conn);
+                        self.open_link(member, *conn);
                         let actions = self.failover.handle(Input::Connected(member), now);
                         self.perform(actions)
                     }
@@ -595,7 +597,7 @@ impl Driver {
                     let connect = self.dial(self.addr(member), self.config.client_name.clone());
                     let reports = self.reports.clone();
                     self.tasks.spawn(async move {
-                        let result = connect.await;
+                        let result = connect.await.map(Box::new);
                         let _ = reports
                             .send(Report::Connected {
                                 attempt,
