@@ -1046,11 +1046,14 @@ mod tests {
                 return Err(TestCaseError::fail("not a Replicate"));
             };
             prop_assert_eq!(back.decode().unwrap(), entries.clone());
-            let (kept, events) = back.clone().decode_keeping_event_bytes().unwrap();
-            prop_assert_eq!(&kept, &entries);
-            prop_assert_eq!(events.len(), entries.len());
-            for (entry, event) in kept.iter().zip(events.iter()) {
-                prop_assert_eq!(event.to_vec(), to_bytes(&entry.event).unwrap());
+            let kept = back.clone().decode_keeping_event_bytes().unwrap();
+            let events: Vec<_> = entries.iter().map(|e| e.event.clone()).collect();
+            let sources: Vec<_> = entries.iter().map(|e| (e.source.clone(), e.source_serial)).collect();
+            prop_assert_eq!(&kept.events, &events);
+            prop_assert_eq!(&kept.sources, &sources);
+            prop_assert_eq!(kept.encoded.len(), entries.len());
+            for (event, encoded) in events.iter().zip(kept.encoded.iter()) {
+                prop_assert_eq!(encoded.to_vec(), to_bytes(event).unwrap());
             }
             // A stored block cut short anywhere reads as the whole entries before the cut and
             // then an error: never a panic, never a wrong entry.

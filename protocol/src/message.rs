@@ -220,46 +220,52 @@ impl LogBatch {
         Records { rest: &self.bytes }
     }
 
-    /// Decodes every entry, keeping each event's encoding (a range of this batch's bytes, not
-    /// a copy) beside it: the applying store logs the event as it came.
-    pub fn decode_keeping_event_bytes(
-        self,
-    ) -> Result<(Vec<LogEntry>, crate::codec::RecordBytes), crate::codec::CodecError> {
+    /// Decodes every entry for applying, keeping each event's encoding (a range of this
+    /// batch's bytes, not a copy): the applying store logs the event as it came. The entries'
+    /// LSNs are the sender's and are not kept (the batch's cursor carries the position).
+    pub fn decode_keeping_event_bytes(self) -> Result<EntriesToApply, crate::codec::CodecError> {
         use crate::codec::{CodecError, RecordBytes, decode_prefix};
         let count = self.len();
         let bytes = self.bytes.freeze();
         let room = count.min(crate::codec::PREALLOC_LIMIT);
-        let mut out = Vec::with_capacity(room);
-        let mut events = RecordBytes::new(bytes.clone(), room);
+        let mut out = EntriesToApply {
+            events: Vec::with_capacity(room),
+            sources: Vec::with_capacity(room),
+            encoded: RecordBytes::new(bytes.clone(), room),
+        };
+        // A batch names one source in almost every entry: kept here rather than looked up
+        // among the thread's recent names, which the events' origins take turns with.
+        let mut last_source: Option<std::sync::Arc<str>> = None;
         let mut at = 0;
         for record in Records::of(&bytes) {
             let record = record?;
             let start = at + ENTRY_LEN_PREFIX;
-            let ((lsn, source, source_serial), head) =
+            let ((_lsn, source, source_serial), head) =
                 crate::codec::decode_prefix_borrowed::<(u64, &str, u64)>(record)?;
-            let source = crate::event::shared_name(source);
+            let source = match &last_source {
+                Some(last) if **last == *source => last.clone(),
+                _ => last_source
+                    .insert(crate::event::shared_name(source))
+                    .clone(),
+            };
             let (event, used) = decode_prefix::<Event>(&record[head..])?;
             if head + used != record.len() {
                 return Err(CodecError::TrailingBytes {
                     extra: record.len() - head - used,
                 });
             }
-            out.push(LogEntry {
-                lsn,
-                source,
-                source_serial,
-                event,
-            });
-            events.push(start + head, start + head + used);
+            out.events.push(event);
+            out.sources.push((source, source_serial));
+            out.encoded.push(start + head, start + head + used);
             at = start + record.len();
         }
-        if out.len() != count {
+        if out.events.len() != count {
             return Err(CodecError::Decode(format!(
                 "a log batch said {count} entries and held {}",
-                out.len()
+                out.events.len()
             )));
         }
-        Ok((out, events))
+        Ok(out)
     }
 
     /// Decodes every entry.
@@ -326,6 +332,17 @@ pub struct LogEntryRef<'a> {
     pub source: &'a str,
     pub source_serial: u64,
     pub event: &'a Event,
+}
+
+/// A log batch's entries as the applying store needs them, in order: each event, the store
+/// it entered the pair at with its serial there, and its encoding as it came. Separate
+/// vectors rather than a `LogEntry` each: an `Event` alone is moved without a `memcpy` call,
+/// a whole entry is not.
+#[derive(Debug, Default)]
+pub struct EntriesToApply {
+    pub events: Vec<Event>,
+    pub sources: Vec<(std::sync::Arc<str>, u64)>,
+    pub encoded: crate::codec::RecordBytes,
 }
 
 /// A position in a snapshot: its records are the generic-clear versions, then the alerts,

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tandem_protocol::codec::append_bytes;
-use tandem_protocol::message::{LogEntry, LogEntryRef, SnapshotChunk};
+use tandem_protocol::message::{EntriesToApply, LogEntryRef, SnapshotChunk};
 use tandem_protocol::{Event, EventBody, Origin, RecordBytes};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -77,9 +77,7 @@ pub enum Request {
         peer: String,
         after: u64,
         cursor: u64,
-        entries: Vec<LogEntry>,
-        /// Each entry's event as it arrived encoded (empty when not kept).
-        encoded: RecordBytes,
+        entries: EntriesToApply,
         reply: oneshot::Sender<Reply>,
     },
     /// A page of a peer's snapshot, in a full resync.
@@ -102,7 +100,7 @@ impl Request {
     fn len(&self) -> usize {
         match self {
             Request::Events { events, .. } => events.len(),
-            Request::Replicate { entries, .. } => entries.len(),
+            Request::Replicate { entries, .. } => entries.events.len(),
             Request::Merge { chunk, rows, .. } => rows.len() + chunk.clears.len(),
             Request::Housekeeping { bodies } => bodies.len(),
         }
@@ -1025,7 +1023,6 @@ fn commit_loop(
                             after,
                             cursor,
                             entries,
-                            encoded,
                             reply,
                         } => {
                             let known = match known_cursors.get(&peer) {
@@ -1040,11 +1037,13 @@ fn commit_loop(
                                 replies.push((reply, Reply::Refused { index: 0, reason }));
                                 continue;
                             }
-                            let checked = check(entries.iter().map(|e| &e.event));
-                            let mut encoded = encoded.iter();
-                            let items = entries.into_iter().map(|e| {
-                                (e.event, Some((e.source, e.source_serial)), encoded.next())
-                            });
+                            let checked = check(entries.events.iter());
+                            let mut sources = entries.sources.into_iter();
+                            let mut encoded = entries.encoded.iter();
+                            let items = entries
+                                .events
+                                .into_iter()
+                                .map(|e| (e, sources.next(), encoded.next()));
                             let answer = work.batch(checked, items);
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.

@@ -251,7 +251,7 @@ impl Handler {
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
                             // Decoded here, on this connection's task, not on the commit thread.
-                            let (entries, encoded) = match entries.decode_keeping_event_bytes() {
+                            let entries = match entries.decode_keeping_event_bytes() {
                                 Ok(decoded) => decoded,
                                 Err(e) => {
                                     let reason = format!("the log entries do not decode: {e}");
@@ -260,7 +260,7 @@ impl Handler {
                                 }
                             };
                             let (reply, rx) = oneshot::channel();
-                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, encoded, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, reply }).await?;
                             pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, mut chunk } => {
