@@ -53,6 +53,15 @@ pub struct Page {
 }
 
 impl Page {
+    /// A page with room for `records` rows of `bytes` in all, so that filling it does not
+    /// copy what it holds each time it grows (a page of 1,000 rows is about 300 KB).
+    pub fn with_capacity(bytes: usize, records: usize) -> Page {
+        Page {
+            buf: Vec::with_capacity(bytes),
+            records: Vec::with_capacity(records),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }

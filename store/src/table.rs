@@ -81,14 +81,49 @@ impl Incoming {
     }
 }
 
+/// The origins interned last, found by the name they arrived with. A batch or a snapshot
+/// page names a few writers over and over, and a connection's thread decodes each of their
+/// names into one shared allocation (`shared_name`), so comparing pointers finds most origins
+/// without hashing and comparing their names (a snapshot row has six or more). Each slot holds
+/// the name it arrived with, so that its address cannot be reused by another name.
+#[derive(Debug, Default)]
+struct RecentOrigins {
+    slots: [Option<(Arc<str>, u64, Origin)>; RECENT_ORIGINS],
+    next: usize,
+}
+
+const RECENT_ORIGINS: usize = 8;
+
+impl RecentOrigins {
+    fn get(&self, origin: &Origin) -> Option<&Origin> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|(name, epoch, _)| *epoch == origin.epoch && Arc::ptr_eq(name, &origin.name))
+            .map(|(_, _, interned)| interned)
+    }
+
+    fn put(&mut self, arrived: &Origin, interned: &Origin) {
+        if let Some(slot) = self.slots.get_mut(self.next) {
+            *slot = Some((arrived.name.clone(), arrived.epoch, interned.clone()));
+        }
+        self.next = (self.next + 1) % RECENT_ORIGINS;
+    }
+}
+
+/// A changed row's serial and its state's encoding as a peer's snapshot sent it.
+pub type Kept = (u64, bytes::Bytes);
+
 /// What a commit must write: the records an apply touched.
 #[derive(Debug, Default)]
 pub struct Changes {
     /// The changed rows, each with the state's encoding as a peer's snapshot sent it when the
     /// row holds exactly that state: the checkpoint writes those bytes instead of encoding the
     /// state again. Any later change to such a row drops its encoding (in [`Table::mark`],
-    /// which finds it by the row's slot, without a lookup).
-    pub rows: Vec<(Arc<str>, Option<bytes::Bytes>)>,
+    /// which finds it by the row's slot, without a lookup). A kept encoding comes with the
+    /// row's serial, all the checkpoint needs besides: it then writes the row without looking
+    /// it up (rows are never removed, so the row is there).
+    pub rows: Vec<(Arc<str>, Option<Kept>)>,
     pub origins: HashSet<Origin>,
     pub clears: HashSet<ClearKey>,
     /// A row changed without a log entry to replay it from (a duplicate that taught the row
@@ -99,7 +134,18 @@ pub struct Changes {
 impl Changes {
     /// The rows to write, each with its kept encoding if it has one.
     pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, Option<&bytes::Bytes>)> {
-        self.rows.iter().map(|(id, kept)| (id, kept.as_ref()))
+        self.rows
+            .iter()
+            .map(|(id, kept)| (id, kept.as_ref().map(|(_, state)| state)))
+    }
+
+    /// [`Changes::rows`], each kept encoding with the row's serial.
+    pub fn rows_with_serials(
+        &self,
+    ) -> impl Iterator<Item = (&Arc<str>, Option<(u64, &bytes::Bytes)>)> {
+        self.rows
+            .iter()
+            .map(|(id, kept)| (id, kept.as_ref().map(|(serial, state)| (*serial, state))))
     }
 
     /// The encoding kept for `id`, if any.
@@ -184,6 +230,7 @@ pub struct Table {
     /// One shared copy of every origin, so versions in rows point at it instead of each
     /// holding their own allocation of the name.
     origins: HashSet<Origin>,
+    recent: RecentOrigins,
     /// Newest resolution per clear key, bucketed by the key's hash.
     clears: HashMap<u64, Vec<(ClearKey, Version)>>,
     /// Problem alerts by the hash of their clear key; a hash collision only costs a comparison,
@@ -204,6 +251,7 @@ impl Table {
             rows: RowMap::default(),
             applied: HashMap::default(),
             origins: HashSet::default(),
+            recent: RecentOrigins::default(),
             clears: HashMap::default(),
             by_clear: HashMap::default(),
             displaced: Vec::new(),
@@ -331,11 +379,18 @@ impl Table {
     }
 
     fn intern(&mut self, origin: &Origin) -> Origin {
-        if let Some(shared) = self.origins.get(origin) {
+        if let Some(shared) = self.recent.get(origin) {
             return shared.clone();
         }
-        self.origins.insert(origin.clone());
-        origin.clone()
+        let shared = match self.origins.get(origin) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.origins.insert(origin.clone());
+                origin.clone()
+            }
+        };
+        self.recent.put(origin, &shared);
+        shared
     }
 
     /// Points every version of `state` at the interned origins.
@@ -699,7 +754,7 @@ impl Table {
         }
         if let (true, Some(stored)) = (unchanged, stored) {
             if let Some((_, kept)) = changes.rows.get_mut(row.slot as usize) {
-                *kept = Some(stored);
+                *kept = Some((row.serial, stored));
             }
         }
         self.account(was_alive, alive);
@@ -899,6 +954,33 @@ mod tests {
 
     /// The snapshot's size comes from the peer: an absurd one must neither panic nor reserve
     /// without bound, and a table already holding rows reserves only for the rest.
+    #[test]
+    fn origins_intern_to_one_copy_whatever_name_allocation_they_arrive_with() {
+        let mut t = Table::new("AGG_P");
+        let first = t.intern(&Origin::new("probe-a", 1));
+        // The same writer again under a name allocated elsewhere, and under the same name
+        // allocation (as a connection's thread decodes it) but another epoch: a new writer.
+        let again = t.intern(&Origin::new("probe-a", 1));
+        assert!(Arc::ptr_eq(&first.name, &again.name));
+        let arrived = Origin::new("probe-b", 1);
+        let b1 = t.intern(&arrived);
+        let b2 = t.intern(&Origin {
+            name: arrived.name.clone(),
+            epoch: 2,
+        });
+        assert_eq!((b1.epoch, b2.epoch), (1, 2));
+        assert_eq!(t.intern(&arrived), Origin::new("probe-b", 1));
+        // More writers than the recent slots hold: each still interns to its first copy.
+        let firsts: Vec<Origin> = (0..3 * RECENT_ORIGINS)
+            .map(|n| t.intern(&Origin::new(format!("p{n}"), 5)))
+            .collect();
+        for (n, first) in firsts.iter().enumerate() {
+            let later = t.intern(&Origin::new(format!("p{n}"), 5));
+            assert!(Arc::ptr_eq(&first.name, &later.name), "p{n}");
+            assert_eq!(later, *first);
+        }
+    }
+
     #[test]
     fn reserving_for_a_snapshot_takes_any_size() {
         let mut t = Table::new("AGG_B");
