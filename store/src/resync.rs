@@ -33,6 +33,9 @@ use crate::engine::{LogBuf, Reply};
 use crate::fold::ClearKey;
 use crate::table::{Changes, Incoming, Table};
 
+/// Rows looked up this many ahead of their merge: see [`Table::warm`].
+const LOOKAHEAD: usize = 4;
+
 /// Most records in one page.
 pub const MAX_PAGE: usize = 10_000;
 
@@ -275,7 +278,17 @@ impl Receiving {
         // Each state's bytes, when the connection kept them: a row taken unchanged is written
         // as they came instead of encoded again.
         let mut encoded = (encoded.len() == rows.len()).then(|| encoded.into_iter());
-        for incoming in rows {
+        let mut rows = rows.into_iter();
+        let mut ahead = std::collections::VecDeque::with_capacity(LOOKAHEAD);
+        loop {
+            while ahead.len() < LOOKAHEAD {
+                let Some(next) = rows.next() else { break };
+                table.warm(&next);
+                ahead.push_back(next);
+            }
+            let Some(incoming) = ahead.pop_front() else {
+                break;
+            };
             let stored = encoded.as_mut().and_then(Iterator::next);
             let own = match &resync.own {
                 None => None,

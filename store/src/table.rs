@@ -378,6 +378,19 @@ impl Table {
             .is_some_and(|set| set.contains(seq))
     }
 
+    /// Looks up where `incoming` will go (its row, and the problem index for a problem) and
+    /// forgets the answers: a merge does so a few rows ahead, so that the cache misses of
+    /// those lookups in tables of a million entries overlap the merges before it instead of
+    /// stalling its own.
+    pub fn warm(&self, incoming: &Incoming) {
+        std::hint::black_box(self.rows.contains_key(&*incoming.id));
+        let state = &incoming.row.state;
+        if state.latest.value.kind == Kind::Problem && !state.occurrences.is_empty() {
+            let hash = self.fields_hash(&state.latest.value);
+            std::hint::black_box(self.by_clear.contains_key(&hash));
+        }
+    }
+
     fn intern(&mut self, origin: &Origin) -> Origin {
         if let Some(shared) = self.recent.get(origin) {
             return shared.clone();
