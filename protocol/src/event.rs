@@ -18,13 +18,31 @@ use crate::alert::{Millis, PackedFields, Severity};
 ///
 /// `epoch` is chosen when the writer's sequence space is created (a probe's spool, a store's data
 /// directory), so a writer that loses its spool starts a new origin instead of reusing numbers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, Eq, PartialOrd, Ord, Serialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Origin {
     /// Shared: every event and version of one writer points at the same name.
     #[cfg_attr(test, proptest(strategy = "\"[a-z0-9_-]{0,12}\".prop_map(Arc::from)"))]
     pub name: Arc<str>,
     pub epoch: u64,
+}
+
+/// The derived comparison's result, the epochs first and one shared name found without
+/// comparing its bytes: a store points every version at one copy of each origin, and folding
+/// compares them for every event (`Arc<str>` compares the bytes even when both are one).
+impl PartialEq for Origin {
+    fn eq(&self, other: &Origin) -> bool {
+        self.epoch == other.epoch
+            && (Arc::ptr_eq(&self.name, &other.name) || self.name == other.name)
+    }
+}
+
+/// As derived: the name, then the epoch (equal origins hash alike either way).
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        self.epoch.hash(state);
+    }
 }
 
 impl Origin {
@@ -226,6 +244,24 @@ mod tests {
         assert!(v(2, "a", 1) > v(1, "z", 9));
         assert!(v(1, "b", 1) > v(1, "a", 9));
         assert!(v(1, "a", 2) > v(1, "a", 1));
+    }
+
+    #[test]
+    fn origins_are_equal_by_name_and_epoch_whether_or_not_they_share_the_name() {
+        let a = Origin::new("probe-a", 1);
+        assert_eq!(a, a.clone());
+        assert_eq!(
+            a,
+            Origin::new("probe-a", 1),
+            "the same name in two allocations"
+        );
+        assert_ne!(a, Origin::new("probe-a", 2));
+        assert_ne!(a, Origin::new("probe-b", 1));
+        let shared_other_epoch = Origin {
+            name: a.name.clone(),
+            epoch: 2,
+        };
+        assert_ne!(a, shared_other_epoch);
     }
 
     #[test]
