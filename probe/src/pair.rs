@@ -71,10 +71,27 @@ pub enum PairError {
 enum Cmd {
     Push {
         time: i64,
-        bodies: Vec<EventBody>,
+        bodies: Bodies,
         cursor: Option<Vec<u8>>,
         done: oneshot::Sender<Result<(), PairError>>,
     },
+}
+
+/// Events handed to the client: the caller's own, or a range of a list it shares (a load
+/// generator pushes the same alerts over and over, and copying each one was a tenth of its
+/// CPU). Either way the spool encodes them and keeps only the encoding.
+enum Bodies {
+    Owned(Vec<EventBody>),
+    Shared(std::sync::Arc<[EventBody]>, std::ops::Range<usize>),
+}
+
+impl AsRef<[EventBody]> for Bodies {
+    fn as_ref(&self) -> &[EventBody] {
+        match self {
+            Bodies::Owned(bodies) => bodies,
+            Bodies::Shared(list, range) => list.get(range.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// Sends events to the virtual pair; see the module documentation.
@@ -110,6 +127,29 @@ impl PairClient {
         &self,
         time: i64,
         bodies: Vec<EventBody>,
+        cursor: Option<Vec<u8>>,
+    ) -> Result<(), PairError> {
+        self.send_push(time, Bodies::Owned(bodies), cursor).await
+    }
+
+    /// [`PairClient::push`] for the events `list[range]`, without copying them (a range past
+    /// the list's end is cut at the end).
+    pub async fn push_shared(
+        &self,
+        time: i64,
+        list: std::sync::Arc<[EventBody]>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), PairError> {
+        let end = range.end.min(list.len());
+        let range = range.start.min(end)..end;
+        self.send_push(time, Bodies::Shared(list, range), None)
+            .await
+    }
+
+    async fn send_push(
+        &self,
+        time: i64,
+        bodies: Bodies,
         cursor: Option<Vec<u8>>,
     ) -> Result<(), PairError> {
         let (done, rx) = oneshot::channel();
@@ -365,12 +405,7 @@ impl Driver {
         self.publish();
     }
 
-    fn push(
-        &mut self,
-        time: i64,
-        bodies: Vec<EventBody>,
-        cursor: Option<&[u8]>,
-    ) -> Result<(), PairError> {
+    fn push(&mut self, time: i64, bodies: Bodies, cursor: Option<&[u8]>) -> Result<(), PairError> {
         let was_empty = self.spool.is_empty();
         self.spool.push_from(time, bodies, cursor)?;
         if was_empty && !self.spool.is_empty() {

@@ -186,7 +186,7 @@ impl Spool {
     pub fn push(
         &mut self,
         time: i64,
-        bodies: Vec<EventBody>,
+        bodies: impl AsRef<[EventBody]>,
     ) -> Result<std::ops::Range<u64>, SpoolError> {
         self.push_from(time, bodies, None)
     }
@@ -201,9 +201,11 @@ impl Spool {
     pub fn push_from(
         &mut self,
         time: i64,
-        bodies: Vec<EventBody>,
+        bodies: impl AsRef<[EventBody]>,
         cursor: Option<&[u8]>,
     ) -> Result<std::ops::Range<u64>, SpoolError> {
+        let owned = bodies;
+        let bodies = owned.as_ref();
         if bodies.is_empty() && cursor.is_none() {
             return Ok(self.next_seq..self.next_seq);
         }
@@ -244,7 +246,7 @@ impl Spool {
                 end: buf.len(),
             });
         }
-        drop(bodies);
+        drop(owned);
         self.event_size = buf.len() / spans.len().max(1);
         let buf = Bytes::from(buf);
         if let Some(disk) = &self.disk {
@@ -1012,7 +1014,7 @@ mod tests {
                         }
                         next_seq += count;
                         for s in [&mut *spool, &mut memory] {
-                            let got = s.push(time, want.iter().copied().map(body).collect()).unwrap();
+                            let got = s.push(time, want.iter().copied().map(body).collect::<Vec<_>>()).unwrap();
                             prop_assert_eq!(got.collect::<Vec<_>>(), want.clone());
                         }
                     }
