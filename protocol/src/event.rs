@@ -115,10 +115,11 @@ pub(crate) fn shared_name(name: &str) -> Arc<str> {
         } else {
             (0..SHARED_NAME_SLOTS).find(|&at| is(at))
         };
-        if let Some(Some(hit)) = found.and_then(|at| recent.slots.get(at)) {
-            let hit = hit.clone();
-            recent.last = found.unwrap_or_default();
-            return hit;
+        if let Some(at) = found {
+            recent.last = at;
+            if let Some(Some(hit)) = recent.slots.get(at) {
+                return hit.clone();
+            }
         }
         let fresh: Arc<str> = Arc::from(name);
         let slot = recent.next;

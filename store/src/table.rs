@@ -134,9 +134,8 @@ pub struct Changes {
 impl Changes {
     /// The rows to write, each with its kept encoding if it has one.
     pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, Option<&bytes::Bytes>)> {
-        self.rows
-            .iter()
-            .map(|(id, kept)| (id, kept.as_ref().map(|(_, state)| state)))
+        self.rows_with_serials()
+            .map(|(id, kept)| (id, kept.map(|(_, state)| state)))
     }
 
     /// [`Changes::rows`], each kept encoding with the row's serial.
