@@ -77,6 +77,18 @@ fn codec(c: &mut Criterion) {
             )
         })
     });
+    // What a store decodes with: each event's encoding kept as a range of the frame.
+    let mut keeping = MessageCodec::default().keeping_record_bytes();
+    group.bench_function("decode_keeping_encodings", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&frame[..]);
+            let message = keeping
+                .decode(&mut buf)
+                .expect("decodes")
+                .expect("a whole frame");
+            black_box((message, keeping.take_record_bytes()))
+        })
+    });
     group.finish();
 }
 

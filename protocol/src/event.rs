@@ -76,6 +76,21 @@ impl<'de> Deserialize<'de> for Origin {
     }
 }
 
+/// As the serde implementation above, through bincode's own traits (see
+/// [`crate::codec::decode_prefix_native`]).
+impl<'de, C> bincode::BorrowDecode<'de, C> for Origin {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = C>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let name: &'de str = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        let epoch = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        Ok(Origin {
+            name: shared_name(name),
+            epoch,
+        })
+    }
+}
+
 /// Names longer than this are not kept for sharing: a cache slot must not pin a large string.
 const SHARED_NAME_MAX: usize = 128;
 
@@ -138,7 +153,19 @@ impl fmt::Display for Origin {
 
 /// The total order that decides which of two writes to a field wins: later event time first,
 /// then origin, then sequence number. No two distinct events share a version.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    bincode::BorrowDecode,
+)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Version {
     pub time: Millis,
@@ -147,7 +174,19 @@ pub struct Version {
 }
 
 /// How many occurrences of an alert one origin had contributed when a delete was issued.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    bincode::BorrowDecode,
+)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct OriginCount {
     pub origin: Origin,
@@ -155,7 +194,7 @@ pub struct OriginCount {
 }
 
 /// One change to the alert table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, bincode::BorrowDecode)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Event {
     pub origin: Origin,
@@ -190,7 +229,7 @@ impl Event {
 }
 
 /// What an event does.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, bincode::BorrowDecode)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum EventBody {
     /// A probe saw something: inserts the alert or deduplicates into it (tally + 1). A

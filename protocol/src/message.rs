@@ -224,7 +224,7 @@ impl LogBatch {
     /// batch's bytes, not a copy): the applying store logs the event as it came. The entries'
     /// LSNs are the sender's and are not kept (the batch's cursor carries the position).
     pub fn decode_keeping_event_bytes(self) -> Result<EntriesToApply, crate::codec::CodecError> {
-        use crate::codec::{CodecError, RecordBytes, decode_prefix};
+        use crate::codec::{CodecError, RecordBytes, decode_prefix_native};
         let count = self.len();
         let bytes = self.bytes.freeze();
         let room = count.min(crate::codec::PREALLOC_LIMIT);
@@ -248,7 +248,7 @@ impl LogBatch {
                     .insert(crate::event::shared_name(source))
                     .clone(),
             };
-            let (event, used) = decode_prefix::<Event>(&record[head..])?;
+            let (event, used) = decode_prefix_native::<Event>(&record[head..])?;
             if head + used != record.len() {
                 return Err(CodecError::TrailingBytes {
                     extra: record.len() - head - used,

@@ -11,7 +11,7 @@ use crate::alert::{JournalEntry, Millis, PackedFields, Severity};
 use crate::event::{Origin, OriginCount, Version};
 
 /// A value with the version of the write that set it (last-writer-wins by version).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, bincode::BorrowDecode)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Versioned<T> {
     pub value: T,
@@ -19,7 +19,7 @@ pub struct Versioned<T> {
 }
 
 /// Everything a store folds from the events of one alert.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, bincode::BorrowDecode)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct AlertState {
     /// Where the alert was first inserted: the store name and its serial there, from the
