@@ -121,6 +121,20 @@ pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// [`from_bytes`] through bincode's own traits (see [`decode_prefix_native`]): for a store's
+/// rows, a million of which it reads back when it starts.
+pub fn from_bytes_native<'a, T: bincode::BorrowDecode<'a, ()>>(
+    bytes: &'a [u8],
+) -> Result<T, CodecError> {
+    let (value, used) = decode_prefix_native::<T>(bytes)?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: bytes.len() - used,
+        });
+    }
+    Ok(value)
+}
+
 /// The most items a decoder reserves room for on a peer's word; beyond it vectors grow as
 /// items actually decode.
 pub(crate) const PREALLOC_LIMIT: usize = 4096;

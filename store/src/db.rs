@@ -27,7 +27,8 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use tandem_protocol::codec::{
-    SnapshotPageWriter, append_bytes, from_bytes, from_prefix, split_prefix, to_bytes,
+    SnapshotPageWriter, append_bytes, from_bytes, from_bytes_native, from_prefix, split_prefix,
+    to_bytes,
 };
 use tandem_protocol::message::{LogBatch, LogEntry, Records, ResyncPoint, SnapshotKey};
 
@@ -449,7 +450,11 @@ impl Db {
         for item in self.alerts.iter() {
             let (key, value) = item.into_inner()?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            let row: Row = decode("alert", &id, &value)?;
+            let row: Row = from_bytes_native(&value).map_err(|source| DbError::Corrupt {
+                what: "alert",
+                key: id.clone(),
+                source,
+            })?;
             table.load_row(&id, row);
         }
         for item in self.applied.iter() {

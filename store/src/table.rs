@@ -47,6 +47,18 @@ pub struct Row {
     indexed: bool,
 }
 
+/// As the serde implementation reads it: the serial, then the state (the other fields are
+/// derived, not stored).
+impl<'de, C> bincode::BorrowDecode<'de, C> for Row {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = C>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let serial = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        let state = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        Ok(Row::new(serial, state))
+    }
+}
+
 impl Row {
     pub fn new(serial: u64, state: AlertState) -> Row {
         Row {
@@ -1290,6 +1302,11 @@ mod tests {
         let mut want = tandem_protocol::codec::to_bytes(&row.serial).unwrap();
         want.extend(tandem_protocol::codec::to_bytes(&row.state).unwrap());
         assert_eq!(tandem_protocol::codec::to_bytes(row).unwrap(), want);
+        // And what a store reads back when it starts.
+        let back: Row = tandem_protocol::codec::from_bytes_native(&want).unwrap();
+        assert_eq!((back.serial, &back.state), (row.serial, &row.state));
+        let serde: Row = tandem_protocol::codec::from_bytes(&want).unwrap();
+        assert_eq!(back, serde);
     }
 
     #[test]
