@@ -815,6 +815,25 @@ mod tests {
         buf
     }
 
+    /// `bytes` with each edit made in turn: a byte replaced (0), inserted (1) or removed.
+    fn damaged(mut bytes: Vec<u8>, edits: &[(prop::sample::Index, u8, u8)]) -> Vec<u8> {
+        for &(at, byte, op) in edits {
+            if bytes.is_empty() {
+                bytes.push(byte);
+                continue;
+            }
+            let i = at.index(bytes.len());
+            match op {
+                0 => bytes[i] = byte,
+                1 => bytes.insert(i, byte),
+                _ => {
+                    bytes.remove(i);
+                }
+            }
+        }
+        bytes
+    }
+
     fn decode_all(
         codec: &mut MessageCodec,
         buf: &mut BytesMut,
@@ -1238,21 +1257,6 @@ mod tests {
             state in any::<crate::state::AlertState>(),
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 0..3),
         ) {
-            fn damaged(mut bytes: Vec<u8>, edits: &[(prop::sample::Index, u8, u8)]) -> Vec<u8> {
-                for &(at, byte, op) in edits {
-                    if bytes.is_empty() {
-                        bytes.push(byte);
-                        continue;
-                    }
-                    let i = at.index(bytes.len());
-                    match op {
-                        0 => bytes[i] = byte,
-                        1 => bytes.insert(i, byte),
-                        _ => { bytes.remove(i); }
-                    }
-                }
-                bytes
-            }
             // Intact, each decodes to itself, whole; damaged, both decoders give the same value
             // from the same bytes, or both refuse them.
             let bytes = to_bytes(&event).unwrap();
@@ -1299,19 +1303,7 @@ mod tests {
             msg in any::<Message>(),
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
         ) {
-            let mut bytes = encode(&msg).to_vec();
-            for (at, byte, op) in edits {
-                if bytes.is_empty() {
-                    bytes.push(byte);
-                    continue;
-                }
-                let i = at.index(bytes.len());
-                match op {
-                    0 => bytes[i] = byte,
-                    1 => bytes.insert(i, byte),
-                    _ => { bytes.remove(i); }
-                }
-            }
+            let bytes = damaged(encode(&msg).to_vec(), &edits);
             let mut codec = MessageCodec::new(1 << 20);
             let mut buf = BytesMut::from(&bytes[..]);
             let _ = decode_all(&mut codec, &mut buf);
