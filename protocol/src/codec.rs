@@ -113,12 +113,15 @@ pub(crate) fn append_to_buf<T: Serialize + ?Sized>(
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(CodecError::TrailingBytes {
-            extra: bytes.len() - used,
-        });
+    whole(value, used, bytes)
+}
+
+/// `value`, decoded from the first `used` bytes of `bytes`, if that was all of them.
+fn whole<T>(value: T, used: usize, bytes: &[u8]) -> Result<T, CodecError> {
+    match bytes.len() - used {
+        0 => Ok(value),
+        extra => Err(CodecError::TrailingBytes { extra }),
     }
-    Ok(value)
 }
 
 /// [`from_bytes`] through bincode's own traits (see [`decode_prefix_native`]): for a store's
@@ -127,12 +130,7 @@ pub fn from_bytes_native<'a, T: bincode::BorrowDecode<'a, ()>>(
     bytes: &'a [u8],
 ) -> Result<T, CodecError> {
     let (value, used) = decode_prefix_native::<T>(bytes)?;
-    if used != bytes.len() {
-        return Err(CodecError::TrailingBytes {
-            extra: bytes.len() - used,
-        });
-    }
-    Ok(value)
+    whole(value, used, bytes)
 }
 
 /// The most items a decoder reserves room for on a peer's word; beyond it vectors grow as

@@ -366,11 +366,28 @@ fn decode<T: serde::de::DeserializeOwned>(
     key: impl std::fmt::Display,
     bytes: &[u8],
 ) -> Result<T, DbError> {
-    from_bytes(bytes).map_err(|source| DbError::Corrupt {
+    from_bytes(bytes).map_err(corrupt(what, key))
+}
+
+/// [`decode`] through bincode's own traits, for the rows a store reads back when it starts.
+fn decode_native<'a, T: bincode::BorrowDecode<'a, ()>>(
+    what: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &'a [u8],
+) -> Result<T, DbError> {
+    from_bytes_native(bytes).map_err(corrupt(what, key))
+}
+
+/// Names a stored record that does not decode.
+fn corrupt(
+    what: &'static str,
+    key: impl std::fmt::Display,
+) -> impl FnOnce(tandem_protocol::codec::CodecError) -> DbError {
+    move |source| DbError::Corrupt {
         what,
         key: key.to_string(),
         source,
-    })
+    }
 }
 
 /// A log entry's LSN, its first field, without decoding the rest.
@@ -450,11 +467,7 @@ impl Db {
         for item in self.alerts.iter() {
             let (key, value) = item.into_inner()?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            let row: Row = from_bytes_native(&value).map_err(|source| DbError::Corrupt {
-                what: "alert",
-                key: id.clone(),
-                source,
-            })?;
+            let row: Row = decode_native("alert", &id, &value)?;
             table.load_row(&id, row);
         }
         for item in self.applied.iter() {
