@@ -18,8 +18,8 @@ pub use alert::{
     Alert, AlertFields, JournalEntry, Kind, Millis, PackedFields, Severity, SeverityOutOfRange,
 };
 pub use codec::{
-    BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsFrame, EventsHead, FrameCodec, MAX_FRAME_LIMIT,
-    MessageCodec, RawFrame, RecordBytes,
+    BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsFrame, EventsHead, FrameCodec, LogEntriesFrame,
+    MAX_FRAME_LIMIT, MessageCodec, RawFrame, RecordBytes,
 };
 pub use event::{Event, EventBody, Origin, OriginCount, Version};
 pub use message::{

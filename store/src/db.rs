@@ -30,7 +30,7 @@ use tandem_protocol::codec::{
     SnapshotPageWriter, append_bytes, from_bytes, from_bytes_native, from_prefix, split_prefix,
     to_bytes,
 };
-use tandem_protocol::message::{LogBatch, LogEntry, Records, ResyncPoint, SnapshotKey};
+use tandem_protocol::message::{LogEntry, Records, ResyncPoint, SnapshotKey};
 
 use crate::ingest::{self, Ingest};
 use tandem_protocol::state::AppliedRanges;
@@ -839,16 +839,16 @@ impl Db {
         Ok(out)
     }
 
-    /// Log entries from `from` on as stored, at most `max` looked at, leaving out those whose
-    /// source is `skip_source`: for a subscriber, without decoding them. Returns the entries
-    /// and the first and last LSN looked at (None: nothing from `from` on).
+    /// Hands `push` the log entries from `from` on as stored, at most `max` looked at, leaving
+    /// out those whose source is `skip_source`: for a subscriber, without decoding them.
+    /// Returns the first and last LSN looked at (None: nothing from `from` on).
     pub fn read_log_raw(
         &self,
         from: u64,
         max: usize,
         skip_source: Option<&str>,
-    ) -> Result<(LogBatch, Option<(u64, u64)>), DbError> {
-        let mut batch = LogBatch::default();
+        mut push: impl FnMut(&[u8]),
+    ) -> Result<Option<(u64, u64)>, DbError> {
         let mut seen: Option<(u64, u64)> = None;
         let mut looked = 0;
         self.scan_log(from, |lsn, bytes| {
@@ -868,12 +868,12 @@ impl Db {
                 None => false,
             };
             if !skip {
-                batch.push_encoded(bytes);
+                push(bytes);
             }
             looked += 1;
             Ok(looked < max)
         })?;
-        Ok((batch, seen))
+        Ok(seen)
     }
 
     /// The first LSN of the block that holds `lsn`, if any block starts at or before it.

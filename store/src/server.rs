@@ -13,11 +13,11 @@ use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
-use tandem_protocol::RawFrame;
 use tandem_protocol::message::LogBatch;
 use tandem_protocol::{
     ClientKind, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Role, StoreStatus, Welcome,
 };
+use tandem_protocol::{LogEntriesFrame, RawFrame};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -438,47 +438,64 @@ impl Handler {
                 .skip_source
                 .as_deref()
                 .filter(|_| newest.is_some_and(|newest| newest.from >= sub.next));
-            // As stored: the entries are not decoded on their way out.
-            let (entries, seen) = if head - sub.next < FAR_BEHIND {
+            // As stored: the entries are not decoded on their way out, and are read straight
+            // into the connection's write buffer as one `LogEntries` frame.
+            let max_frame = conn.codec().max_frame();
+            let read = if head - sub.next < FAR_BEHIND {
                 // Just written: in the storage engine's memory, read in microseconds.
-                self.shared
-                    .db
-                    .read_log_raw(sub.next, want, skip)
-                    .map_err(|e| e.to_string())?
+                read_log_frame(
+                    &self.shared,
+                    conn.write_buffer_mut(),
+                    max_frame,
+                    sub.next,
+                    want,
+                    skip,
+                    head,
+                )?
             } else {
                 // Off the async workers: a subscriber this far behind reads blocks the page
                 // cache may not hold, while the workers serve the probes' batches. Not every
                 // read: handing each one over cost a store whose subscriber keeps up about a
-                // tenth more CPU.
+                // tenth more CPU. The write buffer goes with the read and comes back holding
+                // the frame (every send flushes, so it holds nothing else).
                 let (from, skip) = (sub.next, skip.map(str::to_owned));
                 let shared = self.shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    shared.db.read_log_raw(from, want, skip.as_deref())
+                let mut buf = std::mem::take(conn.write_buffer_mut());
+                let (buf, read) = tokio::task::spawn_blocking(move || {
+                    let read = read_log_frame(
+                        &shared,
+                        &mut buf,
+                        max_frame,
+                        from,
+                        want,
+                        skip.as_deref(),
+                        head,
+                    );
+                    (buf, read)
                 })
                 .await
-                .map_err(|e| format!("reading the log: {e}"))?
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading the log: {e}"))?;
+                *conn.write_buffer_mut() = buf;
+                read?
             };
-            let Some((first_seen, last)) = seen else {
-                return Ok(());
-            };
-            if first_seen != sub.next {
-                // Trimmed while this subscriber was reading: it has a gap and must resync.
-                let first = self.shared.first_lsn.load(Ordering::Relaxed);
-                conn.send(&Message::LogTrimmed { first_lsn: first })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                *subscription = None;
-                return Ok(());
+            match read {
+                LogRead::Nothing => return Ok(()),
+                LogRead::Trimmed => {
+                    // Trimmed while this subscriber was reading: it has a gap and must resync.
+                    let first = self.shared.first_lsn.load(Ordering::Relaxed);
+                    conn.send(&Message::LogTrimmed { first_lsn: first })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    *subscription = None;
+                    return Ok(());
+                }
+                LogRead::Framed { last } => {
+                    sub.next = last + 1;
+                    SinkExt::<&Message>::flush(conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
             }
-            sub.next = last + 1;
-            conn.send(&Message::LogEntries {
-                entries,
-                last_lsn: last,
-                head_lsn: head,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
         }
     }
 
@@ -558,6 +575,45 @@ impl Handler {
 }
 
 /// An operator's query against the table as of now.
+/// What [`read_log_frame`] left in the write buffer.
+enum LogRead {
+    /// A `LogEntries` frame up to `last`.
+    Framed { last: u64 },
+    /// Nothing: no entry from the position on.
+    Nothing,
+    /// Nothing: the log no longer starts at or before the position.
+    Trimmed,
+}
+
+/// Reads up to `want` log entries from `from` on (leaving out `skip`'s) into a `LogEntries`
+/// frame at the end of `buf`, with `head` as the head it reports.
+fn read_log_frame(
+    shared: &Shared,
+    buf: &mut bytes::BytesMut,
+    max_frame: usize,
+    from: u64,
+    want: usize,
+    skip: Option<&str>,
+    head: u64,
+) -> Result<LogRead, String> {
+    let mut frame = LogEntriesFrame::begin(buf);
+    let seen = shared
+        .db
+        .read_log_raw(from, want, skip, |entry| frame.push_encoded(entry))
+        .map_err(|e| e.to_string())?;
+    // An unfinished frame takes itself back out of the buffer.
+    match seen {
+        None => Ok(LogRead::Nothing),
+        Some((first, _)) if first != from => Ok(LogRead::Trimmed),
+        Some((_, last)) => {
+            frame
+                .finish(max_frame, last, head)
+                .map_err(|e| format!("the log from {from} does not fit a frame: {e}"))?;
+            Ok(LogRead::Framed { last })
+        }
+    }
+}
+
 fn run_query(shared: &Shared, q: &tandem_protocol::Query) -> Message {
     let alerts: Vec<_> = match shared.table.read() {
         Ok(table) => table.alerts().collect(),
