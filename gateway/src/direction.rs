@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tandem_probe::Connection;
-use tandem_protocol::codec::{from_bytes, merge_frame, snapshot_head};
+use tandem_protocol::codec::{from_bytes, snapshot_head};
 use tandem_protocol::message::ResyncPoint;
-use tandem_protocol::{Message, RawFrame};
+use tandem_protocol::{CodecError, MergeFrame, Message};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -342,12 +342,23 @@ impl Direction {
                 after = head.next.clone();
                 requested_done = head.done;
                 batch += 1;
-                let merge = merge_frame(batch, &from, &frame)
-                    .map_err(|e| format!("{from}: a snapshot page could not be passed on: {e}"))?;
+                let merge = MergeFrame {
+                    batch,
+                    peer: &from,
+                    snapshot_frame: &frame,
+                };
                 self.receiver
-                    .send_raw(RawFrame(merge))
+                    .send_encoded(merge)
                     .await
-                    .map_err(|e| format!("{to}: {e}"))?;
+                    .map_err(|e| match e {
+                        tandem_probe::ClientError::Codec {
+                            source: e @ (CodecError::Decode(_) | CodecError::Encode(_)),
+                            ..
+                        } => {
+                            format!("{from}: a snapshot page could not be passed on: {e}")
+                        }
+                        e => format!("{to}: {e}"),
+                    })?;
                 in_flight.push_back((batch, head.done, head.lsn));
                 // Paced on the records asked for: a page holds at most that many.
                 requested += u64::from(self.tuning.page);

@@ -8,12 +8,12 @@ use futures::{SinkExt, StreamExt};
 use tandem_net::tls::{ClientTls, Stream};
 use tandem_protocol::codec::{from_bytes, is_pong};
 use tandem_protocol::{
-    ClientKind, CodecError, FrameCodec, Hello, Message, MessageCodec, PROTOCOL_VERSION, RawFrame,
+    ClientKind, CodecError, FrameCodec, Hello, Message, MessageCodec, PROTOCOL_VERSION,
     RejectReason, Welcome,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Encoder, Framed, FramedRead, FramedWrite};
 
 /// Why a link failed.
 #[derive(Debug, thiserror::Error)]
@@ -247,8 +247,12 @@ impl Connection {
         }
     }
 
-    /// Sends an already encoded frame body (a gateway passing a snapshot page on).
-    pub async fn send_raw(&mut self, frame: RawFrame) -> Result<(), ClientError> {
+    /// Sends a frame built from bytes already encoded (a gateway passing a snapshot page on
+    /// as a [`tandem_protocol::MergeFrame`], or a [`tandem_protocol::RawFrame`]).
+    pub async fn send_encoded<T>(&mut self, frame: T) -> Result<(), ClientError>
+    where
+        FrameCodec: Encoder<T, Error = CodecError>,
+    {
         let addr = self.addr;
         self.framed
             .send(frame)
