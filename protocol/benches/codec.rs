@@ -3,6 +3,11 @@
 //! Run with `cargo bench -p tandem-protocol --bench codec`; criterion prints elements/s, which
 //! is alerts/s each way.
 
+// The allocator the tandem binary uses: decoding is an allocation per event, and the system
+// allocator's costs (and its page faults) would be most of what this measured.
+#[global_allocator]
+static GLOBAL: tandem_alloc::MiMalloc = tandem_alloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
