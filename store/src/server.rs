@@ -574,7 +574,6 @@ impl Handler {
     }
 }
 
-/// An operator's query against the table as of now.
 /// What [`read_log_frame`] left in the write buffer.
 enum LogRead {
     /// A `LogEntries` frame up to `last`.
@@ -614,6 +613,7 @@ fn read_log_frame(
     }
 }
 
+/// An operator's query against the table as of now.
 fn run_query(shared: &Shared, q: &tandem_protocol::Query) -> Message {
     let alerts: Vec<_> = match shared.table.read() {
         Ok(table) => table.alerts().collect(),
