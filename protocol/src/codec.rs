@@ -495,15 +495,22 @@ impl Encoder<&Message> for MessageCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        let written = bincode::serde::encode_into_writer(item, BufWriter(dst), config());
-        if let Err(e) = written {
-            dst.truncate(start);
-            return Err(CodecError::Encode(e.to_string()));
-        }
+        let start = start_frame(dst, item)?;
         self.finish_frame(dst, start)
     }
+}
+
+/// Starts a frame after whatever `dst` holds: a length field to fill in later
+/// ([`MessageCodec::finish_frame`]), then `head` encoded. Returns where the frame starts; on
+/// an error `dst` is as it was.
+fn start_frame<T: Serialize>(dst: &mut BytesMut, head: T) -> Result<usize, CodecError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    if let Err(e) = bincode::serde::encode_into_writer(head, BufWriter(dst), config()) {
+        dst.truncate(start);
+        return Err(CodecError::Encode(e.to_string()));
+    }
+    Ok(start)
 }
 
 impl MessageCodec {
@@ -678,7 +685,6 @@ impl Encoder<EventsFrame> for MessageCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: EventsFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let start = dst.len();
         let body: usize = match &item {
             EventsFrame::Encoded { events, .. } => events.iter().map(Bytes::len).sum(),
             EventsFrame::Renumbered { frame, head, .. } => {
@@ -687,23 +693,12 @@ impl Encoder<EventsFrame> for MessageCodec {
         };
         // The head is a few varints: at most 4 + 10 + 10 bytes.
         dst.reserve(LENGTH_FIELD + 24 + body);
-        dst.put_u32(0);
-        let written = match &item {
-            EventsFrame::Encoded { batch, events } => bincode::serde::encode_into_writer(
-                (EVENTS_VARIANT, *batch, events.len() as u64),
-                BufWriter(dst),
-                config(),
-            ),
-            EventsFrame::Renumbered { batch, .. } => bincode::serde::encode_into_writer(
-                (EVENTS_VARIANT, *batch),
-                BufWriter(dst),
-                config(),
-            ),
+        let start = match &item {
+            EventsFrame::Encoded { batch, events } => {
+                start_frame(dst, (EVENTS_VARIANT, *batch, events.len() as u64))?
+            }
+            EventsFrame::Renumbered { batch, .. } => start_frame(dst, (EVENTS_VARIANT, *batch))?,
         };
-        if let Err(e) = written {
-            dst.truncate(start);
-            return Err(CodecError::Encode(e.to_string()));
-        }
         match &item {
             EventsFrame::Encoded { events, .. } => {
                 for event in events {
@@ -751,9 +746,7 @@ impl<'a> LogEntriesFrame<'a> {
 
     /// Appends one entry's encoding, as stored (see [`crate::message::LogBatch::push_encoded`]).
     pub fn push_encoded(&mut self, entry: &[u8]) {
-        self.dst
-            .extend_from_slice(&(entry.len() as u32).to_le_bytes());
-        self.dst.extend_from_slice(entry);
+        crate::message::append_entry(self.dst, entry);
         self.count += 1;
     }
 
@@ -785,12 +778,10 @@ impl<'a> LogEntriesFrame<'a> {
                 &mut head[LENGTH_FIELD..],
             )?;
         let len = head_len - LENGTH_FIELD + entries + tail_len;
-        if len > max_frame.min(MAX_FRAME_LIMIT) {
+        let max = max_frame.min(MAX_FRAME_LIMIT);
+        if len > max {
             // Dropping `self` takes the frame back out.
-            return Err(CodecError::FrameTooLarge {
-                len,
-                max: max_frame.min(MAX_FRAME_LIMIT),
-            });
+            return Err(CodecError::FrameTooLarge { len, max });
         }
         // Under MAX_FRAME_LIMIT, so it fits the length field.
         head[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
@@ -873,20 +864,10 @@ impl Encoder<MergeFrame<'_>> for MessageCodec {
                 "a Merge wraps a SnapshotChunk frame, not message variant {variant}"
             )));
         }
-        let start = dst.len();
         // The head is the variant, the batch and the name: at most 5 + 10 + 10 bytes and the
         // name's.
         dst.reserve(LENGTH_FIELD + 25 + item.peer.len() + page.len());
-        dst.put_u32(0);
-        let written = bincode::serde::encode_into_writer(
-            (MERGE, item.batch, item.peer),
-            BufWriter(dst),
-            config(),
-        );
-        if let Err(e) = written {
-            dst.truncate(start);
-            return Err(CodecError::Encode(e.to_string()));
-        }
+        let start = start_frame(dst, (MERGE, item.batch, item.peer))?;
         dst.extend_from_slice(page);
         self.finish_frame(dst, start)
     }

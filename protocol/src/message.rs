@@ -179,6 +179,12 @@ mod batch_bytes {
 /// Bytes before each entry in a [`LogBatch`] and a stored log block: its length.
 pub const ENTRY_LEN_PREFIX: usize = 4;
 
+/// Appends one entry's encoding in the stored form: its length, then its bytes.
+pub(crate) fn append_entry(buf: &mut BytesMut, entry: &[u8]) {
+    buf.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+    buf.extend_from_slice(entry);
+}
+
 impl LogBatch {
     pub fn len(&self) -> usize {
         self.count as usize
@@ -190,9 +196,7 @@ impl LogBatch {
 
     /// Appends one entry's encoding, as stored.
     pub fn push_encoded(&mut self, entry: &[u8]) {
-        self.bytes
-            .extend_from_slice(&(entry.len() as u32).to_le_bytes());
-        self.bytes.extend_from_slice(entry);
+        append_entry(&mut self.bytes, entry);
         self.count += 1;
     }
 
