@@ -347,18 +347,15 @@ impl Direction {
                     peer: &from,
                     snapshot_frame: &frame,
                 };
-                self.receiver
-                    .send_encoded(merge)
-                    .await
-                    .map_err(|e| match e {
-                        tandem_probe::ClientError::Codec {
-                            source: e @ (CodecError::Decode(_) | CodecError::Encode(_)),
-                            ..
-                        } => {
-                            format!("{from}: a snapshot page could not be passed on: {e}")
-                        }
-                        e => format!("{to}: {e}"),
-                    })?;
+                self.receiver.send_merge(merge).await.map_err(|e| match e {
+                    tandem_probe::ClientError::Codec {
+                        source: e @ (CodecError::Decode(_) | CodecError::Encode(_)),
+                        ..
+                    } => {
+                        format!("{from}: a snapshot page could not be passed on: {e}")
+                    }
+                    e => format!("{to}: {e}"),
+                })?;
                 in_flight.push_back((batch, head.done, head.lsn));
                 // Paced on the records asked for: a page holds at most that many.
                 requested += u64::from(self.tuning.page);

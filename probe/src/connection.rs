@@ -8,12 +8,12 @@ use futures::{SinkExt, StreamExt};
 use tandem_net::tls::{ClientTls, Stream};
 use tandem_protocol::codec::{from_bytes, is_pong};
 use tandem_protocol::{
-    ClientKind, CodecError, FrameCodec, Hello, Message, MessageCodec, PROTOCOL_VERSION,
+    ClientKind, CodecError, FrameCodec, Hello, MergeFrame, Message, MessageCodec, PROTOCOL_VERSION,
     RejectReason, Welcome,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Encoder, Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 /// Why a link failed.
 #[derive(Debug, thiserror::Error)]
@@ -247,17 +247,30 @@ impl Connection {
         }
     }
 
-    /// Sends a frame built from bytes already encoded (a gateway passing a snapshot page on
-    /// as a [`tandem_protocol::MergeFrame`], or a [`tandem_protocol::RawFrame`]).
-    pub async fn send_encoded<T>(&mut self, frame: T) -> Result<(), ClientError>
-    where
-        FrameCodec: Encoder<T, Error = CodecError>,
-    {
+    /// Sends a `Merge` frame (a gateway passing a snapshot page on): its head and the page
+    /// go to the socket in one vectored write, the page from where it lies, never copied into
+    /// the write buffer (that copy was 2 % of a full resync's CPU).
+    pub async fn send_merge(&mut self, merge: MergeFrame<'_>) -> Result<(), ClientError> {
+        use bytes::Buf;
+        use tokio::io::AsyncWriteExt;
         let addr = self.addr;
-        self.framed
-            .send(frame)
+        let (head, page) = merge
+            .split(self.framed.codec().max_frame())
+            .map_err(|source| ClientError::Codec { addr, source })?;
+        // Whatever was framed before goes first.
+        SinkExt::<&Message>::flush(&mut self.framed)
             .await
-            .map_err(|source| ClientError::Codec { addr, source })
+            .map_err(|source| ClientError::Codec { addr, source })?;
+        let stream = self.framed.get_mut();
+        let mut parts = head.chain(page);
+        stream
+            .write_all_buf(&mut parts)
+            .await
+            .and(stream.flush().await)
+            .map_err(|e| ClientError::Codec {
+                addr,
+                source: CodecError::Io(e),
+            })
     }
 
     /// Splits the link so that reading never waits for writing: a peer that is itself

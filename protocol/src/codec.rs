@@ -543,32 +543,6 @@ impl Encoder<Message> for MessageCodec {
     }
 }
 
-/// A frame body that is already encoded (a message passed on unchanged but for its head).
-#[derive(Clone, Debug)]
-pub struct RawFrame(pub Bytes);
-
-impl Encoder<RawFrame> for MessageCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: RawFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let len = item.0.len();
-        if len > self.max_frame {
-            return Err(CodecError::FrameTooLarge {
-                len,
-                max: self.max_frame,
-            });
-        }
-        let field = u32::try_from(len).map_err(|_| CodecError::FrameTooLarge {
-            len,
-            max: u32::MAX as usize,
-        })?;
-        dst.reserve(LENGTH_FIELD + len);
-        dst.put_u32(field);
-        dst.put_slice(&item.0);
-        Ok(())
-    }
-}
-
 /// Frames without decoding them: for a proxy, which passes event batches on as bytes.
 ///
 /// Decodes to whole frame bodies (the same framing and limit as [`MessageCodec`]); encodes
@@ -626,14 +600,6 @@ impl Encoder<Message> for FrameCodec {
 
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
         self.messages.encode(&item, dst)
-    }
-}
-
-impl Encoder<RawFrame> for FrameCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: RawFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        self.messages.encode(item, dst)
     }
 }
 
@@ -723,8 +689,7 @@ impl Encoder<EventsFrame> for MessageCodec {
 /// written at its end. Dropped before [`LogEntriesFrame::finish`], the frame takes itself back
 /// out of the buffer.
 pub struct LogEntriesFrame<'a> {
-    dst: &'a mut BytesMut,
-    start: usize,
+    frame: InPlace<'a>,
     count: u32,
 }
 
@@ -735,18 +700,15 @@ const LOG_ENTRIES_HEAD_ROOM: usize = LENGTH_FIELD + 5 + 5 + 9;
 impl<'a> LogEntriesFrame<'a> {
     /// Starts a frame after whatever `dst` holds.
     pub fn begin(dst: &'a mut BytesMut) -> Self {
-        let start = dst.len();
-        dst.put_bytes(0, LOG_ENTRIES_HEAD_ROOM);
         LogEntriesFrame {
-            dst,
-            start,
+            frame: InPlace::begin(dst, LOG_ENTRIES_HEAD_ROOM),
             count: 0,
         }
     }
 
     /// Appends one entry's encoding, as stored (see [`crate::message::LogBatch::push_encoded`]).
     pub fn push_encoded(&mut self, entry: &[u8]) {
-        crate::message::append_entry(self.dst, entry);
+        crate::message::append_entry(self.frame.dst, entry);
         self.count += 1;
     }
 
@@ -761,14 +723,8 @@ impl<'a> LogEntriesFrame<'a> {
 
     /// Completes the frame with its cursor; if it is over `max_frame` bytes it is taken back
     /// out of the buffer and the error says so.
-    pub fn finish(
-        mut self,
-        max_frame: usize,
-        last_lsn: u64,
-        head_lsn: u64,
-    ) -> Result<(), CodecError> {
-        let entries_at = self.start + LOG_ENTRIES_HEAD_ROOM;
-        let entries = self.dst.len() - entries_at;
+    pub fn finish(self, max_frame: usize, last_lsn: u64, head_lsn: u64) -> Result<(), CodecError> {
+        let entries = self.frame.body_len();
         let mut tail = [0u8; 20];
         let tail_len = encode_into(&(last_lsn, head_lsn), &mut tail)?;
         let mut head = [0u8; LOG_ENTRIES_HEAD_ROOM];
@@ -780,29 +736,65 @@ impl<'a> LogEntriesFrame<'a> {
         let len = head_len - LENGTH_FIELD + entries + tail_len;
         let max = max_frame.min(MAX_FRAME_LIMIT);
         if len > max {
-            // Dropping `self` takes the frame back out.
+            // Dropping the frame takes it back out.
             return Err(CodecError::FrameTooLarge { len, max });
         }
         // Under MAX_FRAME_LIMIT, so it fits the length field.
         head[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
-        self.dst.extend_from_slice(&tail[..tail_len]);
-        let gap = LOG_ENTRIES_HEAD_ROOM - head_len;
-        self.dst[self.start + gap..entries_at].copy_from_slice(&head[..head_len]);
-        if self.start == 0 {
-            // The usual case, a buffer the last frame left empty: the unused room is stepped
-            // over, not copied into.
-            bytes::Buf::advance(self.dst, gap);
-        } else {
-            let end = self.dst.len();
-            self.dst.copy_within(self.start + gap..end, self.start);
-            self.dst.truncate(end - gap);
-        }
-        self.start = usize::MAX;
+        self.frame.dst.extend_from_slice(&tail[..tail_len]);
+        self.frame.finish(&head[..head_len]);
         Ok(())
     }
 }
 
-impl Drop for LogEntriesFrame<'_> {
+/// A frame written in place at the end of a buffer from `start`, with `room` bytes left before
+/// its body for a head known only once the body is in. Dropped before [`InPlace::finish`], it
+/// takes itself back out of the buffer.
+struct InPlace<'a> {
+    dst: &'a mut BytesMut,
+    start: usize,
+    room: usize,
+}
+
+impl<'a> InPlace<'a> {
+    fn begin(dst: &'a mut BytesMut, room: usize) -> Self {
+        let start = dst.len();
+        dst.put_bytes(0, room);
+        InPlace { dst, start, room }
+    }
+
+    /// Bytes written after the room so far.
+    fn body_len(&self) -> usize {
+        self.dst.len() - self.start - self.room
+    }
+
+    /// Puts `head` (its length field included) right before everything written after the
+    /// room. A head larger than the room moves that along.
+    fn finish(mut self, head: &[u8]) {
+        let body_at = self.start + self.room;
+        if let Some(gap) = self.room.checked_sub(head.len()) {
+            self.dst[self.start + gap..body_at].copy_from_slice(head);
+            if self.start == 0 {
+                // The usual case, a buffer the last frame left empty: the unused room is
+                // stepped over, not copied into.
+                bytes::Buf::advance(self.dst, gap);
+            } else {
+                let end = self.dst.len();
+                self.dst.copy_within(self.start + gap..end, self.start);
+                self.dst.truncate(end - gap);
+            }
+        } else {
+            let more = head.len() - self.room;
+            let end = self.dst.len();
+            self.dst.resize(end + more, 0);
+            self.dst.copy_within(body_at..end, body_at + more);
+            self.dst[self.start..self.start + head.len()].copy_from_slice(head);
+        }
+        self.start = usize::MAX;
+    }
+}
+
+impl Drop for InPlace<'_> {
     fn drop(&mut self) {
         if self.start != usize::MAX {
             self.dst.truncate(self.start);
@@ -841,10 +833,10 @@ pub fn snapshot_head(frame: &[u8]) -> Option<SnapshotHead> {
     from_prefix::<SnapshotHead>(rest).ok()
 }
 
-/// The `Merge` frame that hands the page in a `SnapshotChunk` frame to a receiver, written
-/// straight into the connection's write buffer: the page's bytes are copied once, neither
-/// decoded and encoded again nor laid out in a frame of their own first (that copy and the one
-/// into the buffer were 6 % of a full resync's CPU).
+/// The `Merge` frame that hands the page in a `SnapshotChunk` frame to a receiver: the page's
+/// bytes are neither decoded and encoded again nor copied into a frame of their own (that copy
+/// and the one into the connection's buffer were 6 % of a full resync's CPU). A gateway writes
+/// the head and the page to the socket together ([`MergeFrame::split`]).
 #[derive(Clone, Copy, Debug)]
 pub struct MergeFrame<'a> {
     pub batch: u64,
@@ -854,11 +846,12 @@ pub struct MergeFrame<'a> {
     pub snapshot_frame: &'a [u8],
 }
 
-impl Encoder<MergeFrame<'_>> for MessageCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: MergeFrame<'_>, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let (variant, page) = split_prefix::<u32>(item.snapshot_frame)?;
+impl<'a> MergeFrame<'a> {
+    /// The frame's length field and head, and the page that follows them: written to a socket
+    /// from where the page lies (a vectored write), the page is not copied into a buffer at
+    /// all. Refuses a frame that is not a `SnapshotChunk` or would be over `max_frame` bytes.
+    pub fn split(&self, max_frame: usize) -> Result<(BytesMut, &'a [u8]), CodecError> {
+        let (variant, page) = split_prefix::<u32>(self.snapshot_frame)?;
         if variant != SNAPSHOT_CHUNK {
             return Err(CodecError::Decode(format!(
                 "a Merge wraps a SnapshotChunk frame, not message variant {variant}"
@@ -866,38 +859,72 @@ impl Encoder<MergeFrame<'_>> for MessageCodec {
         }
         // The head is the variant, the batch and the name: at most 5 + 10 + 10 bytes and the
         // name's.
-        dst.reserve(LENGTH_FIELD + 25 + item.peer.len() + page.len());
-        let start = start_frame(dst, (MERGE, item.batch, item.peer))?;
-        dst.extend_from_slice(page);
-        self.finish_frame(dst, start)
+        let mut head = BytesMut::with_capacity(LENGTH_FIELD + 25 + self.peer.len());
+        start_frame(&mut head, (MERGE, self.batch, self.peer))?;
+        let len = head.len() - LENGTH_FIELD + page.len();
+        let max = max_frame.min(MAX_FRAME_LIMIT);
+        if len > max {
+            return Err(CodecError::FrameTooLarge { len, max });
+        }
+        // Under MAX_FRAME_LIMIT, so it fits the length field.
+        head[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok((head, page))
     }
 }
 
-impl Encoder<MergeFrame<'_>> for FrameCodec {
+impl Encoder<MergeFrame<'_>> for MessageCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: MergeFrame<'_>, dst: &mut BytesMut) -> Result<(), CodecError> {
-        self.messages.encode(item, dst)
+        let (head, page) = item.split(self.max_frame)?;
+        dst.reserve(head.len() + page.len());
+        dst.extend_from_slice(&head);
+        dst.extend_from_slice(page);
+        Ok(())
     }
 }
 
-/// Builds a `SnapshotChunk` frame from alert states that are already encoded (as a store keeps
-/// them on disk): the same bytes as encoding the typed message, without decoding a state.
-#[derive(Debug, Default)]
-pub struct SnapshotPageWriter {
-    alerts: Vec<u8>,
+/// A `SnapshotChunk` frame built from alert states that are already encoded (as a store keeps
+/// them on disk), written in place at the end of a connection's write buffer: the same bytes as
+/// encoding the typed message, without decoding a state, and without laying the page out in a
+/// buffer of its own first (that buffer, copied into the frame and then into the connection's
+/// buffer, was 3 % of a full resync's CPU, on the sender that the gateway waits for).
+///
+/// The frame's head (the page's position, the applied sets, its clears and the alert count)
+/// comes before the alerts but is known only once the last alert is in, so room is left for it
+/// and the head is written at the end of that room; a head larger than the room (a page of
+/// many clears) moves the alerts along instead. Dropped before [`SnapshotPageWriter::finish`],
+/// the frame takes itself back out of the buffer.
+pub struct SnapshotPageWriter<'a> {
+    frame: InPlace<'a>,
     count: u64,
 }
 
-impl SnapshotPageWriter {
-    pub fn new() -> Self {
-        Self::default()
+/// Room left for a page's head besides its applied sets: the length field, the variant, the
+/// head's numbers and keys, a few clears and the count.
+const SNAPSHOT_HEAD_ROOM: usize = 1024;
+
+impl<'a> SnapshotPageWriter<'a> {
+    /// Starts a frame after whatever `dst` holds, for a snapshot whose applied sets are
+    /// `applied` (each page repeats them).
+    pub fn begin(dst: &'a mut BytesMut, applied: &[AppliedRanges]) -> Self {
+        // Each range is two varints of at most 10 bytes; each origin a name and an epoch.
+        let room = SNAPSHOT_HEAD_ROOM
+            + applied
+                .iter()
+                .map(|set| 20 + set.origin.name.len() + 20 * set.ranges.ranges().len())
+                .sum::<usize>();
+        SnapshotPageWriter {
+            frame: InPlace::begin(dst, room),
+            count: 0,
+        }
     }
 
     /// Adds an alert: its identifier and its `AlertState` as encoded by [`to_bytes`].
     pub fn push_alert(&mut self, identifier: &str, state: &[u8]) -> Result<(), CodecError> {
-        append_bytes(identifier, &mut self.alerts)?;
-        self.alerts.extend_from_slice(state);
+        bincode::serde::encode_into_writer(identifier, BufWriter(self.frame.dst), config())
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
+        self.frame.dst.extend_from_slice(state);
         self.count += 1;
         Ok(())
     }
@@ -907,19 +934,31 @@ impl SnapshotPageWriter {
         self.count
     }
 
+    /// Completes the frame; if it is over `max_frame` bytes it is taken back out of the buffer
+    /// and the error says so.
     pub fn finish(
         self,
+        max_frame: usize,
         head: &SnapshotHead,
         applied: &[AppliedRanges],
         clears: &[(String, Version)],
-    ) -> Result<Bytes, CodecError> {
-        let mut out = Vec::with_capacity(self.alerts.len() + 256);
+    ) -> Result<(), CodecError> {
+        let mut prefix = Vec::with_capacity(self.frame.room);
+        prefix.extend_from_slice(&[0; LENGTH_FIELD]);
         append_bytes(
             &(SNAPSHOT_CHUNK, head, applied, clears, self.count),
-            &mut out,
+            &mut prefix,
         )?;
-        out.extend_from_slice(&self.alerts);
-        Ok(Bytes::from(out))
+        let len = prefix.len() - LENGTH_FIELD + self.frame.body_len();
+        let max = max_frame.min(MAX_FRAME_LIMIT);
+        if len > max {
+            // Dropping the frame takes it back out.
+            return Err(CodecError::FrameTooLarge { len, max });
+        }
+        // Under MAX_FRAME_LIMIT, so it fits the length field.
+        prefix[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
+        self.frame.finish(&prefix);
+        Ok(())
     }
 }
 
@@ -1355,23 +1394,80 @@ mod tests {
             chunk in any::<crate::message::SnapshotChunk>(),
             batch in any::<u64>(),
             peer in ".{0,12}",
+            before in proptest::collection::vec(any::<u8>(), 0..3),
         ) {
-            let mut writer = SnapshotPageWriter::new();
+            // After whatever the buffer held: a frame not yet flushed.
+            let mut buf = BytesMut::from(&before[..]);
+            let mut writer = SnapshotPageWriter::begin(&mut buf, &chunk.applied);
             for (id, state) in &chunk.alerts {
                 writer.push_alert(id, &to_bytes(state).unwrap()).unwrap();
             }
             prop_assert_eq!(writer.alerts(), chunk.alerts.len() as u64);
-            let frame = writer.finish(&chunk.head, &chunk.applied, &chunk.clears).unwrap();
+            writer.finish(DEFAULT_MAX_FRAME, &chunk.head, &chunk.applied, &chunk.clears).unwrap();
+            prop_assert_eq!(&buf[..before.len()], &before[..]);
+            let framed = buf.split_off(before.len());
+            let frame = &framed[LENGTH_FIELD..];
+            let len = u32::from_be_bytes(framed[..LENGTH_FIELD].try_into().unwrap()) as usize;
+            prop_assert_eq!(len, frame.len());
             let typed = Message::SnapshotChunk(Box::new(chunk.clone()));
-            prop_assert_eq!(&frame[..], &to_bytes(&typed).unwrap()[..]);
-            prop_assert_eq!(snapshot_head(&frame), Some(chunk.head.clone()));
-            prop_assert!(!is_pong(&frame));
+            prop_assert_eq!(frame, &to_bytes(&typed).unwrap()[..]);
+            prop_assert_eq!(snapshot_head(frame), Some(chunk.head.clone()));
+            prop_assert!(!is_pong(frame));
             let mut codec = MessageCodec::default();
             let mut out = BytesMut::new();
-            codec.encode(MergeFrame { batch, peer: &peer, snapshot_frame: &frame }, &mut out).unwrap();
+            codec.encode(MergeFrame { batch, peer: &peer, snapshot_frame: frame }, &mut out).unwrap();
             let decoded = codec.decode(&mut out).unwrap().unwrap().unwrap();
             prop_assert!(out.is_empty());
             prop_assert_eq!(decoded, Message::Merge { batch, peer, chunk: Box::new(chunk) });
+        }
+    }
+
+    /// A page whose head outgrows the room left for it (many clears) moves its alerts along;
+    /// one over the maximum frame, or abandoned, leaves the buffer as it was.
+    #[test]
+    fn a_snapshot_page_with_a_large_head_or_none_at_all_keeps_the_buffer_whole() {
+        let state = to_bytes(&crate::state::AlertState::default()).unwrap();
+        let clears: Vec<(String, Version)> = (0..500)
+            .map(|i| (format!("clear-key-{i:05}"), Version::default()))
+            .collect();
+        let head = SnapshotHead {
+            snapshot: 7,
+            ..SnapshotHead::default()
+        };
+        for before in [&b""[..], b"xy"] {
+            let mut buf = BytesMut::from(before);
+            let mut writer = SnapshotPageWriter::begin(&mut buf, &[]);
+            writer.push_alert("host1:disk", &state).unwrap();
+            writer.push_alert("host2:disk", &state).unwrap();
+            writer
+                .finish(DEFAULT_MAX_FRAME, &head, &[], &clears)
+                .unwrap();
+            let mut framed = buf.split_off(before.len());
+            assert_eq!(&buf[..], before);
+            let got = decode_all(&mut MessageCodec::default(), &mut framed).unwrap();
+            let Message::SnapshotChunk(chunk) = &got[0] else {
+                panic!("{got:?}")
+            };
+            assert_eq!(
+                (chunk.head.snapshot, chunk.clears.len(), chunk.alerts.len()),
+                (7, 500, 2)
+            );
+            assert_eq!(chunk.alerts[1].0, "host2:disk");
+
+            let mut buf = BytesMut::from(before);
+            let mut writer = SnapshotPageWriter::begin(&mut buf, &[]);
+            writer.push_alert("host1:disk", &state).unwrap();
+            let too_small = writer.finish(64, &head, &[], &clears);
+            assert!(matches!(
+                too_small,
+                Err(CodecError::FrameTooLarge { max: 64, .. })
+            ));
+            assert_eq!(&buf[..], before);
+
+            let mut writer = SnapshotPageWriter::begin(&mut buf, &[]);
+            writer.push_alert("host1:disk", &state).unwrap();
+            drop(writer);
+            assert_eq!(&buf[..], before);
         }
     }
 

@@ -1032,7 +1032,7 @@ impl Db {
         snap: &Snapshot,
         after: Option<&SnapshotKey>,
         limit: usize,
-        alerts: &mut SnapshotPageWriter,
+        alerts: &mut SnapshotPageWriter<'_>,
     ) -> Result<(Clears, Option<SnapshotKey>), DbError> {
         use std::ops::Bound;
         let mut clears = Vec::new();
@@ -1276,14 +1276,16 @@ mod tests {
         let snap = db.snapshot();
         let (mut after, mut ids) = (None, Vec::new());
         loop {
-            let mut page = SnapshotPageWriter::new();
+            let mut buf = bytes::BytesMut::new();
+            let mut page = SnapshotPageWriter::begin(&mut buf, &[]);
             let (clears, last) = db
                 .snapshot_page(&snap, after.as_ref(), 1_000, &mut page)
                 .unwrap();
             assert!(clears.is_empty());
             let n = page.alerts();
-            let frame = page.finish(&SnapshotHead::default(), &[], &clears).unwrap();
-            let chunk = match tandem_protocol::codec::from_bytes(&frame).unwrap() {
+            page.finish(usize::MAX, &SnapshotHead::default(), &[], &clears)
+                .unwrap();
+            let chunk = match tandem_protocol::codec::from_bytes(&buf[4..]).unwrap() {
                 tandem_protocol::Message::SnapshotChunk(chunk) => chunk,
                 other => panic!("{other:?}"),
             };

@@ -79,9 +79,11 @@ impl Snapshots {
         }
     }
 
-    /// The next page for `peer`, as a `SnapshotChunk` frame: of snapshot `id` after `after`
-    /// while it is held, else the first page of a new snapshot. Reads the disk: call it off the
-    /// async workers.
+    /// The next page for `peer`, as a `SnapshotChunk` frame written at the end of `buf` (at
+    /// most `max_frame` bytes): of snapshot `id` after `after` while it is held, else the first
+    /// page of a new snapshot. On an error `buf` is left as it was. Reads the disk: call it off
+    /// the async workers.
+    #[allow(clippy::too_many_arguments)]
     pub fn page(
         &self,
         db: &Db,
@@ -89,7 +91,9 @@ impl Snapshots {
         id: u64,
         after: Option<SnapshotKey>,
         limit: usize,
-    ) -> Result<bytes::Bytes, DbError> {
+        buf: &mut bytes::BytesMut,
+        max_frame: usize,
+    ) -> Result<(), DbError> {
         let limit = limit.clamp(1, MAX_PAGE);
         let (snap, from, id, lsn, peer_cursor, applied, total) = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -150,7 +154,7 @@ impl Snapshots {
                 }
             }
         };
-        let mut alerts = SnapshotPageWriter::new();
+        let mut alerts = SnapshotPageWriter::begin(buf, &applied);
         let (clears, last) = db.snapshot_page(&snap, from.as_ref(), limit, &mut alerts)?;
         let done = clears.len() as u64 + alerts.alerts() < limit as u64;
         if done {
@@ -166,7 +170,7 @@ impl Snapshots {
             total,
             done,
         };
-        Ok(alerts.finish(&head, &applied, &clears)?)
+        Ok(alerts.finish(max_frame, &head, &applied, &clears)?)
     }
 }
 

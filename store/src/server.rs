@@ -13,11 +13,11 @@ use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tandem_net::tls::Stream;
 use tandem_net::{HANDSHAKE_TIMEOUT, WhenFull, check_hello};
+use tandem_protocol::LogEntriesFrame;
 use tandem_protocol::message::LogBatch;
 use tandem_protocol::{
     ClientKind, Message, MessageCodec, PROTOCOL_VERSION, RejectReason, Role, StoreStatus, Welcome,
 };
-use tandem_protocol::{LogEntriesFrame, RawFrame};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -277,15 +277,25 @@ impl Handler {
                             pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::SnapshotRequest { peer, snapshot, after, limit } => {
+                            // The page is read straight into the write buffer, its alert states
+                            // as stored. The buffer goes with the read and comes back holding
+                            // the frame (every send flushes, so it holds nothing else).
                             let shared = self.shared.clone();
+                            let max_frame = conn.codec().max_frame();
+                            let mut buf = std::mem::take(conn.write_buffer_mut());
                             let page = tokio::task::spawn_blocking(move || {
-                                shared.snapshots.page(&shared.db, &peer, snapshot, after, limit as usize)
+                                let page = shared.snapshots.page(&shared.db, &peer, snapshot, after, limit as usize, &mut buf, max_frame);
+                                (buf, page)
                             })
                             .await;
-                            // The page is encoded as the alert states are stored: sent as is.
                             let sent = match page {
-                                Ok(Ok(frame)) => conn.send(RawFrame(frame)).await,
-                                Ok(Err(e)) => conn.send(&Message::Error { message: format!("snapshot: {e}") }).await,
+                                Ok((buf, page)) => {
+                                    *conn.write_buffer_mut() = buf;
+                                    match page {
+                                        Ok(()) => SinkExt::<&Message>::flush(conn).await,
+                                        Err(e) => conn.send(&Message::Error { message: format!("snapshot: {e}") }).await,
+                                    }
+                                }
                                 Err(e) => conn.send(&Message::Error { message: format!("snapshot: {e}") }).await,
                             };
                             sent.map_err(|e| e.to_string())?;
