@@ -56,9 +56,10 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &SendArgs) -> Result<()> {
                 "resuming: skipping lines already spooled"
             );
         }
+        let max_event = tandem_probe::pair::max_event(config.max_frame);
         let mut client = PairClient::start(config, spool);
         let started = Instant::now();
-        let outcome = feed(&mut client, input, skip, args.rate, timeout).await;
+        let outcome = feed(&mut client, input, skip, args.rate, timeout, max_event).await;
         let result = match outcome {
             Ok(summary) => {
                 let waited = client.wait_acked(timeout).await;
@@ -91,6 +92,7 @@ async fn feed(
     skip: u64,
     rate: Option<u64>,
     timeout: Duration,
+    max_event: usize,
 ) -> Result<Summary, PairError> {
     let mut summary = Summary::default();
     let mut bodies: Vec<EventBody> = Vec::with_capacity(CHUNK);
@@ -131,7 +133,14 @@ async fn feed(
                         }
                         time = at;
                     }
-                    bodies.push(EventBody::Occurrence(fields.pack()));
+                    let body = EventBody::Occurrence(fields.pack());
+                    match too_large(&line, &body, max_event) {
+                        None => bodies.push(body),
+                        Some(why) => {
+                            tracing::warn!(line = line_no, "skipped: {why}");
+                            summary.bad_lines.push((line_no, why));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(line = line_no, "skipped: {e}");
@@ -156,6 +165,27 @@ async fn feed(
         }
     }
 }
+
+/// Why the alert on `line` is more than the pair can carry, if it is: the spool would refuse
+/// it, and with it the lines around it.
+fn too_large(line: &str, body: &EventBody, max_event: usize) -> Option<String> {
+    // Encoded, an alert is at most its JSON line and a few varints: only a long line is
+    // encoded to be sure.
+    if line.len() + ENCODING_SLACK <= max_event {
+        return None;
+    }
+    let len =
+        tandem_protocol::codec::to_bytes(body).map_or(usize::MAX, |b| b.len()) + ENCODING_SLACK;
+    (len > max_event).then(|| {
+        format!(
+            "the alert is {len} bytes encoded, over the {max_event} bytes the pair can carry (shorten its summary or extra fields, or raise max_frame_bytes in the pair file)"
+        )
+    })
+}
+
+/// Bytes an event takes besides its alert: the origin, seq, time, and the varints of the
+/// alert's fields.
+const ENCODING_SLACK: usize = 1024;
 
 async fn flush(
     client: &PairClient,

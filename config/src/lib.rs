@@ -120,6 +120,9 @@ fn default_hold_down() -> u64 {
 fn default_failback_deadline() -> u64 {
     2000
 }
+/// The smallest `max_frame_bytes` accepted.
+const MIN_FRAME: usize = 64 * 1024;
+
 fn default_max_frame() -> usize {
     16 * 1024 * 1024
 }
@@ -339,11 +342,13 @@ impl PairFile {
         if self.pair.failover_deadline_ms == 0 {
             return Err(self.invalid("[pair] failover_deadline_ms", "must be above 0"));
         }
-        if self.pair.max_frame_bytes < 1024 || self.pair.max_frame_bytes > 64 * 1024 * 1024 {
+        // At least 64 KiB: a page of the log or of a snapshot keeps 4 KiB of its frame for the
+        // head a gateway adds, and its own head repeats the snapshot's applied ranges.
+        if self.pair.max_frame_bytes < MIN_FRAME || self.pair.max_frame_bytes > 64 * 1024 * 1024 {
             return Err(self.invalid(
                 "[pair] max_frame_bytes",
                 format!(
-                    "{} is out of range: use 1024 to 67108864 (64 MiB)",
+                    "{} is out of range: use 65536 (64 KiB) to 67108864 (64 MiB)",
                     self.pair.max_frame_bytes
                 ),
             ));
@@ -627,6 +632,20 @@ mod tests {
         assert!(e.contains("pair.toml"), "{e}");
         assert!(e.contains("\"PROXY_B\" store"), "{e}");
         assert!(e.contains("AGG_X"), "{e}");
+    }
+
+    #[test]
+    fn a_frame_limit_too_small_for_a_page_is_refused() {
+        let with = |bytes: usize| {
+            DEFAULT_PAIR_FILE.replace(
+                "failover_deadline_ms = 1000",
+                &format!("failover_deadline_ms = 1000\nmax_frame_bytes = {bytes}"),
+            )
+        };
+        let e = err(&with(4096));
+        assert!(e.contains("max_frame_bytes"), "{e}");
+        assert!(e.contains("4096 is out of range: use 65536"), "{e}");
+        assert!(PairFile::parse(&with(65536), "pair.toml").is_ok());
     }
 
     #[test]

@@ -68,6 +68,14 @@ pub enum PairError {
     Stopped,
 }
 
+/// The largest event, as encoded, that frames of at most `max_frame` bytes carry all the way:
+/// in a batch, and in a page of a store's log or snapshot with the head a gateway adds.
+pub fn max_event(max_frame: usize) -> usize {
+    max_frame
+        .min(tandem_protocol::MAX_FRAME_LIMIT)
+        .saturating_sub(tandem_protocol::codec::PAGE_HEAD_ROOM)
+}
+
 enum Cmd {
     Push {
         time: i64,
@@ -103,7 +111,8 @@ pub struct PairClient {
 }
 
 impl PairClient {
-    pub fn start(config: PairConfig, spool: Spool) -> PairClient {
+    pub fn start(config: PairConfig, mut spool: Spool) -> PairClient {
+        spool.set_max_event(max_event(config.max_frame));
         let (cmds, rx) = mpsc::channel(64);
         let pending = spool.len() as u64;
         let (stats_tx, stats) = watch::channel(Stats {
@@ -695,7 +704,12 @@ impl Driver {
                 (self.config.max_in_flight - self.in_flight_events).min(self.config.batch_events);
             let batch = self.next_id + 1;
             // The spool's encodings, one after the other: no event is encoded again.
-            let Some(Batch { frame, seqs }) = self.spool.batch_frame(self.sent_upto, room, batch)
+            // Bounded by bytes too: a thousand events of large alerts are over the largest
+            // frame, and a batch that cannot be encoded would be tried again for ever.
+            let max_bytes = max_event(self.config.max_frame);
+            let Some(Batch { frame, seqs }) =
+                self.spool
+                    .batch_frame(self.sent_upto, room, max_bytes, batch)
             else {
                 return;
             };

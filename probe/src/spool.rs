@@ -43,6 +43,14 @@ const SOURCE_CURSOR: &str = "source_cursor";
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error(
+        "event {index} of the batch is {len} bytes encoded, over the {max} bytes the pair can carry (shorten its text or extra fields, or raise max_frame_bytes in the pair file)"
+    )]
+    TooLarge {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
+    #[error(
         "cannot create spool directory {}: {source} (check that its parent exists and is writable, or set spool_dir elsewhere)",
         path.display()
     )]
@@ -141,6 +149,8 @@ pub struct Spool {
     /// Bytes per event of the last push: the next push's buffer is sized from it, where one
     /// grown from a guess copied itself over as it grew.
     event_size: usize,
+    /// The largest event, as encoded, that the pair can carry (see [`Spool::set_max_event`]).
+    max_event: usize,
 }
 
 struct Disk {
@@ -167,6 +177,7 @@ impl Spool {
                 source_cursor: None,
                 disk: None,
                 event_size: 0,
+                max_event: usize::MAX,
             }),
             Some(dir) => open_disk(dir, name),
         }
@@ -194,6 +205,12 @@ impl Spool {
     /// The source cursor stored by the last [`Spool::push_from`] that gave one.
     pub fn source_cursor(&self) -> Option<&[u8]> {
         self.source_cursor.as_deref()
+    }
+
+    /// Refuses, from now on, any event over `bytes` as encoded: one the pair could not carry
+    /// (a frame holds at most `max_frame_bytes`) would otherwise wait in the spool for ever.
+    pub fn set_max_event(&mut self, bytes: usize) {
+        self.max_event = bytes;
     }
 
     /// [`Spool::push`], also recording `cursor` (how far the source has been read) in the same
@@ -239,6 +256,13 @@ impl Spool {
                     seq,
                     source,
                 })?;
+            if buf.len() - start > self.max_event {
+                return Err(SpoolError::TooLarge {
+                    index: spans.len(),
+                    len: buf.len() - start,
+                    max: self.max_event,
+                });
+            }
             spans.push(Span {
                 seq,
                 start,
@@ -300,12 +324,24 @@ impl Spool {
     }
 
     /// An `Events` frame for batch `batch` of the unacknowledged events after seq `after`, at
-    /// most `max` of them, as [`Spool::unacked`] would give them, and their seqs. `None` when
-    /// there are none.
-    pub fn batch_frame(&self, after: u64, max: usize, batch: u64) -> Option<Batch> {
+    /// most `max` of them and no more than fit `max_bytes` (at least one), as
+    /// [`Spool::unacked`] would give them, and their seqs. `None` when there are none.
+    pub fn batch_frame(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+        batch: u64,
+    ) -> Option<Batch> {
         let mut seqs = Vec::new();
         let mut events = Vec::new();
+        let mut bytes_in = 0;
         for (seq, bytes) in self.events.after(after).take(max) {
+            // Each event's length prefix is a varint of at most 10 bytes.
+            bytes_in += bytes.len() + 10;
+            if bytes_in > max_bytes && !events.is_empty() {
+                break;
+            }
             seqs.push(seq);
             events.push(bytes.clone());
         }
@@ -549,6 +585,7 @@ fn open_disk(path: &Path, name: &str) -> Result<Spool, SpoolError> {
         source_cursor,
         disk: Some(disk),
         event_size: 0,
+        max_event: usize::MAX,
     })
 }
 
@@ -910,7 +947,7 @@ mod tests {
         assert!(spool.unacked(u64::MAX, 3).is_empty());
 
         // A batch frame is an `Events` message of the same page.
-        let Batch { frame, seqs } = spool.batch_frame(3, 3, 7).unwrap();
+        let Batch { frame, seqs } = spool.batch_frame(3, 3, usize::MAX, 7).unwrap();
         assert_eq!(seqs, [6, 7, 8]);
         let want = Message::Events {
             batch: 7,
@@ -921,7 +958,35 @@ mod tests {
             .encode(frame, &mut sent)
             .unwrap();
         assert_eq!(sent[4..], to_bytes(&want).unwrap());
-        assert!(spool.batch_frame(10, 3, 8).is_none());
+        assert!(spool.batch_frame(10, 3, usize::MAX, 8).is_none());
+    }
+
+    /// A batch stops short of its count when its events would be over the byte budget (the
+    /// frame limit), but always holds one; an event over the limit is refused when pushed,
+    /// with nothing of its push spooled.
+    #[test]
+    fn batches_fit_the_frame_and_an_event_over_it_is_refused() {
+        let mut spool = Spool::open(None, "probe-a").unwrap();
+        spool.push(1, bodies(0..10)).unwrap();
+        let one = spool.unacked(0, 1)[0].bytes.len() + 10;
+        let Batch { seqs, .. } = spool.batch_frame(0, 10, 3 * one, 1).unwrap();
+        assert_eq!(seqs, [1, 2, 3]);
+        let Batch { seqs, .. } = spool.batch_frame(0, 10, 1, 2).unwrap();
+        assert_eq!(seqs, [1], "a batch holds at least one event");
+
+        spool.set_max_event(200);
+        let big = EventBody::Expire {
+            identifier: "x".repeat(300),
+        };
+        match spool.push(2, vec![body(10), big, body(11)]) {
+            Err(SpoolError::TooLarge { index, len, max }) => {
+                assert_eq!((index, max), (1, 200));
+                assert!(len > 300, "{len}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(spool.len(), 10, "nothing of the refused push is spooled");
+        assert_eq!(spool.push(3, bodies(12..13)).unwrap(), 11..12);
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const MAX_FRAME_LIMIT: usize = 64 * 1024 * 1024;
 
 const LENGTH_FIELD: usize = 4;
 
+/// Bytes of a frame a page leaves for the head of the message that passes it on: a gateway
+/// hands a `LogEntries` page on in a `Replicate` frame, and a `SnapshotChunk` page in a `Merge`
+/// frame, to a receiver with the same limit.
+pub const PAGE_HEAD_ROOM: usize = 4096;
+
 /// What went wrong reading or writing a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -74,6 +79,14 @@ impl bincode::enc::write::Writer for BufWriter<'_> {
         }
         Ok(())
     }
+}
+
+/// How many bytes `value` takes with the wire encoding, without writing them.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(size.bytes_written)
 }
 
 /// Serialises any value with the wire encoding (for storage records).
@@ -717,6 +730,12 @@ impl<'a> LogEntriesFrame<'a> {
         self.count as usize
     }
 
+    /// Whether an entry of `len` bytes still fits a frame of at most `max_frame` bytes, with
+    /// [`PAGE_HEAD_ROOM`] to spare. A first entry always does: a page holds at least one.
+    pub fn has_room(&self, len: usize, max_frame: usize) -> bool {
+        self.count == 0 || self.frame.would_fit(len + 10 + 20, max_frame)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -766,6 +785,12 @@ impl<'a> InPlace<'a> {
     /// Bytes written after the room so far.
     fn body_len(&self) -> usize {
         self.dst.len() - self.start - self.room
+    }
+
+    /// Whether `more` bytes of body (and `head` beyond the room) keep the frame within
+    /// `max_frame` bytes with [`PAGE_HEAD_ROOM`] to spare.
+    fn would_fit(&self, more: usize, max_frame: usize) -> bool {
+        self.room + self.body_len() + more + PAGE_HEAD_ROOM <= max_frame.min(MAX_FRAME_LIMIT)
     }
 
     /// Puts `head` (its length field included) right before everything written after the
@@ -932,6 +957,13 @@ impl<'a> SnapshotPageWriter<'a> {
     /// Alerts added so far.
     pub fn alerts(&self) -> u64 {
         self.count
+    }
+
+    /// Whether an alert of `len` bytes (identifier and state) still fits a frame of at most
+    /// `max_frame` bytes, with `head` bytes of the page's head beyond the room left for it
+    /// (its clears) and [`PAGE_HEAD_ROOM`] to spare. A first alert always does.
+    pub fn has_room(&self, len: usize, head: usize, max_frame: usize) -> bool {
+        self.count == 0 || self.frame.would_fit(len + 10 + head, max_frame)
     }
 
     /// Completes the frame; if it is over `max_frame` bytes it is taken back out of the buffer

@@ -840,19 +840,19 @@ impl Db {
     }
 
     /// Hands `push` the log entries from `from` on as stored, at most `max` looked at, leaving
-    /// out those whose source is `skip_source`: for a subscriber, without decoding them.
+    /// out those whose source is `skip_source`: for a subscriber, without decoding them. `push`
+    /// answers false for an entry it has no room for, which ends the read before that entry.
     /// Returns the first and last LSN looked at (None: nothing from `from` on).
     pub fn read_log_raw(
         &self,
         from: u64,
         max: usize,
         skip_source: Option<&str>,
-        mut push: impl FnMut(&[u8]),
+        mut push: impl FnMut(&[u8]) -> bool,
     ) -> Result<Option<(u64, u64)>, DbError> {
         let mut seen: Option<(u64, u64)> = None;
         let mut looked = 0;
         self.scan_log(from, |lsn, bytes| {
-            seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
             let skip = match skip_source {
                 Some(skip) => {
                     // Borrowed: a log entry's source is read for every entry a subscriber
@@ -867,9 +867,10 @@ impl Db {
                 }
                 None => false,
             };
-            if !skip {
-                push(bytes);
+            if !skip && !push(bytes) {
+                return Ok(false);
             }
+            seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
             looked += 1;
             Ok(looked < max)
         })?;
@@ -1025,15 +1026,18 @@ impl Db {
     }
 
     /// Up to `limit` records of a snapshot after `after`: clears first, then alerts, each in
-    /// key order. Alert states go into `alerts` as stored (a row's bytes after its serial),
-    /// never decoded: a resync's sender only copies them. Returns the clears and the last key.
+    /// key order, and no more alerts than fit a frame of `max_frame` bytes (at least one). Alert
+    /// states go into `alerts` as stored (a row's bytes after its serial), never decoded: a
+    /// resync's sender only copies them. Returns the clears, the last key and whether the
+    /// snapshot has nothing after it.
     pub fn snapshot_page(
         &self,
         snap: &Snapshot,
         after: Option<&SnapshotKey>,
         limit: usize,
+        max_frame: usize,
         alerts: &mut SnapshotPageWriter<'_>,
-    ) -> Result<(Clears, Option<SnapshotKey>), DbError> {
+    ) -> Result<(Clears, Option<SnapshotKey>, bool), DbError> {
         use std::ops::Bound;
         let mut clears = Vec::new();
         let mut last = None;
@@ -1043,6 +1047,8 @@ impl Db {
             Some(SnapshotKey::Clear(key)) => Some(after_bound(key)),
             Some(SnapshotKey::Alert(_)) => None,
         };
+        // The clears' share of the page's head, besides the room the writer left for it.
+        let mut clear_bytes = 0;
         if let Some(from) = clear_from {
             for item in snap
                 .range(&self.clears, (from, Bound::Unbounded))
@@ -1051,43 +1057,53 @@ impl Db {
                 let (key, value) = item.into_inner()?;
                 let key = String::from_utf8_lossy(&key).into_owned();
                 let version: Version = decode("clear", &key, &value)?;
+                clear_bytes += key.len() + value.len() + 20;
                 last = Some(SnapshotKey::Clear(key.clone()));
                 clears.push((key, version));
             }
+            if clears.len() == limit {
+                return Ok((clears, last, false));
+            }
         }
-        let room = limit - clears.len();
-        if room > 0 {
-            let from = match after {
-                Some(SnapshotKey::Alert(key)) => after_bound(key),
-                _ => Bound::Unbounded,
-            };
-            let mut last_key = None;
-            for item in snap
-                .range(&self.alerts, (from, Bound::Unbounded))
-                .take(room)
-            {
-                let (key, value) = item.into_inner()?;
-                let id = std::str::from_utf8(&key).map_err(|e| DbError::Corrupt {
-                    what: "alert key",
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    source: CodecError::Decode(e.to_string()),
+        let from = match after {
+            Some(SnapshotKey::Alert(key)) => after_bound(key),
+            _ => Bound::Unbounded,
+        };
+        let mut last_key = None;
+        let mut done = true;
+        let alerts_from = snap.range(&self.alerts, (from, Bound::Unbounded));
+        for (taken, item) in (clears.len()..).zip(alerts_from) {
+            if taken == limit {
+                done = false;
+                break;
+            }
+            let (key, value) = item.into_inner()?;
+            let id = std::str::from_utf8(&key).map_err(|e| DbError::Corrupt {
+                what: "alert key",
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: CodecError::Decode(e.to_string()),
+            })?;
+            let (_serial, state) =
+                split_prefix::<u64>(&value).map_err(|source| DbError::Corrupt {
+                    what: "alert",
+                    key: id.to_string(),
+                    source,
                 })?;
-                let (_serial, state) =
-                    split_prefix::<u64>(&value).map_err(|source| DbError::Corrupt {
-                        what: "alert",
-                        key: id.to_string(),
-                        source,
-                    })?;
-                alerts.push_alert(id, state)?;
-                last_key = Some(key);
+            // Cut where the frame would be over the limit: a page of large alerts is sent
+            // in parts rather than refused whole, which would stall the resync.
+            if !alerts.has_room(id.len() + state.len(), clear_bytes, max_frame) {
+                done = false;
+                break;
             }
-            if let Some(key) = last_key {
-                last = Some(SnapshotKey::Alert(
-                    String::from_utf8_lossy(&key).into_owned(),
-                ));
-            }
+            alerts.push_alert(id, state)?;
+            last_key = Some(key);
         }
-        Ok((clears, last))
+        if let Some(key) = last_key {
+            last = Some(SnapshotKey::Alert(
+                String::from_utf8_lossy(&key).into_owned(),
+            ));
+        }
+        Ok((clears, last, done))
     }
 
     /// How far this store has applied `peer`'s log.
@@ -1278,8 +1294,8 @@ mod tests {
         loop {
             let mut buf = bytes::BytesMut::new();
             let mut page = SnapshotPageWriter::begin(&mut buf, &[]);
-            let (clears, last) = db
-                .snapshot_page(&snap, after.as_ref(), 1_000, &mut page)
+            let (clears, last, _) = db
+                .snapshot_page(&snap, after.as_ref(), 1_000, usize::MAX, &mut page)
                 .unwrap();
             assert!(clears.is_empty());
             let n = page.alerts();
@@ -1298,6 +1314,38 @@ mod tests {
         let mut want: Vec<String> = (1..=2_500).map(|seq| format!("alert-{seq}")).collect();
         want.sort();
         assert_eq!(ids, want);
+
+        // Under a frame limit the pages are cut to fit it, with room for a gateway's head:
+        // every row still comes, in order, and only the last page says it is the last.
+        let max_frame = 64 * 1024;
+        let (mut after, mut cut_ids, mut pages) = (None, Vec::new(), 0);
+        loop {
+            let mut buf = bytes::BytesMut::new();
+            let mut page = SnapshotPageWriter::begin(&mut buf, &[]);
+            let (clears, last, done) = db
+                .snapshot_page(&snap, after.as_ref(), 1_000, max_frame, &mut page)
+                .unwrap();
+            page.finish(max_frame, &SnapshotHead::default(), &[], &clears)
+                .unwrap();
+            assert!(
+                buf.len() <= max_frame - tandem_protocol::codec::PAGE_HEAD_ROOM,
+                "{}",
+                buf.len()
+            );
+            let chunk = match tandem_protocol::codec::from_bytes(&buf[4..]).unwrap() {
+                tandem_protocol::Message::SnapshotChunk(chunk) => chunk,
+                other => panic!("{other:?}"),
+            };
+            assert!(done || !chunk.alerts.is_empty());
+            cut_ids.extend(chunk.alerts.into_iter().map(|(id, _)| id));
+            pages += 1;
+            if done {
+                break;
+            }
+            after = last;
+        }
+        assert!(pages > 3, "{pages} pages");
+        assert_eq!(cut_ids, want);
     }
 
     /// A receiving store's resync, as the commit thread drives it: `pages` of the sender's

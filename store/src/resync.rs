@@ -155,8 +155,8 @@ impl Snapshots {
             }
         };
         let mut alerts = SnapshotPageWriter::begin(buf, &applied);
-        let (clears, last) = db.snapshot_page(&snap, from.as_ref(), limit, &mut alerts)?;
-        let done = clears.len() as u64 + alerts.alerts() < limit as u64;
+        let (clears, last, done) =
+            db.snapshot_page(&snap, from.as_ref(), limit, max_frame, &mut alerts)?;
         if done {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.retain(|h| h.id != id);

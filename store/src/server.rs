@@ -334,7 +334,8 @@ impl Handler {
                             // Off the async workers: it reads the whole table, under the lock
                             // that a commit holds.
                             let shared = self.shared.clone();
-                            let answer = tokio::task::spawn_blocking(move || run_query(&shared, &q))
+                            let max_frame = conn.codec().max_frame();
+                            let answer = tokio::task::spawn_blocking(move || run_query(&shared, &q, max_frame))
                                 .await
                                 .unwrap_or_else(|e| Message::Error { message: format!("query: {e}") });
                             conn.send(&answer).await.map_err(|e| e.to_string())?;
@@ -608,7 +609,15 @@ fn read_log_frame(
     let mut frame = LogEntriesFrame::begin(buf);
     let seen = shared
         .db
-        .read_log_raw(from, want, skip, |entry| frame.push_encoded(entry))
+        .read_log_raw(from, want, skip, |entry| {
+            // Cut where the frame would be over the limit: entries of large alerts make a
+            // page of `want` too big to send, and refusing it whole would stall the subscriber.
+            let room = frame.has_room(entry.len(), max_frame);
+            if room {
+                frame.push_encoded(entry);
+            }
+            room
+        })
         .map_err(|e| e.to_string())?;
     // An unfinished frame takes itself back out of the buffer.
     match seen {
@@ -623,8 +632,11 @@ fn read_log_frame(
     }
 }
 
-/// An operator's query against the table as of now.
-fn run_query(shared: &Shared, q: &tandem_protocol::Query) -> Message {
+/// An operator's query against the table as of now, its answer cut to what fits a frame of
+/// `max_frame` bytes (`total` still counts every match, so the operator sees how many were
+/// left out): sent whole, the answer over many large alerts would be refused by the codec and
+/// the operator would get only a closed connection.
+fn run_query(shared: &Shared, q: &tandem_protocol::Query, max_frame: usize) -> Message {
     let alerts: Vec<_> = match shared.table.read() {
         Ok(table) => table.alerts().collect(),
         Err(_) => {
@@ -634,7 +646,29 @@ fn run_query(shared: &Shared, q: &tandem_protocol::Query) -> Message {
         }
     };
     match query::run(alerts.iter(), q) {
-        Ok((alerts, total)) => Message::Alerts { alerts, total },
+        Ok((mut alerts, total)) => {
+            let budget = max_frame
+                .min(tandem_protocol::MAX_FRAME_LIMIT)
+                .saturating_sub(tandem_protocol::codec::PAGE_HEAD_ROOM);
+            let mut used = 0;
+            let fits = alerts
+                .iter()
+                .take_while(|alert| {
+                    used = tandem_protocol::codec::encoded_len(alert)
+                        .map_or(usize::MAX, |len| used.saturating_add(len));
+                    used <= budget
+                })
+                .count();
+            if fits < alerts.len() {
+                tracing::info!(
+                    matched = total,
+                    sent = fits,
+                    "a query's answer was cut to fit a frame"
+                );
+                alerts.truncate(fits);
+            }
+            Message::Alerts { alerts, total }
+        }
         Err(e) => Message::Error {
             message: format!("filter: {}", e.render(&q.filter)),
         },

@@ -470,12 +470,15 @@ pub mod client {
 
     /// Every alert of the store.
     pub async fn alerts(addr: SocketAddr) -> Vec<Alert> {
+        query(addr, Query::default()).await.0
+    }
+
+    /// The answer to `q` at the store at `addr`, as an operator asks: the alerts and how
+    /// many matched.
+    pub async fn query(addr: SocketAddr, q: Query) -> (Vec<Alert>, u64) {
         let mut c = connect_as(addr, ClientKind::Operator, Duration::from_secs(30)).await;
-        match c
-            .request(&Message::Query(Query::default()), Duration::from_secs(30))
-            .await
-        {
-            Ok(Message::Alerts { alerts, .. }) => alerts,
+        match c.request(&Message::Query(q), Duration::from_secs(30)).await {
+            Ok(Message::Alerts { alerts, total }) => (alerts, total),
             other => panic!("query failed: {other:?}"),
         }
     }

@@ -1,0 +1,129 @@
+//! Alerts near the frame limit, as a probe forwarding large payloads makes them: a probe's
+//! batches, the pages of a store's log and snapshot, and a query's answer are cut to fit the
+//! limit rather than refused whole (which stalled the probe, replication or the resync for
+//! ever), and an alert over the limit is rejected by `tandem send`, naming its size.
+
+#![allow(clippy::unwrap_used)] // a test that cannot read its own fixture should fail
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tandem_protocol::{Alert, Query};
+use tandem_tests::client::query;
+use tandem_tests::{Pair, wait_output};
+
+const ALERTS: usize = 80;
+
+/// The alert `id` as the store at `addr` has it, asked for alone: a whole table of large
+/// alerts does not fit one answer.
+async fn alert(addr: SocketAddr, id: &str) -> Option<Alert> {
+    let q = Query {
+        filter: format!("identifier = {id}"),
+        ..Query::default()
+    };
+    query(addr, q).await.0.pop()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
+    // Frames of 1 MiB and alerts of 50 KB: a batch, a page of the log or of the snapshot
+    // would hold 4 MB. The primary keeps 20 log entries, so the backup, started later,
+    // needs a full resync.
+    let pair = Pair::new(|t| {
+        t.replace(
+            "failover_deadline_ms = 1000",
+            "failover_deadline_ms = 1000\nmax_frame_bytes = 1048576",
+        )
+        .replace(
+            "data_dir = \"agg_p\"",
+            "data_dir = \"agg_p\"\nlog_retention_entries = 20",
+        )
+    });
+    let p_addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let b_addr = pair.file.store("AGG_B").unwrap().listen.0;
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
+
+    let input = pair.dir.path().join("large.jsonl");
+    let mut file = std::fs::File::create(&input).unwrap();
+    for i in 0..ALERTS {
+        let summary = format!("payload {i} ").repeat(5_000);
+        writeln!(
+            file,
+            r#"{{"identifier":"big-{i}","node":"n{i}","severity":4,"summary":"{summary}"}}"#
+        )
+        .unwrap();
+        if i == ALERTS / 2 {
+            let summary = "y".repeat(1_100_000);
+            writeln!(
+                file,
+                r#"{{"identifier":"huge","node":"n","severity":4,"summary":"{summary}"}}"#
+            )
+            .unwrap();
+        }
+    }
+    drop(file);
+    let send = pair.spawn_piped(&["send", input.to_str().unwrap()]);
+    let out = wait_output(send, Duration::from_secs(120));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("acknowledged {ALERTS}, rejected 1")),
+        "{said}"
+    );
+    assert!(said.contains("bytes encoded, over the"), "{said}");
+    assert!(
+        said.contains("line=42"),
+        "the rejected line is named: {said}"
+    );
+
+    // The backup comes up behind the primary's retained log: a full resync, then the log.
+    let _agg_b = pair.spawn(&["store", "--name", "AGG_B"], "agg_b");
+    let _gw = pair.spawn(&["gateway"], "gw");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for i in 0..ALERTS {
+        let id = format!("big-{i}");
+        let want = alert(p_addr, &id).await;
+        assert!(want.is_some(), "{id} is not on the primary");
+        loop {
+            let got = alert(b_addr, &id).await;
+            if got.is_some()
+                && got.as_ref().map(|a| (&a.summary, a.tally))
+                    == want.as_ref().map(|a| (&a.summary, a.tally))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not reach the backup within 90 s\ngateway log:\n{}",
+                pair.log("gw")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(alert(b_addr, "huge").await.is_none());
+
+    // Every alert at once does not fit an answer: it is cut, and says how many matched.
+    let list = pair.spawn_piped(&["alerts", "--name", "AGG_B"]);
+    let out = wait_output(list, Duration::from_secs(30));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listed}");
+    let counts: Vec<usize> = listed
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(' ')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [shown, total] = counts[..] else {
+        panic!("no count line in {listed}")
+    };
+    assert!(shown > 0 && shown < ALERTS, "{shown} shown");
+    assert!(total >= ALERTS, "{total} matched");
+}
