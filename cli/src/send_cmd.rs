@@ -56,7 +56,7 @@ pub fn run(pair: &PairFile, data_dir: &Path, args: &SendArgs) -> Result<()> {
                 "resuming: skipping lines already spooled"
             );
         }
-        let max_event = tandem_probe::pair::max_event(config.max_frame);
+        let max_event = tandem_protocol::codec::max_event(config.max_frame);
         let mut client = PairClient::start(config, spool);
         let started = Instant::now();
         let outcome = feed(&mut client, input, skip, args.rate, timeout, max_event).await;

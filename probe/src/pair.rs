@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tandem_protocol::codec::max_event;
 use tandem_protocol::{ClientKind, Directive, EventBody, EventsFrame, Message, RejectReason};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -66,14 +67,6 @@ pub enum PairError {
     Timeout { pending: u64, after: Duration },
     #[error("the pair client has stopped")]
     Stopped,
-}
-
-/// The largest event, as encoded, that frames of at most `max_frame` bytes carry all the way:
-/// in a batch, and in a page of a store's log or snapshot with the head a gateway adds.
-pub fn max_event(max_frame: usize) -> usize {
-    max_frame
-        .min(tandem_protocol::MAX_FRAME_LIMIT)
-        .saturating_sub(tandem_protocol::codec::PAGE_HEAD_ROOM)
 }
 
 enum Cmd {

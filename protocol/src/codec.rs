@@ -39,6 +39,14 @@ const LENGTH_FIELD: usize = 4;
 /// frame, to a receiver with the same limit.
 pub const PAGE_HEAD_ROOM: usize = 4096;
 
+/// The largest event, as encoded, that frames of at most `max_frame` bytes carry all the way:
+/// in a batch, and alone in a page of a store's log with the head a gateway adds.
+pub fn max_event(max_frame: usize) -> usize {
+    max_frame
+        .min(MAX_FRAME_LIMIT)
+        .saturating_sub(PAGE_HEAD_ROOM)
+}
+
 /// What went wrong reading or writing a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -245,6 +245,15 @@ impl Handler {
                         Message::Events { batch, events } => {
                             let encoded = conn.codec_mut().take_record_bytes();
                             let (reply, rx) = oneshot::channel();
+                            // An event that could not go alone into a page of the log would
+                            // stop the gateway at it: refused here, in its turn among the answers.
+                            let max_event = tandem_protocol::codec::max_event(conn.codec().max_frame());
+                            if let Some((index, len)) = encoded.iter().map(<[u8]>::len).enumerate().find(|&(_, len)| len > max_event) {
+                                let reason = format!("event {index} is {len} bytes encoded, over the {max_event} bytes the pair can carry (shorten its text or extra fields, or raise max_frame_bytes in the pair file)");
+                                let _ = reply.send(Reply::Refused { index: index as u32, reason });
+                                pending.push_back(answer_of(batch, rx, None));
+                                continue;
+                            }
                             self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
                             pending.push_back(answer_of(batch, rx, sync));

@@ -9,8 +9,8 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::{Alert, Query};
-use tandem_tests::client::query;
+use tandem_protocol::{Alert, Message, Query};
+use tandem_tests::client::{connect, occurrence, query};
 use tandem_tests::{Pair, wait_output};
 
 const ALERTS: usize = 80;
@@ -126,4 +126,71 @@ async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
     };
     assert!(shown > 0 && shown < ALERTS, "{shown} shown");
     assert!(total >= ALERTS, "{total} matched");
+}
+
+/// A client that sends an event no page of the log could hold alone (an older probe, or one
+/// that does not check) is refused at the store, before the event is logged: logged, it would
+/// stop the gateway at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refuses_an_event_too_large_for_its_log_pages() {
+    let pair = Pair::new(|t| {
+        t.replace(
+            "failover_deadline_ms = 1000",
+            "failover_deadline_ms = 1000\nmax_frame_bytes = 65536",
+        )
+    });
+    let addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let origin = tandem_protocol::Origin::new("big", 1);
+    let mut big = occurrence(&origin, 1, "big".into());
+    let fits = occurrence(&origin, 2, "fits".into());
+    if let tandem_protocol::EventBody::Occurrence(fields) = &mut big.body {
+        let mut wide = fields.unpack();
+        wide.summary = "z".repeat(63_000);
+        *fields = wide.pack();
+    }
+    let mut conn = connect(addr, Duration::from_secs(30)).await;
+    let answer = conn
+        .request(
+            &Message::Events {
+                batch: 1,
+                events: vec![fits.clone(), big],
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    match answer {
+        Message::Refused {
+            batch,
+            index,
+            reason,
+        } => {
+            assert_eq!((batch, index), (1, 1));
+            assert!(reason.contains("bytes encoded, over the"), "{reason}");
+        }
+        other => panic!("expected the batch refused, got {other:?}"),
+    }
+    // Nothing of the refused batch was applied; the connection still takes batches.
+    let answer = conn
+        .request(
+            &Message::Events {
+                batch: 2,
+                events: vec![fits],
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            answer,
+            Message::Ack {
+                batch: 2,
+                applied: 1,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
 }
