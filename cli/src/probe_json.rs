@@ -157,9 +157,19 @@ pub fn run(pair: &PairFile, data_dir: &Path, follow_file: bool, file: Option<&Pa
             match alert_json::parse(&line) {
                 Ok((fields, time)) => {
                     let body = vec![EventBody::Occurrence(fields.pack())];
-                    client
-                        .push(time.unwrap_or_else(now_ms), body, Some(at))
-                        .await?;
+                    let pushed = client
+                        .push(time.unwrap_or_else(now_ms), body, Some(at.clone()))
+                        .await;
+                    // An alert the pair cannot carry is a bad line, not the probe's end.
+                    if let Err(tandem_probe::pair::PairError::Spool(
+                        e @ tandem_probe::spool::SpoolError::TooLarge { .. },
+                    )) = &pushed
+                    {
+                        tracing::warn!(line = read, "skipped: {e}");
+                        client.push(now_ms(), Vec::new(), Some(at)).await?;
+                    } else {
+                        pushed?;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(line = read, "skipped: {e}");

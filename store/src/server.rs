@@ -656,9 +656,7 @@ fn run_query(shared: &Shared, q: &tandem_protocol::Query, max_frame: usize) -> M
     };
     match query::run(alerts.iter(), q) {
         Ok((mut alerts, total)) => {
-            let budget = max_frame
-                .min(tandem_protocol::MAX_FRAME_LIMIT)
-                .saturating_sub(tandem_protocol::codec::PAGE_HEAD_ROOM);
+            let budget = tandem_protocol::codec::max_event(max_frame);
             let mut used = 0;
             let fits = alerts
                 .iter()

@@ -194,3 +194,44 @@ async fn a_store_refuses_an_event_too_large_for_its_log_pages() {
         "{answer:?}"
     );
 }
+
+/// A long-running probe skips a line whose alert the pair cannot carry, as it skips a line
+/// that does not parse, and goes on with the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_skips_an_alert_too_large_to_carry_and_goes_on() {
+    let pair = Pair::new(|t| {
+        t.replace(
+            "failover_deadline_ms = 1000",
+            "failover_deadline_ms = 1000\nmax_frame_bytes = 65536",
+        )
+    });
+    let addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
+    let input = pair.dir.path().join("probe.jsonl");
+    let huge = "h".repeat(70_000);
+    std::fs::write(
+        &input,
+        format!(
+            "{{\"identifier\":\"before\",\"node\":\"n\",\"severity\":3,\"summary\":\"one\"}}\n\
+             {{\"identifier\":\"huge\",\"node\":\"n\",\"severity\":3,\"summary\":\"{huge}\"}}\n\
+             {{\"identifier\":\"after\",\"node\":\"n\",\"severity\":3,\"summary\":\"three\"}}\n"
+        ),
+    )
+    .unwrap();
+    let probe = pair.spawn_piped(&["probe", "json", input.to_str().unwrap()]);
+    let out = wait_output(probe, Duration::from_secs(60));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("over the"), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alert(addr, "after").await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the line after was not sent: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(alert(addr, "before").await.is_some());
+    assert!(alert(addr, "huge").await.is_none());
+}
