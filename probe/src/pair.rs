@@ -691,8 +691,12 @@ impl Driver {
 
     /// Sends spooled events the current link has not had, within the in-flight limit.
     fn send_more(&mut self) {
-        let Some(link) = &self.link else { return };
-        while self.in_flight_events < self.config.max_in_flight && link.writer.capacity() > 0 {
+        while self.in_flight_events < self.config.max_in_flight
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|link| link.writer.capacity() > 0)
+        {
             let room =
                 (self.config.max_in_flight - self.in_flight_events).min(self.config.batch_events);
             let batch = self.next_id + 1;
@@ -707,7 +711,30 @@ impl Driver {
                 return;
             };
             let Some(&last) = seqs.last() else { return };
+            // A lone event over the limit was spooled before the limit was what it is now (a
+            // lower max_frame_bytes, an older version): it can never be sent, so it is given up
+            // as refused rather than tried for ever, holding back every event after it.
+            let too_large = match &frame {
+                EventsFrame::Encoded { events, .. } if events.len() == 1 => events
+                    .first()
+                    .map(|e| e.len())
+                    .filter(|&len| len > max_bytes),
+                _ => None,
+            };
             self.next_id = batch;
+            if let Some(len) = too_large {
+                self.sent_upto = last;
+                self.in_flight_events += seqs.len();
+                self.in_flight.insert(batch, seqs);
+                self.settle(
+                    batch,
+                    Some(format!(
+                        "an event of {len} bytes is over the {max_bytes} bytes the pair can carry"
+                    )),
+                );
+                continue;
+            }
+            let Some(link) = &self.link else { return };
             if link.writer.try_send(Outgoing::Frame(frame)).is_err() {
                 return;
             }

@@ -25,6 +25,31 @@ async fn alert(addr: SocketAddr, id: &str) -> Option<Alert> {
     query(addr, q).await.0.pop()
 }
 
+/// A pair whose frames are at most 64 KiB, the smallest limit the pair file takes.
+fn pair_of_small_frames() -> Pair {
+    Pair::new(|t| {
+        t.replace(
+            "failover_deadline_ms = 1000",
+            "failover_deadline_ms = 1000\nmax_frame_bytes = 65536",
+        )
+    })
+}
+
+/// Writes three alerts as JSON lines to `path`: `first` and `last` small, and between them
+/// `middle` with a summary of `bytes`.
+fn three_lines(path: &std::path::Path, first: &str, middle: &str, last: &str, bytes: usize) {
+    let line = |id: &str, summary: &str| {
+        format!(r#"{{"identifier":"{id}","node":"n","severity":3,"summary":"{summary}"}}"#)
+    };
+    let text = [
+        line(first, "one"),
+        line(middle, &"m".repeat(bytes)),
+        line(last, "three"),
+    ]
+    .join("\n");
+    std::fs::write(path, text + "\n").unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
     // Frames of 1 MiB and alerts of 50 KB: a batch, a page of the log or of the snapshot
@@ -133,12 +158,7 @@ async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
 /// stop the gateway at it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_refuses_an_event_too_large_for_its_log_pages() {
-    let pair = Pair::new(|t| {
-        t.replace(
-            "failover_deadline_ms = 1000",
-            "failover_deadline_ms = 1000\nmax_frame_bytes = 65536",
-        )
-    });
+    let pair = pair_of_small_frames();
     let addr = pair.file.store("AGG_P").unwrap().listen.0;
     let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
     let origin = tandem_protocol::Origin::new("big", 1);
@@ -199,27 +219,13 @@ async fn a_store_refuses_an_event_too_large_for_its_log_pages() {
 /// that does not parse, and goes on with the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_skips_an_alert_too_large_to_carry_and_goes_on() {
-    let pair = Pair::new(|t| {
-        t.replace(
-            "failover_deadline_ms = 1000",
-            "failover_deadline_ms = 1000\nmax_frame_bytes = 65536",
-        )
-    });
+    let pair = pair_of_small_frames();
     let addr = pair.file.store("AGG_P").unwrap().listen.0;
     let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
     let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
     let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
     let input = pair.dir.path().join("probe.jsonl");
-    let huge = "h".repeat(70_000);
-    std::fs::write(
-        &input,
-        format!(
-            "{{\"identifier\":\"before\",\"node\":\"n\",\"severity\":3,\"summary\":\"one\"}}\n\
-             {{\"identifier\":\"huge\",\"node\":\"n\",\"severity\":3,\"summary\":\"{huge}\"}}\n\
-             {{\"identifier\":\"after\",\"node\":\"n\",\"severity\":3,\"summary\":\"three\"}}\n"
-        ),
-    )
-    .unwrap();
+    three_lines(&input, "before", "huge", "after", 70_000);
     let probe = pair.spawn_piped(&["probe", "json", input.to_str().unwrap()]);
     let out = wait_output(probe, Duration::from_secs(60));
     let said = String::from_utf8_lossy(&out.stderr);
@@ -234,4 +240,51 @@ async fn a_probe_skips_an_alert_too_large_to_carry_and_goes_on() {
     }
     assert!(alert(addr, "before").await.is_some());
     assert!(alert(addr, "huge").await.is_none());
+}
+
+/// An event spooled under a larger frame limit (the pair file's limit lowered since, or an
+/// older version) can never be sent: the resumed probe gives it up as refused, and the events
+/// behind it are delivered, not held back for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_spooled_under_a_larger_limit_is_given_up_not_retried_for_ever() {
+    let pair = pair_of_small_frames();
+    let addr = pair.file.store("AGG_P").unwrap().listen.0;
+    let larger = pair.dir.path().join("larger.toml");
+    std::fs::write(
+        &larger,
+        std::fs::read_to_string(&pair.config)
+            .unwrap()
+            .replace("max_frame_bytes = 65536", "max_frame_bytes = 1048576"),
+    )
+    .unwrap();
+    let input = pair.dir.path().join("spooled.jsonl");
+    three_lines(&input, "first", "wide", "last", 100_000);
+    // Nothing is up: all three are spooled under the 1 MiB limit, and the send gives up.
+    let path = input.to_str().unwrap();
+    let mut first = pair.spawn_with_config(&larger, &["send", path, "--timeout", "2"], "send1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.running() {
+        assert!(Instant::now() < deadline, "the first send did not give up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let _agg_p = pair.spawn(&["store", "--name", "AGG_P"], "agg_p");
+    let _proxy_p = pair.spawn(&["proxy", "--name", "PROXY_P"], "proxy_p");
+    let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
+    let resumed = pair.spawn_piped(&["send", path]);
+    let out = wait_output(resumed, Duration::from_secs(60));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("acknowledged 2, rejected 1"),
+        "{}\n{said}",
+        pair.log("send1")
+    );
+    assert!(said.contains("over the"), "{said}");
+    assert!(alert(addr, "first").await.is_some());
+    assert!(alert(addr, "last").await.is_some());
+    assert!(alert(addr, "wide").await.is_none());
 }
