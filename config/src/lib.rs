@@ -123,6 +123,9 @@ fn default_failback_deadline() -> u64 {
 /// The smallest `max_frame_bytes` accepted.
 const MIN_FRAME: usize = 64 * 1024;
 
+/// The longest component name accepted, in bytes.
+const MAX_NAME: usize = 255;
+
 fn default_max_frame() -> usize {
     16 * 1024 * 1024
 }
@@ -364,6 +367,17 @@ impl PairFile {
         for (section, name) in all {
             if name.trim().is_empty() {
                 return Err(self.invalid(format!("{section} name"), "must not be empty"));
+            }
+            // A name travels in the head a gateway puts on a page of the log or of a snapshot,
+            // which has 4 KiB of its frame for it; monitoring labels want short ones anyway.
+            if name.len() > MAX_NAME {
+                return Err(self.invalid(
+                    format!("{section} name"),
+                    format!(
+                        "{name:?} is {} bytes long; names are at most {MAX_NAME} bytes",
+                        name.len()
+                    ),
+                ));
             }
             if !names.insert(name.as_str()) {
                 return Err(self.invalid(
@@ -646,6 +660,17 @@ mod tests {
         assert!(e.contains("max_frame_bytes"), "{e}");
         assert!(e.contains("4096 is out of range: use 65536"), "{e}");
         assert!(PairFile::parse(&with(65536), "pair.toml").is_ok());
+    }
+
+    #[test]
+    fn a_name_too_long_for_a_page_head_is_refused() {
+        let long = "G".repeat(300);
+        let e = err(&DEFAULT_PAIR_FILE.replace("name = \"GW\"", &format!("name = \"{long}\"")));
+        assert!(e.contains("[[gateway]] name"), "{e}");
+        assert!(
+            e.contains("300 bytes long; names are at most 255 bytes"),
+            "{e}"
+        );
     }
 
     #[test]
