@@ -761,13 +761,8 @@ impl<'a> LogEntriesFrame<'a> {
                 &mut head[LENGTH_FIELD..],
             )?;
         let len = head_len - LENGTH_FIELD + entries + tail_len;
-        let max = max_frame.min(MAX_FRAME_LIMIT);
-        if len > max {
-            // Dropping the frame takes it back out.
-            return Err(CodecError::FrameTooLarge { len, max });
-        }
-        // Under MAX_FRAME_LIMIT, so it fits the length field.
-        head[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
+        // Over the limit: dropping the frame takes it back out.
+        head[..LENGTH_FIELD].copy_from_slice(&length_field(len, max_frame)?);
         self.frame.dst.extend_from_slice(&tail[..tail_len]);
         self.frame.finish(&head[..head_len]);
         Ok(())
@@ -795,8 +790,8 @@ impl<'a> InPlace<'a> {
         self.dst.len() - self.start - self.room
     }
 
-    /// Whether `more` bytes of body (and `head` beyond the room) keep the frame within
-    /// `max_frame` bytes with [`PAGE_HEAD_ROOM`] to spare.
+    /// Whether `more` bytes of body keep the frame, head room included, within `max_frame`
+    /// bytes with [`PAGE_HEAD_ROOM`] to spare.
     fn would_fit(&self, more: usize, max_frame: usize) -> bool {
         self.room + self.body_len() + more + PAGE_HEAD_ROOM <= max_frame.min(MAX_FRAME_LIMIT)
     }
@@ -833,6 +828,16 @@ impl Drop for InPlace<'_> {
             self.dst.truncate(self.start);
         }
     }
+}
+
+/// The length field of a frame whose body is `len` bytes, or the error if that is over
+/// `max_frame` (itself at most [`MAX_FRAME_LIMIT`], so that the length fits the field).
+fn length_field(len: usize, max_frame: usize) -> Result<[u8; LENGTH_FIELD], CodecError> {
+    let max = max_frame.min(MAX_FRAME_LIMIT);
+    if len > max {
+        return Err(CodecError::FrameTooLarge { len, max });
+    }
+    Ok((len as u32).to_be_bytes())
 }
 
 /// Encodes `value` at the start of `out`, returning the bytes written.
@@ -895,12 +900,7 @@ impl<'a> MergeFrame<'a> {
         let mut head = BytesMut::with_capacity(LENGTH_FIELD + 25 + self.peer.len());
         start_frame(&mut head, (MERGE, self.batch, self.peer))?;
         let len = head.len() - LENGTH_FIELD + page.len();
-        let max = max_frame.min(MAX_FRAME_LIMIT);
-        if len > max {
-            return Err(CodecError::FrameTooLarge { len, max });
-        }
-        // Under MAX_FRAME_LIMIT, so it fits the length field.
-        head[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
+        head[..LENGTH_FIELD].copy_from_slice(&length_field(len, max_frame)?);
         Ok((head, page))
     }
 }
@@ -990,13 +990,8 @@ impl<'a> SnapshotPageWriter<'a> {
             &mut prefix,
         )?;
         let len = prefix.len() - LENGTH_FIELD + self.frame.body_len();
-        let max = max_frame.min(MAX_FRAME_LIMIT);
-        if len > max {
-            // Dropping the frame takes it back out.
-            return Err(CodecError::FrameTooLarge { len, max });
-        }
-        // Under MAX_FRAME_LIMIT, so it fits the length field.
-        prefix[..LENGTH_FIELD].copy_from_slice(&(len as u32).to_be_bytes());
+        // Over the limit: dropping the frame takes it back out.
+        prefix[..LENGTH_FIELD].copy_from_slice(&length_field(len, max_frame)?);
         self.frame.finish(&prefix);
         Ok(())
     }

@@ -25,6 +25,15 @@ async fn alert(addr: SocketAddr, id: &str) -> Option<Alert> {
     query(addr, q).await.0.pop()
 }
 
+/// What a finished command printed, on either stream.
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A pair whose frames are at most 64 KiB, the smallest limit the pair file takes.
 fn pair_of_small_frames() -> Pair {
     Pair::new(|t| {
@@ -92,11 +101,7 @@ async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
     drop(file);
     let send = pair.spawn_piped(&["send", input.to_str().unwrap()]);
     let out = wait_output(send, Duration::from_secs(120));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     assert!(
         said.contains(&format!("acknowledged {ALERTS}, rejected 1")),
         "{said}"
@@ -273,11 +278,7 @@ async fn an_event_spooled_under_a_larger_limit_is_given_up_not_retried_for_ever(
     let _proxy_b = pair.spawn(&["proxy", "--name", "PROXY_B"], "proxy_b");
     let resumed = pair.spawn_piped(&["send", path]);
     let out = wait_output(resumed, Duration::from_secs(60));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     assert!(
         said.contains("acknowledged 2, rejected 1"),
         "{}\n{said}",
