@@ -9,7 +9,7 @@ use anyhow::Result;
 use tandem_config::{Failback, PairFile, Replication, StoreRole, resolve};
 use tandem_protocol::Role;
 use tandem_store::StoreOptions;
-use tandem_store::engine::Shared;
+use tandem_store::engine::{LogLimits, Shared};
 use tandem_store::peer::PeerOptions;
 use tandem_store::role::RoleSettings;
 
@@ -33,7 +33,10 @@ pub fn options(pair: &PairFile, global: &Global, name: Option<&str>) -> Result<S
         clear_delete_after: Duration::from_secs(store.clear_delete_after_s),
         housekeeping: store.housekeeping,
         housekeeping_interval: Duration::from_secs(1),
-        log_retention: store.log_retention_entries.max(1),
+        log_limits: LogLimits {
+            retention: store.log_retention_entries.max(1),
+            max: store.log_max().max(1),
+        },
         tls: crate::tls::server(pair, &global.data_dir, &store.name)?,
         sync_replication: (pair.pair.replication == Replication::Sync)
             .then(|| Duration::from_millis(pair.pair.sync_timeout_ms.max(1))),

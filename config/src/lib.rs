@@ -147,6 +147,8 @@ fn default_max_in_flight() -> usize {
 fn default_log_retention() -> u64 {
     2_000_000
 }
+/// `log_max_entries` when the pair file does not set it (nor a larger retention).
+pub const DEFAULT_LOG_MAX: u64 = 10_000_000;
 fn default_true() -> bool {
     true
 }
@@ -189,10 +191,21 @@ pub struct StoreSection {
     pub housekeeping: bool,
     /// A shell command run on every role change, with `TANDEM_ROLE` in its environment.
     pub on_role_change: Option<String>,
-    /// Change-log entries kept for a peer that is behind; one further behind needs a full
-    /// resync.
+    /// Change-log entries kept whatever the peer has applied.
     #[serde(default = "default_log_retention")]
     pub log_retention_entries: u64,
+    /// Change-log entries kept at most while the peer has not applied them; a peer further
+    /// behind needs a full resync. Read through [`StoreSection::log_max`].
+    pub log_max_entries: Option<u64>,
+}
+
+impl StoreSection {
+    /// `log_max_entries`, by default 10,000,000 or the retention if that is larger (a pair
+    /// file that raised the retention alone keeps working).
+    pub fn log_max(&self) -> u64 {
+        self.log_max_entries
+            .unwrap_or_else(|| DEFAULT_LOG_MAX.max(self.log_retention_entries))
+    }
 }
 
 /// `[[proxy]]`: one proxy in front of one store.
@@ -384,6 +397,19 @@ impl PairFile {
                     format!("{section} name"),
                     format!(
                         "{name:?} is used by more than one component; every name must be unique"
+                    ),
+                ));
+            }
+        }
+
+        for store in &self.stores {
+            if store.log_max() < store.log_retention_entries {
+                return Err(self.invalid(
+                    format!("[[store]] {:?} log_max_entries", store.name),
+                    format!(
+                        "{} is below log_retention_entries ({}): the most the log keeps for a peer cannot be less than what it always keeps; raise log_max_entries or lower log_retention_entries",
+                        store.log_max(),
+                        store.log_retention_entries
                     ),
                 ));
             }
@@ -660,6 +686,33 @@ mod tests {
         assert!(e.contains("max_frame_bytes"), "{e}");
         assert!(e.contains("4096 is out of range: use 65536"), "{e}");
         assert!(PairFile::parse(&with(65536), "pair.toml").is_ok());
+    }
+
+    #[test]
+    fn a_log_maximum_below_its_retention_is_refused() {
+        let with = |keys: &str| {
+            DEFAULT_PAIR_FILE.replace(
+                "data_dir = \"agg_b\"",
+                &format!("data_dir = \"agg_b\"\n{keys}"),
+            )
+        };
+        let e = err(&with("log_retention_entries = 500\nlog_max_entries = 400"));
+        assert!(e.contains("[[store]] \"AGG_B\" log_max_entries"), "{e}");
+        assert!(
+            e.contains("400 is below log_retention_entries (500)"),
+            "{e}"
+        );
+        // Unset, the maximum is the default, or a retention raised past it.
+        let max = |keys: &str| {
+            let file = PairFile::parse(&with(keys), "pair.toml").unwrap();
+            file.store("AGG_B").unwrap().log_max()
+        };
+        assert_eq!(max("log_retention_entries = 500"), 10_000_000);
+        assert_eq!(max("log_retention_entries = 20000000"), 20_000_000);
+        assert_eq!(
+            max("log_max_entries = 500\nlog_retention_entries = 500"),
+            500
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tandem_protocol::{
     AlertFields, ClientKind, DEFAULT_MAX_FRAME, Event, EventBody, Message, Origin, Role, Severity,
 };
 use tandem_store::StoreOptions;
-use tandem_store::engine::Shared;
+use tandem_store::engine::{LogLimits, Shared};
 use tokio_util::sync::CancellationToken;
 
 struct Store {
@@ -38,7 +38,12 @@ struct Store {
 impl Store {
     async fn start(name: &str, role: Role, dir: &std::path::Path, retention: u64) -> Store {
         let options = StoreOptions {
-            log_retention: retention,
+            // The log keeps only `retention` entries, held for the peer or not: the sender's
+            // must be trimmed for a full resync to be needed.
+            log_limits: LogLimits {
+                retention,
+                max: retention,
+            },
             ..StoreOptions::new(
                 name,
                 role,

@@ -171,11 +171,12 @@ fn alerts_wanted() -> u64 {
 /// used does not blur the parent's measurement).
 async fn fill(path: std::path::PathBuf) {
     let alerts = alerts_wanted();
-    let (shared, tx, thread) =
-        tokio::task::spawn_blocking(move || engine::start("AGG_P", &path, 1024, u64::MAX))
-            .await
-            .expect("join")
-            .expect("open");
+    let (shared, tx, thread) = tokio::task::spawn_blocking(move || {
+        engine::start("AGG_P", &path, 1024, engine::LogLimits::ALL)
+    })
+    .await
+    .expect("join")
+    .expect("open");
     let origin = Origin::new("filler", 1);
     let mut pending = Vec::new();
     for start in (0..alerts).step_by(5_000) {
@@ -219,11 +220,12 @@ async fn load() {
     let before = rss_kib();
     let started = Instant::now();
     let path = dir.path().to_path_buf();
-    let (shared, tx, thread) =
-        tokio::task::spawn_blocking(move || engine::start("AGG_P", &path, 1024, u64::MAX))
-            .await
-            .expect("join")
-            .expect("open");
+    let (shared, tx, thread) = tokio::task::spawn_blocking(move || {
+        engine::start("AGG_P", &path, 1024, engine::LogLimits::ALL)
+    })
+    .await
+    .expect("join")
+    .expect("open");
     let secs = started.elapsed().as_secs_f64();
     let after = rss_kib();
     assert_eq!(shared.alert_count(), alerts);

@@ -83,7 +83,8 @@ pub struct StoreOptions {
     pub clear_delete_after: Duration,
     pub housekeeping: bool,
     pub housekeeping_interval: Duration,
-    pub log_retention: u64,
+    /// How much of the change log is kept (`log_retention_entries`, `log_max_entries`).
+    pub log_limits: engine::LogLimits,
     /// `sync` replication: acknowledgements of new events wait up to this long for the peer.
     pub sync_replication: Option<Duration>,
     /// TLS for this store's port (None: plaintext).
@@ -113,7 +114,7 @@ impl StoreOptions {
             clear_delete_after: Duration::from_secs(120),
             housekeeping: false,
             housekeeping_interval: Duration::from_secs(3600),
-            log_retention: engine::DEFAULT_LOG_RETENTION,
+            log_limits: engine::LogLimits::default(),
             sync_replication: None,
             tls: None,
             peer: None,
@@ -140,9 +141,9 @@ pub async fn run(
         })?;
     let path = options.data_path.clone();
     let name = options.name.clone();
-    let retention = options.log_retention;
+    let log_limits = options.log_limits;
     let (shared, tx, commit_thread) =
-        tokio::task::spawn_blocking(move || engine::start(&name, &path, 4096, retention))
+        tokio::task::spawn_blocking(move || engine::start(&name, &path, 4096, log_limits))
             .await
             .map_err(|e| StoreError::Open {
                 path: options.data_path.display().to_string(),

@@ -372,7 +372,7 @@ fn own_entries(
         tracing::warn!(
             first_lsn = io.meta.first_lsn,
             needed_from = from,
-            "this store's own log no longer reaches back to what its peer has applied: the resync joins states, which cannot double a tally but may undercount alerts both stores changed apart; raise log_retention_entries"
+            "this store's own log no longer reaches back to what its peer has applied: the resync joins states, which cannot double a tally but may undercount alerts both stores changed apart; raise log_max_entries"
         );
         return Ok(None);
     }

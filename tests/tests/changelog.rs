@@ -180,7 +180,7 @@ async fn a_trimmed_position_is_reported() {
     let pair = Pair::new(|t| {
         t.replace(
             "data_dir = \"agg_p\"",
-            "data_dir = \"agg_p\"\nlog_retention_entries = 100",
+            "data_dir = \"agg_p\"\nlog_retention_entries = 100\nlog_max_entries = 100",
         )
     });
     let addr = pair.file.store("AGG_P").unwrap().listen.0;

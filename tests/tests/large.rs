@@ -71,7 +71,7 @@ async fn large_alerts_reach_both_stores_in_frames_under_the_limit() {
         )
         .replace(
             "data_dir = \"agg_p\"",
-            "data_dir = \"agg_p\"\nlog_retention_entries = 20",
+            "data_dir = \"agg_p\"\nlog_retention_entries = 20\nlog_max_entries = 20",
         )
     });
     let p_addr = pair.file.store("AGG_P").unwrap().listen.0;

@@ -79,7 +79,7 @@ async fn a_store_behind_the_retained_log_is_resynced_from_a_snapshot() {
     let pair = Pair::new(|t| {
         t.replace(
             "data_dir = \"agg_p\"",
-            "data_dir = \"agg_p\"\nlog_retention_entries = 300",
+            "data_dir = \"agg_p\"\nlog_retention_entries = 300\nlog_max_entries = 300",
         )
         .replace(
             "data_dir = \"agg_b\"",
@@ -97,8 +97,12 @@ async fn a_store_behind_the_retained_log_is_resynced_from_a_snapshot() {
     let mut agg_b = pair.spawn(&["store", "--name", "AGG_B"], "agg_b");
 
     // With no gateway, each store takes events the other never sees: 6,000 on 3,000 alerts
-    // at the primary (twenty times its retained log), 200 at the backup, and one origin whose
-    // events 40 to 60 reached both (a probe resending after a failover).
+    // at the primary (twenty times its log, which keeps 300 entries whether the backup has
+    // them or not), 600 at the backup (twice its retention, kept because the primary has not
+    // applied them), and one origin whose events 40 to 60 reached both (a probe resending
+    // after a failover). The backup's full resync replays its own entries onto the
+    // primary's snapshot: with its log trimmed to 300 it could only join the two states,
+    // and the tallies of that origin's alerts would come out low.
     let p1 = Origin::new("p1", 1);
     let b1 = Origin::new("b1", 1);
     let both = Origin::new("both", 1);
@@ -112,13 +116,13 @@ async fn a_store_behind_the_retained_log_is_resynced_from_a_snapshot() {
         &events(&both, 1..=60, |s| format!("both-{}", s % 50)),
     )
     .await;
-    send(b_addr, &events(&b1, 1..=200, |s| format!("id-{s}"))).await;
+    send(b_addr, &events(&b1, 1..=600, |s| format!("id-{s}"))).await;
     send(
         b_addr,
         &events(&both, 40..=100, |s| format!("both-{}", s % 50)),
     )
     .await;
-    let (alerts, tally) = (3_050, 6_000 + 200 + 100);
+    let (alerts, tally) = (3_050, 6_000 + 600 + 100);
 
     // The gateway starts a full resync of AGG_B, and is killed part-way.
     let gw_http = pair.file.gateways[0].http.unwrap().0;
@@ -157,8 +161,13 @@ async fn a_store_behind_the_retained_log_is_resynced_from_a_snapshot() {
         "the resync started over:\n{log}"
     );
     assert_identical(p, b);
-    // The snapshot's rows were bulk loaded into AGG_B's storage, not written row by row.
+    // AGG_B replayed its own entries onto the snapshot rather than joining the two states.
     let log = pair.log("agg_b");
+    assert!(
+        log.contains("full resync merged") && !log.contains("exact=false"),
+        "the full resync was not exact:\n{log}"
+    );
+    // The snapshot's rows were bulk loaded into AGG_B's storage, not written row by row.
     assert!(
         log.contains("bulk loaded a full resync's rows"),
         "no bulk load:\n{log}"

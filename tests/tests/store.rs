@@ -174,7 +174,7 @@ async fn kills_at_random_points(log_retention: Option<u64>) {
     let pair = Pair::new(|t| match log_retention {
         Some(n) => t.replace(
             "data_dir = \"agg_p\"",
-            &format!("data_dir = \"agg_p\"\nlog_retention_entries = {n}"),
+            &format!("data_dir = \"agg_p\"\nlog_retention_entries = {n}\nlog_max_entries = {n}"),
         ),
         None => t,
     });
