@@ -106,7 +106,16 @@ impl OpsView for StoreView {
     }
 
     fn refresh_gauges(&self) {
-        metrics::gauge!("tandem_store_alerts").set(self.shared.alert_count() as f64);
+        let s = &self.shared;
+        metrics::gauge!("tandem_store_alerts").set(s.alert_count() as f64);
+        // How long the log is, and how much of it the peer lacks: what to watch against
+        // log_max_entries, past which the peer would need a full resync.
+        let head = s.head_lsn();
+        let first = s.first_lsn.load(Ordering::Relaxed);
+        metrics::gauge!("tandem_store_log_entries")
+            .set((head + 1).saturating_sub(first.max(1)) as f64);
+        metrics::gauge!("tandem_store_log_unapplied_entries")
+            .set(head.saturating_sub(*s.peer_cursor.borrow()) as f64);
     }
 }
 
