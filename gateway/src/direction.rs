@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tandem_probe::Connection;
 use tandem_protocol::codec::{from_bytes, snapshot_head};
 use tandem_protocol::message::ResyncPoint;
-use tandem_protocol::{CodecError, MergeFrame, Message};
+use tandem_protocol::{CodecError, MergeFrame, Message, ReplicateFrame};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -184,14 +184,14 @@ impl Direction {
                             if last_lsn > sent {
                                 batch += 1;
                                 let n = entries.len() as u64;
-                                let replicate = Message::Replicate {
+                                let replicate = ReplicateFrame {
                                     batch,
-                                    peer: from.clone(),
+                                    peer: &from,
                                     after: sent,
                                     cursor: last_lsn,
-                                    entries,
+                                    entries: &entries,
                                 };
-                                self.receiver.send(&replicate).await.map_err(|e| format!("{to}: {e}"))?;
+                                self.receiver.send_replicate(replicate).await.map_err(|e| format!("{to}: {e}"))?;
                                 in_flight.push_back((batch, last_lsn, n, Instant::now()));
                                 sent = last_lsn;
                             }

@@ -9,7 +9,7 @@ use tandem_net::tls::{ClientTls, Stream};
 use tandem_protocol::codec::{from_bytes, is_pong};
 use tandem_protocol::{
     ClientKind, CodecError, FrameCodec, Hello, MergeFrame, Message, MessageCodec, PROTOCOL_VERSION,
-    RejectReason, Welcome,
+    RejectReason, ReplicateFrame, Welcome,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -251,12 +251,28 @@ impl Connection {
     /// go to the socket in one vectored write, the page from where it lies, never copied into
     /// the write buffer (that copy was 2 % of a full resync's CPU).
     pub async fn send_merge(&mut self, merge: MergeFrame<'_>) -> Result<(), ClientError> {
+        let split = merge.split(self.framed.codec().max_frame());
+        self.send_split(split).await
+    }
+
+    /// Sends a `Replicate` frame (a gateway passing a page of the log on) the same way.
+    pub async fn send_replicate(
+        &mut self,
+        replicate: ReplicateFrame<'_>,
+    ) -> Result<(), ClientError> {
+        let split = replicate.split(self.framed.codec().max_frame());
+        self.send_split(split).await
+    }
+
+    /// Writes a frame's head and the page that ends it in one vectored write.
+    async fn send_split(
+        &mut self,
+        split: Result<(bytes::BytesMut, &[u8]), CodecError>,
+    ) -> Result<(), ClientError> {
         use bytes::Buf;
         use tokio::io::AsyncWriteExt;
         let addr = self.addr;
-        let (head, page) = merge
-            .split(self.framed.codec().max_frame())
-            .map_err(|source| ClientError::Codec { addr, source })?;
+        let (head, page) = split.map_err(|source| ClientError::Codec { addr, source })?;
         // Whatever was framed before goes first.
         SinkExt::<&Message>::flush(&mut self.framed)
             .await

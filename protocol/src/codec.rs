@@ -909,10 +909,54 @@ impl Encoder<MergeFrame<'_>> for MessageCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: MergeFrame<'_>, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let (head, page) = item.split(self.max_frame)?;
-        dst.reserve(head.len() + page.len());
-        dst.extend_from_slice(&head);
-        dst.extend_from_slice(page);
+        put_split(item.split(self.max_frame)?, dst);
+        Ok(())
+    }
+}
+
+/// Appends a frame split into its head and page (where a socket is not written to directly).
+fn put_split((head, page): (BytesMut, &[u8]), dst: &mut BytesMut) {
+    dst.reserve(head.len() + page.len());
+    dst.extend_from_slice(&head);
+    dst.extend_from_slice(page);
+}
+
+/// The `Replicate` frame that hands a `LogEntries` page on to the receiver: as with
+/// [`MergeFrame`], a gateway writes its head and the page to the socket together, the page from
+/// where it lies in the frame it came in (copying it into the write buffer was a tenth of a
+/// gateway's CPU while replicating).
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicateFrame<'a> {
+    pub batch: u64,
+    /// The store the entries come from.
+    pub peer: &'a str,
+    /// The cursor the entries follow on from, and the one they bring the receiver to.
+    pub after: u64,
+    pub cursor: u64,
+    pub entries: &'a crate::message::LogBatch,
+}
+
+impl<'a> ReplicateFrame<'a> {
+    /// The frame's length field and head, and the page that follows them; the same bytes as
+    /// the typed `Message::Replicate`. Refuses a frame over `max_frame` bytes.
+    pub fn split(&self, max_frame: usize) -> Result<(BytesMut, &'a [u8]), CodecError> {
+        let page = self.entries.stored();
+        let count = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        // The variant, four numbers, the name, the count and the page's length.
+        let mut head = BytesMut::with_capacity(LENGTH_FIELD + 5 + 50 + self.peer.len());
+        let fields = (REPLICATE, self.batch, self.peer, self.after, self.cursor);
+        start_frame(&mut head, (fields, count, page.len() as u64))?;
+        let len = head.len() - LENGTH_FIELD + page.len();
+        head[..LENGTH_FIELD].copy_from_slice(&length_field(len, max_frame)?);
+        Ok((head, page))
+    }
+}
+
+impl Encoder<ReplicateFrame<'_>> for MessageCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: ReplicateFrame<'_>, dst: &mut BytesMut) -> Result<(), CodecError> {
+        put_split(item.split(self.max_frame)?, dst);
         Ok(())
     }
 }
@@ -1378,7 +1422,14 @@ mod tests {
                 stored.push_encoded(&to_bytes(entry).unwrap());
             }
             prop_assert_eq!(&batch, &stored);
+            // Handed on by a gateway, head and page apart: the bytes of the typed message.
+            let frame = ReplicateFrame { batch: 1, peer: "AGG_P", after: 0, cursor: 9, entries: &batch };
+            let mut codec = MessageCodec::default();
+            let mut out = BytesMut::new();
+            codec.encode(frame, &mut out).unwrap();
             let msg = Message::Replicate { batch: 1, peer: "AGG_P".into(), after: 0, cursor: 9, entries: batch };
+            prop_assert_eq!(&out[LENGTH_FIELD..], &to_bytes(&msg).unwrap()[..]);
+            prop_assert_eq!(codec.decode(&mut out).unwrap().unwrap().unwrap(), msg.clone());
             let back: Message = from_bytes(&to_bytes(&msg).unwrap()).unwrap();
             let Message::Replicate { entries: back, .. } = back else {
                 return Err(TestCaseError::fail("not a Replicate"));

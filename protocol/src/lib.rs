@@ -19,7 +19,7 @@ pub use alert::{
 };
 pub use codec::{
     BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsFrame, EventsHead, FrameCodec, LogEntriesFrame,
-    MAX_FRAME_LIMIT, MergeFrame, MessageCodec, RecordBytes,
+    MAX_FRAME_LIMIT, MergeFrame, MessageCodec, RecordBytes, ReplicateFrame,
 };
 pub use event::{Event, EventBody, Origin, OriginCount, Version};
 pub use message::{

@@ -200,6 +200,11 @@ impl LogBatch {
         self.count += 1;
     }
 
+    /// The entries in their stored form, as the batch goes on the wire after its count.
+    pub(crate) fn stored(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// A batch of `count` entries whose stored form is `bytes` (a slice of a frame).
     pub(crate) fn from_parts(count: u32, bytes: BytesMut) -> LogBatch {
         LogBatch { count, bytes }
