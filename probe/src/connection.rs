@@ -269,24 +269,13 @@ impl Connection {
         &mut self,
         split: Result<(bytes::BytesMut, &[u8]), CodecError>,
     ) -> Result<(), ClientError> {
-        use bytes::Buf;
-        use tokio::io::AsyncWriteExt;
         let addr = self.addr;
         let (head, page) = split.map_err(|source| ClientError::Codec { addr, source })?;
         // Whatever was framed before goes first.
         SinkExt::<&Message>::flush(&mut self.framed)
             .await
             .map_err(|source| ClientError::Codec { addr, source })?;
-        let stream = self.framed.get_mut();
-        let mut parts = head.chain(page);
-        stream
-            .write_all_buf(&mut parts)
-            .await
-            .and(stream.flush().await)
-            .map_err(|e| ClientError::Codec {
-                addr,
-                source: CodecError::Io(e),
-            })
+        write_split(self.framed.get_mut(), head, page, addr).await
     }
 
     /// Splits the link so that reading never waits for writing: a peer that is itself
@@ -371,18 +360,48 @@ pub struct Writer {
     addr: SocketAddr,
 }
 
+/// Writes a frame's head and the page that ends it to `stream` in one vectored write: the
+/// page goes from where it lies, never copied into a write buffer.
+async fn write_split<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    head: bytes::BytesMut,
+    page: &[u8],
+    addr: SocketAddr,
+) -> Result<(), ClientError> {
+    use bytes::Buf;
+    use tokio::io::AsyncWriteExt;
+    let mut parts = head.chain(page);
+    stream
+        .write_all_buf(&mut parts)
+        .await
+        .and(stream.flush().await)
+        .map_err(|e| ClientError::Codec {
+            addr,
+            source: CodecError::Io(e),
+        })
+}
+
 impl Writer {
     /// Sends an `Events` frame from its parts (a probe's spooled batch, or a proxy passing
-    /// one on under its own batch id).
+    /// one on under its own batch id, which goes out without being copied).
     pub async fn send_events(
         &mut self,
         frame: tandem_protocol::EventsFrame,
     ) -> Result<(), ClientError> {
         let addr = self.addr;
-        self.inner
-            .send(frame)
+        let Some(split) = frame.split(self.inner.encoder().max_frame()) else {
+            return self
+                .inner
+                .send(frame)
+                .await
+                .map_err(|source| ClientError::Codec { addr, source });
+        };
+        let (head, page) = split.map_err(|source| ClientError::Codec { addr, source })?;
+        // Whatever was framed before goes first.
+        SinkExt::<&Message>::flush(&mut self.inner)
             .await
-            .map_err(|source| ClientError::Codec { addr, source })
+            .map_err(|source| ClientError::Codec { addr, source })?;
+        write_split(self.inner.get_mut(), head, page, addr).await
     }
 
     pub async fn send(&mut self, msg: &Message) -> Result<(), ClientError> {

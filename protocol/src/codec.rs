@@ -668,33 +668,52 @@ pub enum EventsFrame {
     },
 }
 
+impl EventsFrame {
+    /// A `Renumbered` frame's length field and new head, and the rest of the frame as it came,
+    /// for a vectored write: a proxy then passes a batch on without copying it (that copy was a
+    /// quarter of a proxy's CPU). `None` for an `Encoded` frame, whose events lie apart.
+    pub fn split(&self, max_frame: usize) -> Option<Result<(BytesMut, &[u8]), CodecError>> {
+        match self {
+            EventsFrame::Renumbered { batch, frame, head } => {
+                Some(renumbered(*batch, frame, head, max_frame))
+            }
+            EventsFrame::Encoded { .. } => None,
+        }
+    }
+}
+
+/// See [`EventsFrame::split`].
+fn renumbered<'a>(
+    batch: u64,
+    frame: &'a Bytes,
+    head: &EventsHead,
+    max_frame: usize,
+) -> Result<(BytesMut, &'a [u8]), CodecError> {
+    let rest = frame.get(head.head_len..).unwrap_or_default();
+    // The variant and the batch id: at most 5 + 10 bytes.
+    let mut out = BytesMut::with_capacity(LENGTH_FIELD + 15);
+    start_frame(&mut out, (EVENTS_VARIANT, batch))?;
+    let len = out.len() - LENGTH_FIELD + rest.len();
+    out[..LENGTH_FIELD].copy_from_slice(&length_field(len, max_frame)?);
+    Ok((out, rest))
+}
+
 impl Encoder<EventsFrame> for MessageCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: EventsFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let body: usize = match &item {
-            EventsFrame::Encoded { events, .. } => events.iter().map(Bytes::len).sum(),
-            EventsFrame::Renumbered { frame, head, .. } => {
-                frame.len().saturating_sub(head.head_len)
+        let (batch, events) = match &item {
+            EventsFrame::Renumbered { batch, frame, head } => {
+                put_split(renumbered(*batch, frame, head, self.max_frame)?, dst);
+                return Ok(());
             }
+            EventsFrame::Encoded { batch, events } => (*batch, events),
         };
         // The head is a few varints: at most 4 + 10 + 10 bytes.
-        dst.reserve(LENGTH_FIELD + 24 + body);
-        let start = match &item {
-            EventsFrame::Encoded { batch, events } => {
-                start_frame(dst, (EVENTS_VARIANT, *batch, events.len() as u64))?
-            }
-            EventsFrame::Renumbered { batch, .. } => start_frame(dst, (EVENTS_VARIANT, *batch))?,
-        };
-        match &item {
-            EventsFrame::Encoded { events, .. } => {
-                for event in events {
-                    dst.extend_from_slice(event);
-                }
-            }
-            EventsFrame::Renumbered { frame, head, .. } => {
-                dst.extend_from_slice(frame.get(head.head_len..).unwrap_or_default());
-            }
+        dst.reserve(LENGTH_FIELD + 24 + events.iter().map(Bytes::len).sum::<usize>());
+        let start = start_frame(dst, (EVENTS_VARIANT, batch, events.len() as u64))?;
+        for event in events {
+            dst.extend_from_slice(event);
         }
         self.finish_frame(dst, start)
     }
