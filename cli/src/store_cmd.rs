@@ -112,8 +112,7 @@ impl OpsView for StoreView {
         // log_max_entries, past which the peer would need a full resync.
         let head = s.head_lsn();
         let first = s.first_lsn.load(Ordering::Relaxed);
-        metrics::gauge!("tandem_store_log_entries")
-            .set((head + 1).saturating_sub(first.max(1)) as f64);
+        metrics::gauge!("tandem_store_log_entries").set((head + 1).saturating_sub(first) as f64);
         metrics::gauge!("tandem_store_log_unapplied_entries")
             .set(head.saturating_sub(*s.peer_cursor.borrow()) as f64);
     }

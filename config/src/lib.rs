@@ -148,7 +148,7 @@ fn default_log_retention() -> u64 {
     2_000_000
 }
 /// `log_max_entries` when the pair file does not set it (nor a larger retention).
-pub const DEFAULT_LOG_MAX: u64 = 10_000_000;
+const DEFAULT_LOG_MAX: u64 = 10_000_000;
 fn default_true() -> bool {
     true
 }
