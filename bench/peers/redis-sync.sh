@@ -67,6 +67,8 @@ f = s.makefile("rb")
 def call(*args):
     s.sendall(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args]))
     line = f.readline()
+    if line[:1] in (b"-", b""):
+        sys.exit(f"the replica answered {args[0]} with {line.decode().strip() or 'nothing (closed)'}")
     if line[:1] == b"$":
         n = int(line[1:])
         return f.read(n + 2)[:-2].decode()
