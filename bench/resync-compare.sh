@@ -10,14 +10,18 @@
 # Usage: [ROUNDS=3] bench/resync-compare.sh [ALERTS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.."
 N=${1:-1000000}
 ROUNDS=${ROUNDS:-3}
-cargo bench -q -p tandem-gateway --bench resync --no-run 2> /dev/null
+cargo bench -q -p tandem-gateway --bench resync --no-run
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 tandem=(); redis=(); compact=()
 for round in $(seq "$ROUNDS"); do
   sync; sleep 2
-  t=$(TANDEM_BENCH_ONLY=full TANDEM_BENCH_ALERTS=$N cargo bench -q -p tandem-gateway --bench resync 2> /dev/null | grep "full resync:")
+  t=$(TANDEM_BENCH_ONLY=full TANDEM_BENCH_ALERTS=$N cargo bench -q -p tandem-gateway --bench resync 2> "$log" | grep "full resync:") ||
+    { echo "tandem's resync bench gave no figure; its output:" >&2; cat "$log" >&2; exit 1; }
   echo "round $round: tandem $t"
   tandem+=("$(echo "$t" | sed -E 's/.* in ([0-9.]+) s.*/\1/')")
   sync; sleep 2
