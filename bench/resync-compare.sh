@@ -16,6 +16,7 @@ ROUNDS=${ROUNDS:-3}
 cargo bench -q -p tandem-gateway --bench resync --no-run
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+secs() { sed -E 's/.* in ([0-9.]+) s.*/\1/'; }
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 tandem=(); redis=(); compact=()
 for round in $(seq "$ROUNDS"); do
@@ -23,15 +24,15 @@ for round in $(seq "$ROUNDS"); do
   t=$(TANDEM_BENCH_ONLY=full TANDEM_BENCH_ALERTS=$N cargo bench -q -p tandem-gateway --bench resync 2> "$log" | grep "full resync:") ||
     { echo "tandem's resync bench gave no figure; its output:" >&2; cat "$log" >&2; exit 1; }
   echo "round $round: tandem $t"
-  tandem+=("$(echo "$t" | sed -E 's/.* in ([0-9.]+) s.*/\1/')")
+  tandem+=("$(echo "$t" | secs)")
   sync; sleep 2
   r=$("$here/peers/redis-sync.sh" "$N")
   echo "round $round: $r (bench alert's fields)"
-  redis+=("$(echo "$r" | sed -E 's/.* in ([0-9.]+) s.*/\1/')")
+  redis+=("$(echo "$r" | secs)")
   sync; sleep 2
   c=$("$here/peers/redis-sync.sh" "$N" 60)
   echo "round $round: $c (compact hashes)"
-  compact+=("$(echo "$c" | sed -E 's/.* in ([0-9.]+) s.*/\1/')")
+  compact+=("$(echo "$c" | secs)")
 done
 echo "medians over $ROUNDS rounds:"
 python3 - "$(median "${tandem[@]}")" "$(median "${redis[@]}")" "$(median "${compact[@]}")" <<'PY'

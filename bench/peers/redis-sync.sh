@@ -57,7 +57,6 @@ out.write(b"".join(buf))
 PY
 keys=$(redis-cli -p "$master" dbsize)
 [ "$keys" = "$ALERTS" ] || { echo "the master holds $keys keys, not $ALERTS" >&2; exit 1; }
-sleep 1
 
 python3 - "$master" "$replica" "$ALERTS" <<'PY'
 import socket, sys, time
