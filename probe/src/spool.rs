@@ -790,7 +790,7 @@ mod tests {
     #[test]
     fn a_memory_spool_numbers_from_one_and_forgets_what_is_acked() {
         let mut spool = Spool::open(None, "probe-a").unwrap();
-        assert_eq!(&*spool.origin().name, "probe-a");
+        assert_eq!(spool.origin().name(), "probe-a");
         assert!(spool.is_empty());
         assert_eq!(spool.next_seq(), 1);
 

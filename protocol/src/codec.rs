@@ -1008,7 +1008,7 @@ impl<'a> SnapshotPageWriter<'a> {
         let room = SNAPSHOT_HEAD_ROOM
             + applied
                 .iter()
-                .map(|set| 20 + set.origin.name.len() + 20 * set.ranges.ranges().len())
+                .map(|set| 20 + set.origin.name().len() + 20 * set.ranges.ranges().len())
                 .sum::<usize>();
         SnapshotPageWriter {
             frame: InPlace::begin(dst, room),

@@ -18,47 +18,121 @@ use crate::alert::{Millis, PackedFields, Severity};
 ///
 /// `epoch` is chosen when the writer's sequence space is created (a probe's spool, a store's data
 /// directory), so a writer that loses its spool starts a new origin instead of reusing numbers.
-#[derive(Clone, Debug, Default, Eq, PartialOrd, Ord, Serialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
-pub struct Origin {
-    /// Shared: every event and version of one writer points at the same name.
-    #[cfg_attr(test, proptest(strategy = "\"[a-z0-9_-]{0,12}\".prop_map(Arc::from)"))]
-    pub name: Arc<str>,
-    pub epoch: u64,
-}
+#[derive(Clone, Default)]
+pub struct Origin(
+    /// One pointer, so that a [`Version`] is three words: a stored alert carries five of them.
+    /// `None` is the empty origin (no name, epoch 0), which a default state's versions hold and
+    /// which then costs no allocation.
+    Option<Arc<OriginKey>>,
+);
 
-/// The derived comparison's result, the epochs first and one shared name found without
-/// comparing its bytes: a store points every version at one copy of each origin, and folding
-/// compares them for every event (`Arc<str>` compares the bytes even when both are one).
-impl PartialEq for Origin {
-    fn eq(&self, other: &Origin) -> bool {
-        self.epoch == other.epoch
-            && (Arc::ptr_eq(&self.name, &other.name) || self.name == other.name)
-    }
-}
-
-/// As derived: the name, then the epoch (equal origins hash alike either way).
-impl std::hash::Hash for Origin {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.name.hash(state);
-        self.epoch.hash(state);
-    }
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct OriginKey {
+    name: Box<str>,
+    epoch: u64,
 }
 
 impl Origin {
-    pub fn new(name: impl Into<Arc<str>>, epoch: u64) -> Self {
-        Origin {
+    pub fn new(name: impl AsRef<str>, epoch: u64) -> Self {
+        let name = name.as_ref();
+        if name.is_empty() && epoch == 0 {
+            return Origin(None);
+        }
+        Origin(Some(Arc::new(OriginKey {
             name: name.into(),
             epoch,
+        })))
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.as_ref().map_or("", |key| &key.name)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.0.as_ref().map_or(0, |key| key.epoch)
+    }
+
+    /// One allocation behind both (or both empty): equal without comparing a byte.
+    pub fn is_same(&self, other: &Origin) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
         }
     }
 }
 
-/// The same bytes as the derived implementation would read, but the name is borrowed from the
-/// input and shared through [`shared_name`]: every event and every stored version carries an
-/// origin, and a batch or a snapshot page names the same few writers over and over. Decoding
-/// each name into its own `Arc<str>` cost two allocations (serde builds a `Box<str>`, then the
-/// `Arc` copies it) and a free on whichever thread dropped the event.
+/// By name and epoch, one shared origin found without comparing its bytes: a store points every
+/// version at one copy of each origin, and folding compares them for every event.
+impl PartialEq for Origin {
+    fn eq(&self, other: &Origin) -> bool {
+        self.is_same(other) || (self.epoch() == other.epoch() && self.name() == other.name())
+    }
+}
+
+impl Eq for Origin {}
+
+/// The name, then the epoch: the order the versions of every store agree on.
+impl Ord for Origin {
+    fn cmp(&self, other: &Origin) -> std::cmp::Ordering {
+        if self.is_same(other) {
+            return std::cmp::Ordering::Equal;
+        }
+        (self.name(), self.epoch()).cmp(&(other.name(), other.epoch()))
+    }
+}
+
+impl PartialOrd for Origin {
+    fn partial_cmp(&self, other: &Origin) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// As a struct of a name and an epoch would hash.
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state);
+        self.epoch().hash(state);
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin")
+            .field("name", &self.name())
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
+/// The encoding of a struct `Origin { name: String, epoch: u64 }`: the wire and disk format.
+impl Serialize for Origin {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut wire = serializer.serialize_struct("Origin", 2)?;
+        wire.serialize_field("name", self.name())?;
+        wire.serialize_field("epoch", &self.epoch())?;
+        wire.end()
+    }
+}
+
+#[cfg(test)]
+impl proptest::arbitrary::Arbitrary for Origin {
+    type Parameters = ();
+    type Strategy = proptest::strategy::BoxedStrategy<Origin>;
+
+    fn arbitrary_with(_: ()) -> Self::Strategy {
+        ("[a-z0-9_-]{0,12}", proptest::prelude::any::<u64>())
+            .prop_map(|(name, epoch)| Origin::new(name, epoch))
+            .boxed()
+    }
+}
+
+/// The same bytes as the derived implementation would read, but the origin is borrowed from
+/// the input and shared through [`shared_origin`]: every event and every stored version carries
+/// an origin, and a batch or a snapshot page names the same few writers over and over. Decoding
+/// each into an allocation of its own cost two allocations (serde builds a `Box<str>`, then the
+/// `Arc`) and a free on whichever thread dropped the event.
 impl<'de> Deserialize<'de> for Origin {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -69,10 +143,7 @@ impl<'de> Deserialize<'de> for Origin {
             epoch: u64,
         }
         let wire = Wire::deserialize(deserializer)?;
-        Ok(Origin {
-            name: shared_name(&wire.name),
-            epoch: wire.epoch,
-        })
+        Ok(shared_origin(&wire.name, wire.epoch))
     }
 }
 
@@ -84,10 +155,7 @@ impl<'de, C> bincode::BorrowDecode<'de, C> for Origin {
     ) -> Result<Self, bincode::error::DecodeError> {
         let name: &'de str = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
         let epoch = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
-        Ok(Origin {
-            name: shared_name(name),
-            epoch,
-        })
+        Ok(shared_origin(name, epoch))
     }
 }
 
@@ -110,7 +178,7 @@ thread_local! {
     static RECENT_NAMES: RefCell<RecentNames> = RefCell::default();
 }
 
-/// A store or origin name, decoded through [`shared_name`].
+/// A store name, decoded through [`shared_name`].
 pub(crate) fn deserialize_shared_name<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Arc<str>, D::Error> {
@@ -118,8 +186,9 @@ pub(crate) fn deserialize_shared_name<'de, D: Deserializer<'de>>(
     Ok(shared_name(&name))
 }
 
-/// `name` as an `Arc<str>`, shared with the last origins decoded on this thread that had it.
-pub(crate) fn shared_name(name: &str) -> Arc<str> {
+/// `name` as an `Arc<str>`, shared with the last names this thread asked for: every row and
+/// every replicated entry names one of the pair's two stores.
+pub fn shared_name(name: &str) -> Arc<str> {
     if name.len() > SHARED_NAME_MAX {
         return Arc::from(name);
     }
@@ -145,9 +214,59 @@ pub(crate) fn shared_name(name: &str) -> Arc<str> {
     })
 }
 
+/// How many recent origins each thread keeps.
+const SHARED_ORIGIN_SLOTS: usize = 8;
+
+#[derive(Default)]
+struct RecentOrigins {
+    slots: [Origin; SHARED_ORIGIN_SLOTS],
+    next: usize,
+    /// The slot that matched last: a batch names one origin in every event, so it is tried
+    /// first.
+    last: usize,
+}
+
+thread_local! {
+    static RECENT_ORIGINS: RefCell<RecentOrigins> = RefCell::default();
+}
+
+/// The origin `name` and `epoch` name, shared with the last origins decoded on this thread
+/// that were the same.
+pub(crate) fn shared_origin(name: &str, epoch: u64) -> Origin {
+    if name.len() > SHARED_NAME_MAX || (name.is_empty() && epoch == 0) {
+        return Origin::new(name, epoch);
+    }
+    RECENT_ORIGINS.with_borrow_mut(|recent| {
+        let is = |at: usize| {
+            recent
+                .slots
+                .get(at)
+                .is_some_and(|o| o.epoch() == epoch && o.name() == name)
+        };
+        let found = if is(recent.last) {
+            Some(recent.last)
+        } else {
+            (0..SHARED_ORIGIN_SLOTS).find(|&at| is(at))
+        };
+        if let Some(hit) = found.and_then(|at| recent.slots.get(at)) {
+            let hit = hit.clone();
+            recent.last = found.unwrap_or_default();
+            return hit;
+        }
+        let fresh = Origin::new(name, epoch);
+        let slot = recent.next;
+        recent.last = slot;
+        if let Some(kept) = recent.slots.get_mut(slot) {
+            *kept = fresh.clone();
+        }
+        recent.next = (slot + 1) % SHARED_ORIGIN_SLOTS;
+        fresh
+    })
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{:x}", self.name, self.epoch)
+        write!(f, "{}@{:x}", self.name(), self.epoch())
     }
 }
 
@@ -297,11 +416,11 @@ mod tests {
         );
         assert_ne!(a, Origin::new("probe-a", 2));
         assert_ne!(a, Origin::new("probe-b", 1));
-        let shared_other_epoch = Origin {
-            name: a.name.clone(),
-            epoch: 2,
-        };
-        assert_ne!(a, shared_other_epoch);
+        assert_ne!(a, Origin::new(a.name(), 2));
+        assert_eq!(Origin::new("", 0), Origin::default());
+        assert_ne!(Origin::new("", 1), Origin::default());
+        assert!(Origin::default() < Origin::new("", 1));
+        assert!(Origin::new("", 1) < Origin::new("a", 0));
     }
 
     #[test]
@@ -321,7 +440,7 @@ mod tests {
         let a: Origin = crate::codec::from_bytes(&bytes).unwrap();
         let b: Origin = crate::codec::from_bytes(&bytes).unwrap();
         assert_eq!(a, origin);
-        assert!(Arc::ptr_eq(&a.name, &b.name), "one name for both");
+        assert!(a.is_same(&b), "one origin for both");
         // More writers than the cache holds, and a name too long to keep: still decoded right.
         let long = "x".repeat(SHARED_NAME_MAX + 1);
         for name in (0..20)
@@ -342,9 +461,9 @@ mod tests {
         let first: Vec<Origin> = ["probe-1", "probe-2", "probe-3"].map(decode).into();
         for name in ["probe-2", "probe-2", "probe-1", "probe-3", "probe-1"] {
             let again = decode(name);
-            assert_eq!(&*again.name, name);
-            let earlier = first.iter().find(|o| &*o.name == name).unwrap();
-            assert!(Arc::ptr_eq(&again.name, &earlier.name), "{name} shared");
+            assert_eq!(again.name(), name);
+            let earlier = first.iter().find(|o| o.name() == name).unwrap();
+            assert!(again.is_same(earlier), "{name} shared");
         }
         let json: Origin = serde_json::from_str(r#"{"name":"p\u00e9","epoch":2}"#).unwrap();
         assert_eq!(json, Origin::new("p\u{e9}", 2));

@@ -21,7 +21,7 @@ pub use codec::{
     BadFrame, CodecError, DEFAULT_MAX_FRAME, EventsFrame, EventsHead, FrameCodec, LogEntriesFrame,
     MAX_FRAME_LIMIT, MergeFrame, MessageCodec, RecordBytes, ReplicateFrame,
 };
-pub use event::{Event, EventBody, Origin, OriginCount, Version};
+pub use event::{Event, EventBody, Origin, OriginCount, Version, shared_name};
 pub use message::{
     ClientKind, Directive, Hello, Message, PROTOCOL_VERSION, Query, RejectReason, Role, SortKey,
     StoreStatus, Welcome,

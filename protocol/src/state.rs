@@ -5,6 +5,8 @@
 //! exactly-once bookkeeping: the set of sequence numbers of one origin that a store has applied,
 //! kept as coalesced ranges (usually one per origin).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{JournalEntry, Millis, PackedFields, Severity};
@@ -19,18 +21,34 @@ pub struct Versioned<T> {
 }
 
 /// Everything a store folds from the events of one alert.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, bincode::BorrowDecode)]
+///
+/// A store keeps one in memory for every alert, so its size is the table's: the store name is
+/// shared (every row names one of two stores) and the owner boxed, which keeps a row within
+/// 384 bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct AlertState {
     /// Where the alert was first inserted: the store name and its serial there, from the
     /// occurrence with the lowest version (ties broken by store name).
-    pub inserted: Versioned<(String, u64)>,
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::strategy::Strategy::prop_map(proptest::prelude::any::<(String, u64, Version)>(), |(name, serial, version)| Versioned { value: (Arc::from(name), serial), version })"
+        )
+    )]
+    pub inserted: Versioned<(Arc<str>, u64)>,
     /// The newest occurrence's fields.
     pub latest: Versioned<PackedFields>,
     /// Set by occurrences, generic clears, expiry and operators; newest version wins.
     pub severity: Versioned<Severity>,
     pub acknowledged: Versioned<bool>,
-    pub owner: Versioned<String>,
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::strategy::Strategy::prop_map(proptest::prelude::any::<(String, Version)>(), |(owner, version)| Versioned { value: owner.into_boxed_str(), version })"
+        )
+    )]
+    pub owner: Versioned<Box<str>>,
     pub first_occurrence: Millis,
     pub last_occurrence: Millis,
     pub state_change: Millis,
@@ -40,6 +58,34 @@ pub struct AlertState {
     /// occurrences than deletions.
     pub deleted: Vec<OriginCount>,
     pub journal: Vec<JournalEntry>,
+}
+
+/// As derived, field by field, but the store name is shared through
+/// [`crate::event::shared_name`] instead of allocated for every row.
+impl<'de, C> bincode::BorrowDecode<'de, C> for AlertState {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = C>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let name: &'de str = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        let serial = bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?;
+        let inserted = Versioned {
+            value: (crate::event::shared_name(name), serial),
+            version: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+        };
+        Ok(AlertState {
+            inserted,
+            latest: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            severity: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            acknowledged: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            owner: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            first_occurrence: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            last_occurrence: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            state_change: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            occurrences: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            deleted: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+            journal: bincode::BorrowDecode::<'de, C>::borrow_decode(decoder)?,
+        })
+    }
 }
 
 /// The applied sequence numbers of one origin, as sorted, disjoint, non-adjacent inclusive

@@ -185,10 +185,11 @@ pub fn merge_inserted(state: &mut AlertState, version: &Version, inserted_at: (&
     let unset = state.inserted.value.0.is_empty();
     let wins = unset
         || *version < state.inserted.version
-        || (*version == state.inserted.version && name < state.inserted.value.0.as_str());
+        || (*version == state.inserted.version && name < &*state.inserted.value.0);
     if wins {
         state.inserted = Versioned {
-            value: (name.to_string(), serial),
+            // Shared: every row names one of the pair's two stores.
+            value: (tandem_protocol::shared_name(name), serial),
             version: version.clone(),
         };
     }
@@ -218,7 +219,7 @@ pub fn action(state: &mut AlertState, body: &EventBody, version: &Version) {
             propose(&mut state.acknowledged, *acknowledged, version);
         }
         EventBody::SetOwner { owner, .. } => {
-            propose(&mut state.owner, owner.clone(), version);
+            propose(&mut state.owner, owner.as_str().into(), version);
         }
         EventBody::SetSeverity { severity, .. } => {
             propose(&mut state.severity, *severity, version);
@@ -299,7 +300,7 @@ pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
     Alert {
         identifier: identifier.to_string(),
         serial,
-        server_name: state.inserted.value.0.clone(),
+        server_name: state.inserted.value.0.to_string(),
         server_serial: state.inserted.value.1,
         node: f.node().to_string(),
         node_alias: f.node_alias().to_string(),
@@ -316,7 +317,7 @@ pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
         state_change: state.state_change,
         tally: tally(state),
         acknowledged: state.acknowledged.value,
-        owner: state.owner.value.clone(),
+        owner: state.owner.value.to_string(),
         expire_seconds: f.expire_seconds,
         extra: f.extra.clone(),
         journal: state.journal.clone(),
@@ -392,7 +393,7 @@ mod tests {
         let mut s = AlertState::default();
         occurrence(&mut s, fields(3, "x"), &v(5, 2), ("AGG_B", 7));
         occurrence(&mut s, fields(3, "x"), &v(4, 1), ("AGG_P", 3));
-        assert_eq!(s.inserted.value, ("AGG_P".to_string(), 3));
+        assert_eq!(s.inserted.value, (Arc::from("AGG_P"), 3));
     }
 }
 

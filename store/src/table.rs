@@ -93,14 +93,14 @@ impl Incoming {
     }
 }
 
-/// The origins interned last, found by the name they arrived with. A batch or a snapshot
-/// page names a few writers over and over, and a connection's thread decodes each of their
-/// names into one shared allocation (`shared_name`), so comparing pointers finds most origins
-/// without hashing and comparing their names (a snapshot row has six or more). Each slot holds
-/// the name it arrived with, so that its address cannot be reused by another name.
+/// The origins interned last, found by the allocation they arrived in. A batch or a snapshot
+/// page names a few writers over and over, and a connection's thread decodes each of them into
+/// one shared allocation (`shared_origin`), so comparing pointers finds most origins without
+/// hashing and comparing their names (a snapshot row has six or more). Each slot holds the
+/// origin it arrived as, so that its address cannot be reused by another.
 #[derive(Debug, Default)]
 struct RecentOrigins {
-    slots: [Option<(Arc<str>, u64, Origin)>; RECENT_ORIGINS],
+    slots: [Option<(Origin, Origin)>; RECENT_ORIGINS],
     next: usize,
 }
 
@@ -111,13 +111,13 @@ impl RecentOrigins {
         self.slots
             .iter()
             .flatten()
-            .find(|(name, epoch, _)| *epoch == origin.epoch && Arc::ptr_eq(name, &origin.name))
-            .map(|(_, _, interned)| interned)
+            .find(|(arrived, _)| arrived.is_same(origin))
+            .map(|(_, interned)| interned)
     }
 
     fn put(&mut self, arrived: &Origin, interned: &Origin) {
         if let Some(slot) = self.slots.get_mut(self.next) {
-            *slot = Some((arrived.name.clone(), arrived.epoch, interned.clone()));
+            *slot = Some((arrived.clone(), interned.clone()));
         }
         self.next = (self.next + 1) % RECENT_ORIGINS;
     }
@@ -185,7 +185,7 @@ pub fn validate(event: &Event) -> Result<(), String> {
             id.len()
         ));
     }
-    if event.origin.name.is_empty() {
+    if event.origin.name().is_empty() {
         return Err("the event's origin has no name".into());
     }
     if event.seq == 0 {
@@ -417,6 +417,20 @@ impl Table {
         shared
     }
 
+    /// Points `origin` at the interned copy. Left alone when it is that copy already, as most
+    /// are (a connection's thread decodes every name into one allocation, and the table
+    /// interned the first one it saw): replacing it would write the reference counts of an
+    /// allocation the decoding thread writes too.
+    fn intern_in_place(&mut self, origin: &mut Origin) {
+        if let Some(shared) = self.recent.get(origin) {
+            if !shared.is_same(origin) {
+                *origin = shared.clone();
+            }
+            return;
+        }
+        *origin = self.intern(origin);
+    }
+
     /// Points every version of `state` at the interned origins.
     fn intern_state(&mut self, state: &mut AlertState) {
         for version in [
@@ -426,12 +440,12 @@ impl Table {
             &mut state.acknowledged.version,
             &mut state.owner.version,
         ] {
-            if !version.origin.name.is_empty() {
-                version.origin = self.intern(&version.origin);
+            if !version.origin.name().is_empty() {
+                self.intern_in_place(&mut version.origin);
             }
         }
         for count in state.occurrences.iter_mut().chain(state.deleted.iter_mut()) {
-            count.origin = self.intern(&count.origin);
+            self.intern_in_place(&mut count.origin);
         }
     }
 
@@ -686,7 +700,7 @@ impl Table {
 
     /// Takes a resolution version from the peer's snapshot.
     pub fn merge_clear(&mut self, key: ClearKey, mut version: Version, changes: &mut Changes) {
-        version.origin = self.intern(&version.origin);
+        self.intern_in_place(&mut version.origin);
         self.resolve(key, version, changes);
     }
 
@@ -982,17 +996,14 @@ mod tests {
     fn origins_intern_to_one_copy_whatever_name_allocation_they_arrive_with() {
         let mut t = Table::new("AGG_P");
         let first = t.intern(&Origin::new("probe-a", 1));
-        // The same writer again under a name allocated elsewhere, and under the same name
-        // allocation (as a connection's thread decodes it) but another epoch: a new writer.
+        // The same writer again in an allocation of its own, and the same name with another
+        // epoch: a new writer.
         let again = t.intern(&Origin::new("probe-a", 1));
-        assert!(Arc::ptr_eq(&first.name, &again.name));
+        assert!(first.is_same(&again));
         let arrived = Origin::new("probe-b", 1);
         let b1 = t.intern(&arrived);
-        let b2 = t.intern(&Origin {
-            name: arrived.name.clone(),
-            epoch: 2,
-        });
-        assert_eq!((b1.epoch, b2.epoch), (1, 2));
+        let b2 = t.intern(&Origin::new(arrived.name(), 2));
+        assert_eq!((b1.epoch(), b2.epoch()), (1, 2));
         assert_eq!(t.intern(&arrived), Origin::new("probe-b", 1));
         // More writers than the recent slots hold: each still interns to its first copy.
         let firsts: Vec<Origin> = (0..3 * RECENT_ORIGINS)
@@ -1000,7 +1011,7 @@ mod tests {
             .collect();
         for (n, first) in firsts.iter().enumerate() {
             let later = t.intern(&Origin::new(format!("p{n}"), 5));
-            assert!(Arc::ptr_eq(&first.name, &later.name), "p{n}");
+            assert!(first.is_same(&later), "p{n}");
             assert_eq!(later, *first);
         }
     }
