@@ -243,8 +243,9 @@ fn decode_merge(frame: Bytes) -> Result<(Message, RecordBytes), CodecError> {
     let mut alerts = Vec::with_capacity(room);
     let mut encoded = RecordBytes::new(frame.clone(), room);
     for _ in 0..count {
-        let (identifier, used) = decode_prefix::<String>(&frame[at..])?;
+        let (identifier, used) = decode_prefix_native::<&str>(&frame[at..])?;
         at += used;
+        let identifier = std::sync::Arc::from(identifier);
         let (state, used) = decode_prefix_native::<crate::state::AlertState>(&frame[at..])?;
         encoded.push(at, at + used);
         alerts.push((identifier, state));
@@ -1557,7 +1558,7 @@ mod tests {
                 (chunk.head.snapshot, chunk.clears.len(), chunk.alerts.len()),
                 (7, 500, 2)
             );
-            assert_eq!(chunk.alerts[1].0, "host2:disk");
+            assert_eq!(&*chunk.alerts[1].0, "host2:disk");
 
             let mut buf = BytesMut::from(before);
             let mut writer = SnapshotPageWriter::begin(&mut buf, &[]);

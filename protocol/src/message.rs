@@ -394,7 +394,15 @@ pub struct SnapshotChunk {
     pub applied: Vec<AppliedRanges>,
     /// Generic-clear keys and their newest resolution versions.
     pub clears: Vec<(String, Version)>,
-    pub alerts: Vec<(String, AlertState)>,
+    /// Each identifier in the shared form a store keys its table with, so that the receiver
+    /// takes it as decoded rather than copying it again.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::strategy::Strategy::prop_map(proptest::prelude::any::<Vec<(String, AlertState)>>(), |alerts| alerts.into_iter().map(|(id, state)| (std::sync::Arc::from(id), state)).collect())"
+        )
+    )]
+    pub alerts: Vec<(std::sync::Arc<str>, AlertState)>,
 }
 
 /// How far a receiver has merged a peer's snapshot, so that a resync resumes there.

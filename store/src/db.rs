@@ -1305,7 +1305,7 @@ mod tests {
                 tandem_protocol::Message::SnapshotChunk(chunk) => chunk,
                 other => panic!("{other:?}"),
             };
-            ids.extend(chunk.alerts.into_iter().map(|(id, _)| id));
+            ids.extend(chunk.alerts.into_iter().map(|(id, _)| id.to_string()));
             if n < 1_000 {
                 break;
             }
@@ -1337,7 +1337,7 @@ mod tests {
                 other => panic!("{other:?}"),
             };
             assert!(done || !chunk.alerts.is_empty());
-            cut_ids.extend(chunk.alerts.into_iter().map(|(id, _)| id));
+            cut_ids.extend(chunk.alerts.into_iter().map(|(id, _)| id.to_string()));
             pages += 1;
             if done {
                 break;
@@ -1396,7 +1396,7 @@ mod tests {
         fn merge(&mut self, rows: &[(Arc<str>, AlertState)], point: Option<ResyncPoint>) {
             for (id, state) in rows {
                 let stored = bytes::Bytes::from(to_bytes(state).unwrap());
-                let incoming = crate::table::Incoming::new(id, state.clone());
+                let incoming = crate::table::Incoming::new(id.clone(), state.clone());
                 self.table
                     .merge_row(incoming, Some(stored), Some(Vec::new()), &mut self.changes);
             }

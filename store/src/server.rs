@@ -280,7 +280,7 @@ impl Handler {
                             // Rows built here, off the commit thread.
                             let rows = std::mem::take(&mut chunk.alerts)
                                 .into_iter()
-                                .map(|(id, state)| Incoming::new(&id, state))
+                                .map(|(id, state)| Incoming::new(id, state))
                                 .collect();
                             self.submit(conn, &mut keepalive, Request::Merge { peer, chunk: *chunk, rows, encoded, reply }).await?;
                             pending.push_back(answer_of(batch, rx, None));

@@ -81,7 +81,7 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub fn new(identifier: &str, state: AlertState) -> Incoming {
+    pub fn new(identifier: impl Into<Arc<str>>, state: AlertState) -> Incoming {
         Incoming {
             id: identifier.into(),
             row: Box::new(Row::new(0, state)),
@@ -1276,7 +1276,12 @@ mod tests {
             let stored = tandem_protocol::codec::to_bytes(&row.state)
                 .ok()
                 .map(bytes::Bytes::from);
-            receiver.merge_row(Incoming::new(id, row.state.clone()), stored, own, &mut ch);
+            receiver.merge_row(
+                Incoming::new(id.clone(), row.state.clone()),
+                stored,
+                own,
+                &mut ch,
+            );
         }
         ch
     }
