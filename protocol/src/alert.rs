@@ -198,7 +198,19 @@ pub struct PackedFields {
     pub severity: Severity,
     /// Seconds after the last occurrence at which the alert is cleared; 0 never expires.
     pub expire_seconds: u32,
-    pub extra: BTreeMap<String, String>,
+    /// Boxed, and `None` when empty, as it nearly always is: 8 bytes in every row instead of a
+    /// map's 24 (see [`PackedFields::extra`]).
+    #[allow(clippy::box_collection)] // the point: one pointer in the row, not a map's three
+    extra: Option<Box<BTreeMap<String, String>>>,
+}
+
+/// The extra fields of an alert that has none.
+static NO_EXTRA: BTreeMap<String, String> = BTreeMap::new();
+
+/// An alert's extra fields as a packed alert keeps them: no allocation when there are none.
+#[allow(clippy::box_collection)] // see `PackedFields::extra`
+fn boxed_extra(extra: BTreeMap<String, String>) -> Option<Box<BTreeMap<String, String>>> {
+    (!extra.is_empty()).then(|| Box::new(extra))
 }
 
 /// Where each of nine texts of these lengths, laid back to back, ends (the last ends at the
@@ -232,7 +244,7 @@ impl PackedFields {
             kind,
             severity,
             expire_seconds,
-            extra,
+            extra: boxed_extra(extra),
         }
     }
 
@@ -255,6 +267,11 @@ impl PackedFields {
 
     fn texts(&self) -> [&str; 9] {
         std::array::from_fn(|i| self.part(i))
+    }
+
+    /// Fields beyond the standard ones, by name.
+    pub fn extra(&self) -> &BTreeMap<String, String> {
+        self.extra.as_deref().unwrap_or(&NO_EXTRA)
     }
 
     pub fn identifier(&self) -> &str {
@@ -311,7 +328,7 @@ impl PackedFields {
             kind: self.kind,
             severity: self.severity,
             expire_seconds: self.expire_seconds,
-            extra: self.extra.clone(),
+            extra: self.extra().clone(),
         }
     }
 }
@@ -354,7 +371,7 @@ impl fmt::Debug for PackedFields {
         out.field("kind", &self.kind)
             .field("severity", &self.severity)
             .field("expire_seconds", &self.expire_seconds)
-            .field("extra", &self.extra)
+            .field("extra", self.extra())
             .finish()
     }
 }
@@ -415,7 +432,7 @@ impl Serialize for PackedFields {
             kind: self.kind,
             severity: self.severity,
             expire_seconds: self.expire_seconds,
-            extra: Cow::Borrowed(&self.extra),
+            extra: Cow::Borrowed(self.extra()),
         }
         .serialize(serializer)
     }
@@ -534,7 +551,7 @@ fn pack_binary(
         kind,
         severity,
         expire_seconds,
-        extra,
+        extra: boxed_extra(extra),
     })
 }
 

@@ -18,6 +18,8 @@
 
 use std::sync::Arc;
 
+use thin_vec::ThinVec;
+
 use tandem_protocol::{
     Alert, AlertState, EventBody, JournalEntry, Kind, Millis, Origin, OriginCount, PackedFields,
     Severity, Version, Versioned,
@@ -45,7 +47,7 @@ fn propose_swap<T>(slot: &mut Versioned<T>, value: T, version: &Version) -> T {
     }
 }
 
-fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
+fn bump(counts: &mut ThinVec<OriginCount>, origin: &Origin, by: u64) {
     // From the newest: origins are appended as they first appear, the one sending now is
     // usually the last, and an alert can have a count for every probe run that ever sent it.
     match counts.iter_mut().rev().find(|c| c.origin == *origin) {
@@ -57,7 +59,7 @@ fn bump(counts: &mut Vec<OriginCount>, origin: &Origin, by: u64) {
     }
 }
 
-fn raise(counts: &mut Vec<OriginCount>, origin: &Origin, to: u64) {
+fn raise(counts: &mut ThinVec<OriginCount>, origin: &Origin, to: u64) {
     match counts.iter_mut().rev().find(|c| c.origin == *origin) {
         Some(c) => c.count = c.count.max(to),
         None => counts.push(OriginCount {
@@ -319,8 +321,8 @@ pub fn to_alert(identifier: &str, serial: u64, state: &AlertState) -> Alert {
         acknowledged: state.acknowledged.value,
         owner: state.owner.value.to_string(),
         expire_seconds: f.expire_seconds,
-        extra: f.extra.clone(),
-        journal: state.journal.clone(),
+        extra: f.extra().clone(),
+        journal: state.journal.to_vec(),
     }
 }
 
@@ -423,8 +425,8 @@ mod alive_tests {
             deleted in prop::collection::vec(0u64..4, 0..4),
         ) {
             let state = AlertState {
-                occurrences: counts(&seen),
-                deleted: counts(&deleted),
+                occurrences: counts(&seen).into(),
+                deleted: counts(&deleted).into(),
                 ..AlertState::default()
             };
             prop_assert_eq!(is_alive(&state), tally(&state) > 0);

@@ -513,7 +513,7 @@ impl Table {
                 let counts: Vec<OriginCount> = self
                     .rows
                     .get(identifier.as_str())
-                    .map(|row| row.state.occurrences.clone())
+                    .map(|row| row.state.occurrences.to_vec())
                     .unwrap_or_default();
                 *seen = Some(counts);
             }
