@@ -1716,6 +1716,20 @@ mod tests {
         }
 
         #[test]
+        fn alert_state_lists_announcing_huge_lengths_are_refused(len in 1u64 << 27..u64::MAX, list in 0usize..3) {
+            // A state's three lists come last, each empty here: one length byte apiece.
+            let mut bytes = to_bytes(&crate::state::AlertState::default()).unwrap();
+            prop_assert!(decode_prefix_native::<crate::state::AlertState>(&bytes).is_ok());
+            prop_assert_eq!(&bytes[bytes.len() - 3..], &[0u8, 0, 0][..]);
+            let at = bytes.len() - 3 + list;
+            let mut huge = vec![253u8];
+            huge.extend_from_slice(&len.to_le_bytes());
+            bytes.splice(at..=at, huge);
+            let native = decode_prefix_native::<crate::state::AlertState>(&bytes);
+            prop_assert!(matches!(native, Err(CodecError::Decode(_))), "{:?}", native);
+        }
+
+        #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut codec = MessageCodec::new(4096);
             let mut buf = BytesMut::from(&bytes[..]);
