@@ -1018,12 +1018,12 @@ mod tests {
     }
 
     /// A store holds a row and a clear-index slot for every alert: a row one word longer moves
-    /// to the allocator's next size class (448 bytes), and the memory of a million alerts, which
+    /// to the allocator's next size class (384 bytes), and the memory of a million alerts, which
     /// a start and a full resync fault in, grows by a tenth.
     #[test]
     fn a_row_and_its_index_entry_keep_their_size() {
         assert!(
-            std::mem::size_of::<Row>() <= 384,
+            std::mem::size_of::<Row>() <= 320,
             "{}",
             std::mem::size_of::<Row>()
         );
