@@ -162,20 +162,57 @@ impl<'de, C> bincode::BorrowDecode<'de, C> for Origin {
 /// Names longer than this are not kept for sharing: a cache slot must not pin a large string.
 const SHARED_NAME_MAX: usize = 128;
 
-/// How many recent names each thread keeps.
-const SHARED_NAME_SLOTS: usize = 8;
+/// How many recent names, and origins, each thread keeps.
+const SHARED_SLOTS: usize = 8;
 
-#[derive(Default)]
-struct RecentNames {
-    slots: [Option<Arc<str>>; SHARED_NAME_SLOTS],
+/// A thread's last few shared values of one kind, handed out again instead of allocated anew.
+struct Recent<T> {
+    slots: [Option<T>; SHARED_SLOTS],
     next: usize,
     /// The slot that matched last: a batch names one origin in every event, so it is tried
     /// first (names of one length differing only at their end cost a compare each otherwise).
     last: usize,
 }
 
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Recent {
+            slots: std::array::from_fn(|_| None),
+            next: 0,
+            last: 0,
+        }
+    }
+}
+
+impl<T: Clone> Recent<T> {
+    /// The kept value that `is` picks, or `make`'s, kept in place of the oldest.
+    fn share(&mut self, is: impl Fn(&T) -> bool, make: impl FnOnce() -> T) -> T {
+        let matches = |at: usize| self.slots.get(at).and_then(Option::as_ref).is_some_and(&is);
+        let found = if matches(self.last) {
+            Some(self.last)
+        } else {
+            (0..SHARED_SLOTS).find(|&at| matches(at))
+        };
+        if let Some(at) = found {
+            self.last = at;
+            if let Some(Some(hit)) = self.slots.get(at) {
+                return hit.clone();
+            }
+        }
+        let fresh = make();
+        let slot = self.next;
+        self.last = slot;
+        if let Some(kept) = self.slots.get_mut(slot) {
+            *kept = Some(fresh.clone());
+        }
+        self.next = (slot + 1) % SHARED_SLOTS;
+        fresh
+    }
+}
+
 thread_local! {
-    static RECENT_NAMES: RefCell<RecentNames> = RefCell::default();
+    static RECENT_NAMES: RefCell<Recent<Arc<str>>> = RefCell::default();
+    static RECENT_ORIGINS: RefCell<Recent<Origin>> = RefCell::default();
 }
 
 /// A store name, decoded through [`shared_name`].
@@ -192,42 +229,7 @@ pub fn shared_name(name: &str) -> Arc<str> {
     if name.len() > SHARED_NAME_MAX {
         return Arc::from(name);
     }
-    RECENT_NAMES.with_borrow_mut(|recent| {
-        let is = |at: usize| recent.slots.get(at).and_then(Option::as_deref) == Some(name);
-        let found = if is(recent.last) {
-            Some(recent.last)
-        } else {
-            (0..SHARED_NAME_SLOTS).find(|&at| is(at))
-        };
-        if let Some(at) = found {
-            recent.last = at;
-            if let Some(Some(hit)) = recent.slots.get(at) {
-                return hit.clone();
-            }
-        }
-        let fresh: Arc<str> = Arc::from(name);
-        let slot = recent.next;
-        recent.last = slot;
-        recent.slots[slot] = Some(fresh.clone());
-        recent.next = (slot + 1) % SHARED_NAME_SLOTS;
-        fresh
-    })
-}
-
-/// How many recent origins each thread keeps.
-const SHARED_ORIGIN_SLOTS: usize = 8;
-
-#[derive(Default)]
-struct RecentOrigins {
-    slots: [Origin; SHARED_ORIGIN_SLOTS],
-    next: usize,
-    /// The slot that matched last: a batch names one origin in every event, so it is tried
-    /// first.
-    last: usize,
-}
-
-thread_local! {
-    static RECENT_ORIGINS: RefCell<RecentOrigins> = RefCell::default();
+    RECENT_NAMES.with_borrow_mut(|recent| recent.share(|kept| &**kept == name, || Arc::from(name)))
 }
 
 /// The origin `name` and `epoch` name, shared with the last origins decoded on this thread
@@ -237,30 +239,10 @@ pub(crate) fn shared_origin(name: &str, epoch: u64) -> Origin {
         return Origin::new(name, epoch);
     }
     RECENT_ORIGINS.with_borrow_mut(|recent| {
-        let is = |at: usize| {
-            recent
-                .slots
-                .get(at)
-                .is_some_and(|o| o.epoch() == epoch && o.name() == name)
-        };
-        let found = if is(recent.last) {
-            Some(recent.last)
-        } else {
-            (0..SHARED_ORIGIN_SLOTS).find(|&at| is(at))
-        };
-        if let Some(hit) = found.and_then(|at| recent.slots.get(at)) {
-            let hit = hit.clone();
-            recent.last = found.unwrap_or_default();
-            return hit;
-        }
-        let fresh = Origin::new(name, epoch);
-        let slot = recent.next;
-        recent.last = slot;
-        if let Some(kept) = recent.slots.get_mut(slot) {
-            *kept = fresh.clone();
-        }
-        recent.next = (slot + 1) % SHARED_ORIGIN_SLOTS;
-        fresh
+        recent.share(
+            |kept| kept.epoch() == epoch && kept.name() == name,
+            || Origin::new(name, epoch),
+        )
     })
 }
 
