@@ -433,22 +433,31 @@ impl Db {
         // faster (docs/PERFORMANCE.md). The log's blocks come packed; its tables are not
         // compressed again. As with the memtable size, a keyspace keeps what it was created
         // with.
-        let open = |name: &str, compression| {
+        //
+        // Only the log and the meta keyspace are ever read by key; the others are read whole
+        // (at start, or page by page for a resync), so a filter of their keys is work at every
+        // flush and bulk load, and pinned memory, that no read uses.
+        let open = |name: &str, compression, filtered: bool| {
             db.keyspace(name, || {
-                KeyspaceCreateOptions::default()
+                let options = KeyspaceCreateOptions::default()
                     .max_memtable_size(MEMTABLE_BYTES)
                     .data_block_compression_policy(fjall::config::CompressionPolicy::all(
                         compression,
-                    ))
+                    ));
+                if filtered {
+                    options
+                } else {
+                    options.filter_policy(fjall::config::FilterPolicy::disabled())
+                }
             })
         };
         let lz4 = fjall::CompressionType::Lz4;
         Ok(Db {
-            alerts: open("alerts", lz4)?,
-            applied: open("applied", lz4)?,
-            clears: open("clears", lz4)?,
-            log: open("log", fjall::CompressionType::None)?,
-            meta: open("meta", lz4)?,
+            alerts: open("alerts", lz4, false)?,
+            applied: open("applied", lz4, false)?,
+            clears: open("clears", lz4, false)?,
+            log: open("log", fjall::CompressionType::None, true)?,
+            meta: open("meta", lz4, true)?,
             db,
             log_start: std::sync::atomic::AtomicU64::new(1),
             pack_scratch: std::sync::Mutex::new(Vec::new()),
