@@ -82,9 +82,15 @@ pub struct Incoming {
 
 impl Incoming {
     pub fn new(identifier: impl Into<Arc<str>>, state: AlertState) -> Incoming {
+        let mut row = Box::new(Row::new(0, state));
+        // Hashed here, off the commit thread, which then neither reads the text for it nor
+        // waits for it to find the row's problem-index slot.
+        if !row.state.occurrences.is_empty() {
+            row.clear_hash = fields_hash(&CLEAR_HASHER, &row.state.latest.value);
+        }
         Incoming {
             id: identifier.into(),
-            row: Box::new(Row::new(0, state)),
+            row,
         }
     }
 
@@ -249,10 +255,12 @@ pub struct Table {
     clears: HashMap<u64, Vec<(ClearKey, Version)>>,
     /// Problem alerts by the hash of their clear key; a hash collision only costs a comparison,
     /// since every candidate is checked against the key itself.
-    by_clear: HashMap<u64, Ids>,
+    by_clear: ProblemIndex,
     /// Alert fields an occurrence displaced, not yet freed: see [`Table::take_displaced`].
     displaced: Vec<tandem_protocol::PackedFields>,
     hasher: foldhash::fast::RandomState,
+    /// Where the problem index's slots lie, for the merge's prefetches.
+    by_clear_slots: Slots,
     next_serial: u64,
     alive: u64,
 }
@@ -267,9 +275,10 @@ impl Table {
             origins: HashSet::default(),
             recent: RecentOrigins::default(),
             clears: HashMap::default(),
-            by_clear: HashMap::default(),
+            by_clear: ProblemIndex::default(),
+            by_clear_slots: Slots::default(),
             displaced: Vec::new(),
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: CLEAR_HASHER.clone(),
             next_serial: 1,
             alive: 0,
         }
@@ -374,7 +383,7 @@ impl Table {
         let _ = self.rows.try_reserve(more);
         // The clear index has an entry per problem alert, most of them: grown on demand, it
         // was rehashed at every doubling on the commit thread.
-        let _ = self.by_clear.try_reserve(more);
+        let _ = self.by_clear.try_reserve(more, |(hash, _)| *hash);
     }
 
     /// The alerts that exist, as operators see them.
@@ -392,16 +401,17 @@ impl Table {
             .is_some_and(|set| set.contains(seq))
     }
 
-    /// Looks up where `incoming` will go (its row, and the problem index for a problem) and
-    /// forgets the answers: a merge does so a few rows ahead, so that the cache misses of
-    /// those lookups in tables of a million entries overlap the merges before it instead of
-    /// stalling its own.
-    pub fn warm(&self, incoming: &Incoming) {
+    /// Looks up where `incoming` will go (its row) and forgets the answer, and starts loading
+    /// its problem-index slot: a merge does so a few rows ahead, so that the cache misses in
+    /// tables of a million entries overlap the merges before it instead of stalling its own.
+    /// The index slot is prefetched rather than looked up: its insert is a store, and a store
+    /// that misses holds up the next locked instruction (the row key's reference count), which
+    /// a lookup's load did not prevent.
+    pub fn warm(&mut self, incoming: &Incoming) {
         std::hint::black_box(self.rows.contains_key(&*incoming.id));
-        let state = &incoming.row.state;
-        if state.latest.value.kind == Kind::Problem && !state.occurrences.is_empty() {
-            let hash = self.fields_hash(&state.latest.value);
-            std::hint::black_box(self.by_clear.contains_key(&hash));
+        let row = &incoming.row;
+        if row.state.latest.value.kind == Kind::Problem && row.clear_hash != 0 {
+            self.by_clear_slots.prefetch(&self.by_clear, row.clear_hash);
         }
     }
 
@@ -685,8 +695,8 @@ impl Table {
             let hash = self.clear_hash(a, b, c, d);
             let targets = self
                 .by_clear
-                .get(&hash)
-                .map(Ids::to_vec)
+                .find(hash, |(at, _)| *at == hash)
+                .map(|(_, ids)| ids.to_vec())
                 .unwrap_or_default();
             for target in targets {
                 let Some(row) = self.rows.get_mut(&target) else {
@@ -748,6 +758,8 @@ impl Table {
             clears,
             ..
         } = self;
+        // A new row taken as it came has the clear key's hash its connection worked out.
+        let mut hashed = false;
         let (id, row, was_alive) = match rows.entry(id) {
             hashbrown::hash_map::Entry::Occupied(entry) => {
                 let id = entry.key().clone();
@@ -769,6 +781,8 @@ impl Table {
                 if joined {
                     let state = std::mem::take(&mut new.state);
                     fold::join(&mut new.state, state);
+                } else {
+                    hashed = true;
                 }
                 let entry = entry.insert_entry(new);
                 (entry.key().clone(), entry.into_mut(), false)
@@ -779,7 +793,11 @@ impl Table {
         // The merged state's newest occurrence decides the clear key, and a resolution this
         // store already knows may postdate it.
         if !row.state.occurrences.is_empty() {
-            let hash = fields_hash(hasher, &row.state.latest.value);
+            let hash = if hashed {
+                row.clear_hash
+            } else {
+                fields_hash(hasher, &row.state.latest.value)
+            };
             row.indexed &= row.clear_hash == hash;
             row.clear_hash = hash;
             if row.state.latest.value.kind == Kind::Problem {
@@ -861,13 +879,61 @@ fn clear_for<'a>(
 }
 
 /// Adds problem alert `id` to the clear index under its clear key's `hash`.
-fn index_problem(by_clear: &mut HashMap<u64, Ids>, hash: u64, id: &Arc<str>) {
+fn index_problem(by_clear: &mut ProblemIndex, hash: u64, id: &Arc<str>) {
     // One probe of a map as large as the table: a lookup then an insert was two.
-    match by_clear.entry(hash) {
-        std::collections::hash_map::Entry::Occupied(mut ids) => ids.get_mut().add(id),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            slot.insert(Ids::One(id.clone()));
+    match by_clear.entry(hash, |(at, _)| *at == hash, |(at, _)| *at) {
+        hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().1.add(id),
+        hashbrown::hash_table::Entry::Vacant(slot) => {
+            slot.insert((hash, Ids::One(id.clone())));
         }
+    }
+}
+
+/// The problem index: each problem alert under its clear key's hash. The hash is the table's
+/// own hash too (it is a hash already), which lets a merge find an entry's slot to prefetch.
+type ProblemIndex = hashbrown::HashTable<(u64, Ids)>;
+
+/// The clear keys' hasher, one for the process: the connection that decodes a snapshot page
+/// hashes each row's clear key where it builds the row, and the table indexes by that hash.
+/// Seeded at random, as each table's was.
+static CLEAR_HASHER: std::sync::LazyLock<foldhash::fast::RandomState> =
+    std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+
+/// Where a hashbrown table keeps the slot for a hash, to prefetch it. hashbrown stores its
+/// buckets backwards from its control bytes and starts a probe at the hash masked to the
+/// table's size, but gives the address of neither; the control bytes' address is worked out
+/// from one full bucket's, again whenever the table's size changes. A wrong guess costs only a
+/// useless prefetch: nothing is read or written through these addresses.
+#[derive(Debug, Default, Clone, Copy)]
+struct Slots {
+    ctrl: usize,
+    buckets: usize,
+}
+
+impl Slots {
+    /// Starts loading the control bytes and the first bucket a probe for `hash` reads.
+    fn prefetch<T>(&mut self, table: &hashbrown::HashTable<T>, hash: u64) {
+        if let Some((ctrl, bucket)) = self.slot(table, hash) {
+            tandem_alloc::prefetch(std::ptr::without_provenance::<u8>(ctrl));
+            tandem_alloc::prefetch(std::ptr::without_provenance::<u8>(bucket));
+        }
+    }
+
+    /// The addresses of the control byte and the bucket where a probe for `hash` starts; None
+    /// while the table is empty.
+    fn slot<T>(&mut self, table: &hashbrown::HashTable<T>, hash: u64) -> Option<(usize, usize)> {
+        let buckets = table.num_buckets();
+        if buckets != self.buckets || self.ctrl == 0 {
+            let full = table.iter_buckets().next()?;
+            let at = table.get_bucket(full)?;
+            self.ctrl = (at as *const T as usize) + (full + 1) * std::mem::size_of::<T>();
+            self.buckets = buckets;
+        }
+        let pos = (hash as usize) & (buckets - 1);
+        Some((
+            self.ctrl + pos,
+            self.ctrl - (pos + 1) * std::mem::size_of::<T>(),
+        ))
     }
 }
 
@@ -1033,6 +1099,51 @@ mod tests {
 
     /// The snapshot's size comes from the peer: an absurd one must neither panic nor reserve
     /// without bound, and a table already holding rows reserves only for the rest.
+    /// The merge prefetches the problem index's slots at addresses it works out from
+    /// hashbrown's layout, which hashbrown does not promise: should a new version change it,
+    /// this fails instead of the prefetches quietly missing.
+    #[test]
+    fn the_problem_index_slots_a_merge_prefetches_are_where_its_entries_are() {
+        use std::hash::BuildHasher;
+        let mut index = ProblemIndex::default();
+        let mut slots = Slots::default();
+        assert_eq!(
+            slots.slot(&index, 1),
+            None,
+            "an empty index has no slots to find"
+        );
+        let hashes: Vec<u64> = (0..10_000u32)
+            .map(|i| CLEAR_HASHER.hash_one(i).max(1))
+            .collect();
+        for (i, &hash) in hashes.iter().enumerate() {
+            index_problem(&mut index, hash, &Arc::from(format!("alert-{i}")));
+        }
+        let size = std::mem::size_of::<(u64, Ids)>();
+        let mask = index.num_buckets() - 1;
+        let mut in_first_group = 0;
+        for &hash in &hashes {
+            let at = index
+                .find_bucket_index(hash, |(h, _)| *h == hash)
+                .expect("indexed");
+            let bucket = index.get_bucket(at).expect("full") as *const (u64, Ids) as usize;
+            let (ctrl, first) = slots.slot(&index, hash).expect("a full index");
+            // A probe starts at the hash masked to the table's size...
+            let pos = hash as usize & mask;
+            // ...and bucket j lies j + 1 buckets before the control bytes.
+            let ctrl_bytes = ctrl - pos;
+            assert_eq!(first, ctrl_bytes - (pos + 1) * size);
+            assert_eq!(bucket, ctrl_bytes - (at + 1) * size);
+            if at.wrapping_sub(pos) & mask < 16 {
+                in_first_group += 1;
+            }
+        }
+        // At this load nearly every entry sits in the group its probe starts with.
+        assert!(
+            in_first_group * 100 >= hashes.len() * 95,
+            "{in_first_group}"
+        );
+    }
+
     #[test]
     fn reserving_for_a_snapshot_takes_any_size() {
         let mut t = Table::new("AGG_B");
@@ -1385,6 +1496,27 @@ mod tests {
         let mut other = Table::new("AGG_B");
         let ch = resync(&sender, &mut other, &[], false);
         assert!(ch.rows().all(|(_, kept)| kept.is_none()));
+    }
+
+    /// A problem taken from a snapshot is in the receiver's problem index under the clear
+    /// key hashed where its page was decoded: a resolution that arrives later finds it.
+    #[test]
+    fn a_resolution_clears_a_problem_taken_from_a_snapshot() {
+        let mut sender = Table::new("AGG_P");
+        let mut ch = Changes::default();
+        sender.apply(
+            event("p", 1, 10, problem("a", "n", 5, Kind::Problem)),
+            None,
+            &mut ch,
+        );
+        let mut receiver = Table::new("AGG_B");
+        let mut ch = resync(&sender, &mut receiver, &[], true);
+        assert!(ch.kept("a").is_some(), "taken as sent");
+        let severity = |t: &Table| t.row("a").map(|r| r.state.severity.value);
+        assert_ne!(severity(&receiver), Some(Severity::CLEAR));
+        let clear = event("q", 1, 20, problem("a-clear", "n", 0, Kind::Resolution));
+        receiver.apply(clear, None, &mut ch);
+        assert_eq!(severity(&receiver), Some(Severity::CLEAR));
     }
 
     proptest! {
