@@ -10,10 +10,85 @@ use std::sync::Arc;
 // and several times faster than SipHash on the short keys here.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-/// The rows, in hashbrown's map (the one behind std's) for its `entry_ref`: an event finds its
-/// row and the row's shared key in one lookup, where std's map took two, each hashing the
-/// identifier and comparing it with the key (a fifth of the commit thread).
-type RowMap = hashbrown::HashMap<Arc<str>, Box<Row>, foldhash::fast::RandomState>;
+/// The rows by identifier, in a hashbrown table: an event finds its row and the row's shared
+/// key in one lookup, where std's map took two, each hashing the identifier and comparing it
+/// with the key (a fifth of the commit thread). Keys are hashed with the process's [`HASHER`],
+/// so that the connection that builds a snapshot's row hashes its key, and a merge prefetches
+/// the row's slot from that hash a few rows ahead.
+#[derive(Debug, Default)]
+struct RowMap {
+    table: hashbrown::HashTable<(Arc<str>, Box<Row>)>,
+    slots: Slots,
+}
+
+/// An identifier's hash in the row map.
+fn key_hash(id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    HASHER.hash_one(id)
+}
+
+impl RowMap {
+    fn get(&self, id: &str) -> Option<&Row> {
+        self.get_key_value(id).map(|(_, row)| row)
+    }
+
+    fn get_key_value(&self, id: &str) -> Option<(&Arc<str>, &Row)> {
+        let (key, row) = self.table.find(key_hash(id), |(key, _)| **key == *id)?;
+        Some((key, row))
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Row> {
+        let (_, row) = self.table.find_mut(key_hash(id), |(key, _)| **key == *id)?;
+        Some(row)
+    }
+
+    /// The slot of the row hashed `hash` (by [`key_hash`]) and named `id`.
+    fn entry(
+        &mut self,
+        hash: u64,
+        id: &str,
+    ) -> hashbrown::hash_table::Entry<'_, (Arc<str>, Box<Row>)> {
+        self.table
+            .entry(hash, |(key, _)| **key == *id, |(key, _)| key_hash(key))
+    }
+
+    /// Sets `id`'s row.
+    fn insert(&mut self, id: Arc<str>, row: Box<Row>) {
+        match self.entry(key_hash(&id), &id) {
+            hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().1 = row,
+            hashbrown::hash_table::Entry::Vacant(entry) => {
+                entry.insert((id, row));
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Row)> {
+        self.table.iter().map(|(key, row)| (key, &**row))
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    fn reserve(&mut self, more: usize) {
+        self.table.reserve(more, |(key, _)| key_hash(key));
+    }
+
+    fn try_reserve(&mut self, more: usize) {
+        // Left to growth on demand when the memory is not there.
+        let _ = self.table.try_reserve(more, |(key, _)| key_hash(key));
+    }
+
+    /// Starts loading the slot where the row hashed `hash` is, or will go.
+    fn prefetch(&mut self, hash: u64) {
+        self.slots.prefetch(&self.table, hash);
+    }
+}
 
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{Alert, AlertState, Event, EventBody, Kind, Origin, OriginCount, Version};
@@ -77,6 +152,8 @@ impl Row {
 /// instead of allocating (and faulting in) a row and a key for every alert.
 pub struct Incoming {
     id: Arc<str>,
+    /// `id`'s [`key_hash`].
+    hash: u64,
     row: Box<Row>,
 }
 
@@ -86,10 +163,12 @@ impl Incoming {
         // Hashed here, off the commit thread, which then neither reads the text for it nor
         // waits for it to find the row's problem-index slot.
         if !row.state.occurrences.is_empty() {
-            row.clear_hash = fields_hash(&CLEAR_HASHER, &row.state.latest.value);
+            row.clear_hash = fields_hash(&HASHER, &row.state.latest.value);
         }
+        let id = identifier.into();
         Incoming {
-            id: identifier.into(),
+            hash: key_hash(&id),
+            id,
             row,
         }
     }
@@ -278,7 +357,7 @@ impl Table {
             by_clear: ProblemIndex::default(),
             by_clear_slots: Slots::default(),
             displaced: Vec::new(),
-            hasher: CLEAR_HASHER.clone(),
+            hasher: HASHER.clone(),
             next_serial: 1,
             alive: 0,
         }
@@ -298,7 +377,7 @@ impl Table {
     }
 
     pub fn row(&self, identifier: &str) -> Option<&Row> {
-        self.rows.get(identifier).map(|r| &**r)
+        self.rows.get(identifier)
     }
 
     /// The fields occurrences displaced since the last call. Freeing them (several strings
@@ -367,7 +446,7 @@ impl Table {
 
     /// Rows, alive or not, with their identifiers.
     pub fn rows(&self) -> impl Iterator<Item = (&Arc<str>, &Row)> {
-        self.rows.iter().map(|(id, row)| (id, &**row))
+        self.rows.iter()
     }
 
     /// Room for `rows` more rows, so a start-up load does not rehash as it grows.
@@ -380,7 +459,7 @@ impl Table {
     pub fn reserve_total(&mut self, rows: usize) {
         const MOST: usize = 16 << 20;
         let more = rows.min(MOST).saturating_sub(self.rows.len());
-        let _ = self.rows.try_reserve(more);
+        self.rows.try_reserve(more);
         // The clear index has an entry per problem alert, most of them: grown on demand, it
         // was rehashed at every doubling on the commit thread.
         let _ = self.by_clear.try_reserve(more, |(hash, _)| *hash);
@@ -401,14 +480,14 @@ impl Table {
             .is_some_and(|set| set.contains(seq))
     }
 
-    /// Looks up where `incoming` will go (its row) and forgets the answer, and starts loading
-    /// its problem-index slot: a merge does so a few rows ahead, so that the cache misses in
-    /// tables of a million entries overlap the merges before it instead of stalling its own.
-    /// The index slot is prefetched rather than looked up: its insert is a store, and a store
-    /// that misses holds up the next locked instruction (the row key's reference count), which
-    /// a lookup's load did not prevent.
+    /// Starts loading the slots `incoming` will go to (in the row map, and in the problem
+    /// index for a problem), from the hashes its connection worked out: a merge does so a few
+    /// rows ahead, so that the cache misses in tables of a million entries overlap the merges
+    /// before it instead of stalling its own. Prefetched, not looked up: a lookup's load still
+    /// holds up what follows once the processor's window fills, and the merge's inserts are
+    /// stores, whose misses the next locked instruction (a reference count) waits for.
     pub fn warm(&mut self, incoming: &Incoming) {
-        std::hint::black_box(self.rows.contains_key(&*incoming.id));
+        self.rows.prefetch(incoming.hash);
         let row = &incoming.row;
         if row.state.latest.value.kind == Kind::Problem && row.clear_hash != 0 {
             self.by_clear_slots.prefetch(&self.by_clear, row.clear_hash);
@@ -745,7 +824,11 @@ impl Table {
     ) {
         // Taken as it came: replaced outright, and nothing of this store's own to fold in.
         let mut unchanged = stored.is_some() && own.as_ref().is_some_and(Vec::is_empty);
-        let Incoming { id, row: mut new } = incoming;
+        let Incoming {
+            id,
+            hash: key,
+            row: mut new,
+        } = incoming;
         self.intern_state(&mut new.state);
         let joined = own.is_none();
         // Borrowed field by field: the row stays borrowed while the clear index is updated,
@@ -760,10 +843,10 @@ impl Table {
         } = self;
         // A new row taken as it came has the clear key's hash its connection worked out.
         let mut hashed = false;
-        let (id, row, was_alive) = match rows.entry(id) {
-            hashbrown::hash_map::Entry::Occupied(entry) => {
-                let id = entry.key().clone();
-                let row = entry.into_mut();
+        let (id, row, was_alive) = match rows.entry(key, &id) {
+            hashbrown::hash_table::Entry::Occupied(entry) => {
+                let (id, row) = entry.into_mut();
+                let id = id.clone();
                 let was_alive = fold::is_alive(&row.state);
                 let state = std::mem::take(&mut new.state);
                 if joined {
@@ -774,7 +857,7 @@ impl Table {
                 }
                 (id, row, was_alive)
             }
-            hashbrown::hash_map::Entry::Vacant(entry) => {
+            hashbrown::hash_table::Entry::Vacant(entry) => {
                 // `Incoming::new` built it as a new row; only its serial is this table's.
                 new.serial = *next_serial;
                 *next_serial += 1;
@@ -784,8 +867,8 @@ impl Table {
                 } else {
                     hashed = true;
                 }
-                let entry = entry.insert_entry(new);
-                (entry.key().clone(), entry.into_mut(), false)
+                let (id, row) = entry.insert((id, new)).into_mut();
+                (id.clone(), row, false)
             }
         };
         let alive = fold::is_alive(&row.state);
@@ -893,10 +976,10 @@ fn index_problem(by_clear: &mut ProblemIndex, hash: u64, id: &Arc<str>) {
 /// own hash too (it is a hash already), which lets a merge find an entry's slot to prefetch.
 type ProblemIndex = hashbrown::HashTable<(u64, Ids)>;
 
-/// The clear keys' hasher, one for the process: the connection that decodes a snapshot page
-/// hashes each row's clear key where it builds the row, and the table indexes by that hash.
-/// Seeded at random, as each table's was.
-static CLEAR_HASHER: std::sync::LazyLock<foldhash::fast::RandomState> =
+/// The tables' hasher (identifiers and clear keys), one for the process: the connection that
+/// decodes a snapshot page hashes each row's key and clear key where it builds the row, and
+/// the table finds the row's slots by those hashes. Seeded at random, as each table's was.
+static HASHER: std::sync::LazyLock<foldhash::fast::RandomState> =
     std::sync::LazyLock::new(foldhash::fast::RandomState::default);
 
 /// Where a hashbrown table keeps the slot for a hash, to prefetch it. hashbrown stores its
@@ -944,17 +1027,17 @@ fn row_entry<'a>(
     next_serial: &mut u64,
     identifier: &str,
 ) -> (Arc<str>, &'a mut Row) {
-    match rows.entry_ref(identifier) {
-        hashbrown::hash_map::EntryRef::Occupied(entry) => {
-            let id = entry.key().clone();
-            (id, entry.into_mut())
+    match rows.entry(key_hash(identifier), identifier) {
+        hashbrown::hash_table::Entry::Occupied(entry) => {
+            let (id, row) = entry.into_mut();
+            (id.clone(), row)
         }
-        hashbrown::hash_map::EntryRef::Vacant(entry) => {
+        hashbrown::hash_table::Entry::Vacant(entry) => {
             let serial = *next_serial;
             *next_serial += 1;
-            let entry = entry.insert_entry(Box::new(Row::new(serial, AlertState::default())));
-            let id = entry.key().clone();
-            (id, entry.into_mut())
+            let row = Box::new(Row::new(serial, AlertState::default()));
+            let (id, row) = entry.insert((Arc::from(identifier), row)).into_mut();
+            (id.clone(), row)
         }
     }
 }
@@ -1099,37 +1182,55 @@ mod tests {
 
     /// The snapshot's size comes from the peer: an absurd one must neither panic nor reserve
     /// without bound, and a table already holding rows reserves only for the rest.
-    /// The merge prefetches the problem index's slots at addresses it works out from
-    /// hashbrown's layout, which hashbrown does not promise: should a new version change it,
-    /// this fails instead of the prefetches quietly missing.
+    /// The merge prefetches the row map's and the problem index's slots at addresses it works
+    /// out from hashbrown's layout, which hashbrown does not promise: should a new version
+    /// change it, this fails instead of the prefetches quietly missing.
     #[test]
-    fn the_problem_index_slots_a_merge_prefetches_are_where_its_entries_are() {
+    fn the_slots_a_merge_prefetches_are_where_the_entries_are() {
         use std::hash::BuildHasher;
         let mut index = ProblemIndex::default();
-        let mut slots = Slots::default();
+        let mut rows = RowMap::default();
         assert_eq!(
-            slots.slot(&index, 1),
+            Slots::default().slot(&index, 1),
             None,
-            "an empty index has no slots to find"
+            "an empty table has no slots to find"
         );
-        let hashes: Vec<u64> = (0..10_000u32)
-            .map(|i| CLEAR_HASHER.hash_one(i).max(1))
+        let ids: Vec<Arc<str>> = (0..10_000)
+            .map(|i| Arc::from(format!("alert-{i}")))
             .collect();
-        for (i, &hash) in hashes.iter().enumerate() {
-            index_problem(&mut index, hash, &Arc::from(format!("alert-{i}")));
+        let clear_hashes: Vec<u64> = (0..10_000u32).map(|i| HASHER.hash_one(i).max(1)).collect();
+        for (id, &hash) in ids.iter().zip(&clear_hashes) {
+            index_problem(&mut index, hash, id);
+            rows.insert(id.clone(), Box::default());
         }
-        let size = std::mem::size_of::<(u64, Ids)>();
-        let mask = index.num_buckets() - 1;
+        let key_hashes: Vec<u64> = ids.iter().map(|id| key_hash(id)).collect();
+        check_slots(&index, &clear_hashes, |hash| {
+            index.find_bucket_index(hash, |(h, _)| *h == hash)
+        });
+        let table = &rows.table;
+        check_slots(table, &key_hashes, |hash| {
+            table.find_bucket_index(hash, |(id, _)| key_hash(id) == hash)
+        });
+    }
+
+    /// Checks that `table`'s entry hashed each of `hashes` is where [`Slots`] puts it: a probe
+    /// for the hash starts at the hash masked to the table's size, bucket `j` lies `j + 1`
+    /// buckets before the control bytes, and at this load nearly every entry sits in the group
+    /// its probe starts with.
+    fn check_slots<T>(
+        table: &hashbrown::HashTable<T>,
+        hashes: &[u64],
+        find: impl Fn(u64) -> Option<usize>,
+    ) {
+        let size = std::mem::size_of::<T>();
+        let mask = table.num_buckets() - 1;
+        let mut slots = Slots::default();
         let mut in_first_group = 0;
-        for &hash in &hashes {
-            let at = index
-                .find_bucket_index(hash, |(h, _)| *h == hash)
-                .expect("indexed");
-            let bucket = index.get_bucket(at).expect("full") as *const (u64, Ids) as usize;
-            let (ctrl, first) = slots.slot(&index, hash).expect("a full index");
-            // A probe starts at the hash masked to the table's size...
+        for &hash in hashes {
+            let at = find(hash).expect("in the table");
+            let bucket = table.get_bucket(at).expect("full") as *const T as usize;
+            let (ctrl, first) = slots.slot(table, hash).expect("a full table");
             let pos = hash as usize & mask;
-            // ...and bucket j lies j + 1 buckets before the control bytes.
             let ctrl_bytes = ctrl - pos;
             assert_eq!(first, ctrl_bytes - (pos + 1) * size);
             assert_eq!(bucket, ctrl_bytes - (at + 1) * size);
@@ -1137,10 +1238,10 @@ mod tests {
                 in_first_group += 1;
             }
         }
-        // At this load nearly every entry sits in the group its probe starts with.
         assert!(
             in_first_group * 100 >= hashes.len() * 95,
-            "{in_first_group}"
+            "{in_first_group} of {}",
+            hashes.len()
         );
     }
 
