@@ -1005,17 +1005,21 @@ impl Slots {
     /// The addresses of the control byte and the bucket where a probe for `hash` starts; None
     /// while the table is empty.
     fn slot<T>(&mut self, table: &hashbrown::HashTable<T>, hash: u64) -> Option<(usize, usize)> {
+        // Wrapping arithmetic: should the layout not be what this expects, the addresses are
+        // wrong (and the prefetches useless), never an overflow on the commit thread.
+        let size = std::mem::size_of::<T>();
         let buckets = table.num_buckets();
         if buckets != self.buckets || self.ctrl == 0 {
             let full = table.iter_buckets().next()?;
-            let at = table.get_bucket(full)?;
-            self.ctrl = (at as *const T as usize) + (full + 1) * std::mem::size_of::<T>();
+            let at = table.get_bucket(full)? as *const T as usize;
+            self.ctrl = at.wrapping_add(full.wrapping_add(1).wrapping_mul(size));
             self.buckets = buckets;
         }
-        let pos = (hash as usize) & (buckets - 1);
+        let pos = (hash as usize) & buckets.wrapping_sub(1);
         Some((
-            self.ctrl + pos,
-            self.ctrl - (pos + 1) * std::mem::size_of::<T>(),
+            self.ctrl.wrapping_add(pos),
+            self.ctrl
+                .wrapping_sub(pos.wrapping_add(1).wrapping_mul(size)),
         ))
     }
 }
