@@ -1558,8 +1558,9 @@ mod tests {
         assert_eq!(back, serde);
     }
 
-    #[test]
-    fn a_merged_row_keeps_its_snapshot_encoding_until_it_changes() {
+    /// A sender holding one problem alert, "a", and a receiver that took it by a full
+    /// resync, with that resync's changes.
+    fn one_problem_resynced() -> (Table, Table, Changes) {
         let mut sender = Table::new("AGG_P");
         let mut ch = Changes::default();
         sender.apply(
@@ -1568,7 +1569,13 @@ mod tests {
             &mut ch,
         );
         let mut receiver = Table::new("AGG_B");
-        let mut ch = resync(&sender, &mut receiver, &[], true);
+        let ch = resync(&sender, &mut receiver, &[], true);
+        (sender, receiver, ch)
+    }
+
+    #[test]
+    fn a_merged_row_keeps_its_snapshot_encoding_until_it_changes() {
+        let (sender, mut receiver, mut ch) = one_problem_resynced();
         assert!(
             ch.kept("a").is_some(),
             "a row taken as sent keeps its encoding"
@@ -1607,15 +1614,7 @@ mod tests {
     /// key hashed where its page was decoded: a resolution that arrives later finds it.
     #[test]
     fn a_resolution_clears_a_problem_taken_from_a_snapshot() {
-        let mut sender = Table::new("AGG_P");
-        let mut ch = Changes::default();
-        sender.apply(
-            event("p", 1, 10, problem("a", "n", 5, Kind::Problem)),
-            None,
-            &mut ch,
-        );
-        let mut receiver = Table::new("AGG_B");
-        let mut ch = resync(&sender, &mut receiver, &[], true);
+        let (_, mut receiver, mut ch) = one_problem_resynced();
         assert!(ch.kept("a").is_some(), "taken as sent");
         let severity = |t: &Table| t.row("a").map(|r| r.state.severity.value);
         assert_ne!(severity(&receiver), Some(Severity::CLEAR));
