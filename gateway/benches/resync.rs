@@ -94,11 +94,12 @@ fn gateway(p: &Store, b: &Store) -> (CancellationToken, tokio::task::JoinHandle<
     (stop, task)
 }
 
+/// `TANDEM_BENCH_PAGE`, or the pair file's default.
 fn page() -> u32 {
     std::env::var("TANDEM_BENCH_PAGE")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000)
+        .unwrap_or(4_000)
 }
 
 fn event(origin: &Origin, seq: u64, id: u64) -> Event {
