@@ -163,7 +163,7 @@ impl Incoming {
         // Hashed here, off the commit thread, which then neither reads the text for it nor
         // waits for it to find the row's problem-index slot.
         if !row.state.occurrences.is_empty() {
-            row.clear_hash = fields_hash(&HASHER, &row.state.latest.value);
+            row.clear_hash = fields_hash(&row.state.latest.value);
         }
         let id = identifier.into();
         Incoming {
@@ -337,7 +337,6 @@ pub struct Table {
     by_clear: ProblemIndex,
     /// Alert fields an occurrence displaced, not yet freed: see [`Table::take_displaced`].
     displaced: Vec<tandem_protocol::PackedFields>,
-    hasher: foldhash::fast::RandomState,
     /// Where the problem index's slots lie, for the merge's prefetches.
     by_clear_slots: Slots,
     next_serial: u64,
@@ -357,7 +356,6 @@ impl Table {
             by_clear: ProblemIndex::default(),
             by_clear_slots: Slots::default(),
             displaced: Vec::new(),
-            hasher: HASHER.clone(),
             next_serial: 1,
             alive: 0,
         }
@@ -416,18 +414,10 @@ impl Table {
     pub fn clear_version(&self, key: &ClearKey) -> Option<&Version> {
         let [a, b, c, d] = key.parts();
         self.clears
-            .get(&self.clear_hash(a, b, c, d))?
+            .get(&clear_hash(a, b, c, d))?
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v)
-    }
-
-    fn clear_hash(&self, node: &str, alert_key: &str, alert_group: &str, manager: &str) -> u64 {
-        clear_hash(&self.hasher, node, alert_key, alert_group, manager)
-    }
-
-    fn fields_hash(&self, f: &tandem_protocol::PackedFields) -> u64 {
-        fields_hash(&self.hasher, f)
     }
 
     /// The newest resolution matching `fields`' clear key.
@@ -550,7 +540,7 @@ impl Table {
         }
         self.next_serial = self.next_serial.max(row.serial + 1);
         if !row.state.occurrences.is_empty() {
-            let hash = self.fields_hash(&row.state.latest.value);
+            let hash = fields_hash(&row.state.latest.value);
             if row.state.latest.value.kind == Kind::Problem {
                 self.index_problem(hash, &id);
                 row.indexed = true;
@@ -572,7 +562,7 @@ impl Table {
     /// Records `version` as the newest resolution of `key` if it is newer; true if it was.
     fn set_clear(&mut self, key: ClearKey, version: Version) -> bool {
         let [a, b, c, d] = key.parts();
-        let hash = self.clear_hash(a, b, c, d);
+        let hash = clear_hash(a, b, c, d);
         let bucket = self.clears.entry(hash).or_default();
         match bucket.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) if *v >= version => false,
@@ -700,7 +690,7 @@ impl Table {
             seq: event.seq,
         };
         let occurrence_hash = match &event.body {
-            EventBody::Occurrence(fields) => self.fields_hash(fields),
+            EventBody::Occurrence(fields) => fields_hash(fields),
             _ => 0,
         };
         let mut clear_targets = None;
@@ -771,7 +761,7 @@ impl Table {
                 changes.clears.insert(key.clone());
             }
             let [a, b, c, d] = key.parts();
-            let hash = self.clear_hash(a, b, c, d);
+            let hash = clear_hash(a, b, c, d);
             let targets = self
                 .by_clear
                 .find(hash, |(at, _)| *at == hash)
@@ -836,7 +826,6 @@ impl Table {
         let Table {
             rows,
             next_serial,
-            hasher,
             by_clear,
             clears,
             ..
@@ -879,7 +868,7 @@ impl Table {
             let hash = if hashed {
                 row.clear_hash
             } else {
-                fields_hash(hasher, &row.state.latest.value)
+                fields_hash(&row.state.latest.value)
             };
             row.indexed &= row.clear_hash == hash;
             row.clear_hash = hash;
@@ -924,28 +913,16 @@ impl Table {
 }
 
 /// The hash of a clear key's parts; never 0, which marks "no clear key".
-fn clear_hash(
-    hasher: &foldhash::fast::RandomState,
-    node: &str,
-    alert_key: &str,
-    alert_group: &str,
-    manager: &str,
-) -> u64 {
+fn clear_hash(node: &str, alert_key: &str, alert_group: &str, manager: &str) -> u64 {
     use std::hash::BuildHasher;
-    hasher
+    HASHER
         .hash_one((node, alert_key, alert_group, manager))
         .max(1)
 }
 
 /// The hash of `f`'s clear key.
-fn fields_hash(hasher: &foldhash::fast::RandomState, f: &tandem_protocol::PackedFields) -> u64 {
-    clear_hash(
-        hasher,
-        f.node(),
-        f.alert_key(),
-        f.alert_group(),
-        f.manager(),
-    )
+fn fields_hash(f: &tandem_protocol::PackedFields) -> u64 {
+    clear_hash(f.node(), f.alert_key(), f.alert_group(), f.manager())
 }
 
 /// The newest resolution in `clears` matching `fields`' clear key, whose hash is `hash`.
