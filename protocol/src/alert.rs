@@ -265,6 +265,12 @@ impl PackedFields {
         self.text.get(start..end).unwrap_or_default()
     }
 
+    /// Where the text starts in memory (the identifier first), found without reading it: for
+    /// a caller that prefetches it.
+    pub fn text_address(&self) -> *const u8 {
+        self.text.as_ptr()
+    }
+
     fn texts(&self) -> [&str; 9] {
         std::array::from_fn(|i| self.part(i))
     }

@@ -594,20 +594,29 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// Applies a batch whole or refuses it whole, as `check` found all of it (`checked`). Each
-    /// item is an event, for a replicated entry the store it entered at and its serial there,
-    /// and the event's encoding when it arrived encoded. The items come as an iterator over
-    /// the request's own vectors: collecting them into one first moved every event once more.
+    /// Applies a batch whole or refuses it whole, as `check` found all of it (`checked`): the
+    /// events, for replicated entries the store each entered at and its serial there, and
+    /// each event's encoding when it arrived encoded. The events' rows are looked up a few
+    /// events ahead of their fold ([`Table::warm_events`]).
     fn batch<'a>(
         &mut self,
         checked: Result<(), (u32, String)>,
-        items: impl Iterator<Item = Item<'a>>,
+        events: Vec<Event>,
+        mut sources: impl Iterator<Item = (std::sync::Arc<str>, u64)>,
+        mut encodings: impl Iterator<Item = &'a [u8]>,
     ) -> Reply {
         if let Err((index, reason)) = checked {
             return Reply::Refused { index, reason };
         }
         let (mut applied, mut duplicates) = (0u32, 0u32);
-        for (mut event, source, mut encoded) in items {
+        let mut events = events.into_iter();
+        loop {
+            self.table.warm_events(events.as_slice());
+            let Some(mut event) = events.next() else {
+                break;
+            };
+            let source = sources.next();
+            let mut encoded = encodings.next();
             if matches!(event.body, EventBody::Delete { .. }) {
                 // Resolving a delete changes the event: its encoding is no longer its own.
                 encoded = None;
@@ -645,10 +654,6 @@ impl Group<'_> {
         }
     }
 }
-
-/// An event to apply: the event, where it entered the pair (for a replicated entry), and its
-/// encoding as it arrived (when kept).
-type Item<'a> = (Event, Option<(std::sync::Arc<str>, u64)>, Option<&'a [u8]>);
 
 /// Applies one event that entered the pair here or came from the peer, logging it first.
 #[allow(clippy::too_many_arguments)]
@@ -1067,9 +1072,8 @@ fn commit_loop(
                             reply,
                         } => {
                             let checked = check(events.iter());
-                            let mut encoded = encoded.iter();
-                            let items = events.into_iter().map(|e| (e, None, encoded.next()));
-                            let answer = work.batch(checked, items);
+                            let answer =
+                                work.batch(checked, events, std::iter::empty(), encoded.iter());
                             replies.push((reply, answer));
                         }
                         Request::Replicate {
@@ -1092,13 +1096,12 @@ fn commit_loop(
                                 continue;
                             }
                             let checked = check(entries.events.iter());
-                            let mut sources = entries.sources.into_iter();
-                            let mut encoded = entries.encoded.iter();
-                            let items = entries
-                                .events
-                                .into_iter()
-                                .map(|e| (e, sources.next(), encoded.next()));
-                            let answer = work.batch(checked, items);
+                            let answer = work.batch(
+                                checked,
+                                entries.events,
+                                entries.sources.into_iter(),
+                                entries.encoded.iter(),
+                            );
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.
                                 known_cursors.insert(peer.clone(), cursor);
@@ -1158,7 +1161,7 @@ fn commit_loop(
                                 })
                                 .collect();
                             let checked = check(events.iter());
-                            work.batch(checked, events.into_iter().map(|e| (e, None, None)));
+                            work.batch(checked, events, std::iter::empty(), std::iter::empty());
                         }
                     }
                 }

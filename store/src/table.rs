@@ -88,12 +88,45 @@ impl RowMap {
     fn prefetch(&mut self, hash: u64) {
         self.slots.prefetch(&self.table, hash);
     }
+
+    /// Starts loading the control bytes where a probe for `hash` starts.
+    fn prefetch_control(&mut self, hash: u64) {
+        self.slots.prefetch_control(&self.table, hash);
+    }
+
+    /// Starts loading the bucket of the row hashed `hash`, once the control bytes are in the
+    /// cache ([`RowMap::prefetch_control`]). The first entry whose hash tag matches is taken
+    /// without comparing its key, which would wait for the bucket and then the key's text: a
+    /// wrong one, rarely, costs a useless prefetch. (The slot [`RowMap::prefetch`] loads is where
+    /// the probe starts, one of the sixteen a row may be in.)
+    fn prefetch_bucket(&self, hash: u64) {
+        if let Some(entry) = self.table.find(hash, |_| true) {
+            tandem_alloc::prefetch(entry);
+        }
+    }
+
+    /// Starts loading the key and the row hashed `hash`, once its bucket is in the cache
+    /// ([`RowMap::prefetch_bucket`]).
+    fn prefetch_row(&self, hash: u64) {
+        if let Some((key, row)) = self.table.find(hash, |_| true) {
+            tandem_alloc::prefetch(key.as_ptr());
+            let row: *const u8 = (&**row as *const Row).cast();
+            for line in 0..std::mem::size_of::<Row>().div_ceil(64) {
+                tandem_alloc::prefetch(row.wrapping_add(64 * line));
+            }
+        }
+    }
 }
 
 use tandem_protocol::state::SeqRanges;
 use tandem_protocol::{Alert, AlertState, Event, EventBody, Kind, Origin, OriginCount, Version};
 
 use crate::fold::{self, ClearKey};
+
+/// How far ahead of its fold each step of an event's row lookup is prefetched
+/// ([`Table::warm_events`]): its identifier, control bytes, bucket, key and row. Four events
+/// apart, a few microseconds of folding: more than a miss takes.
+const WARM_AHEAD: [usize; 4] = [16, 12, 8, 4];
 
 /// Longest identifier accepted, in bytes.
 pub const MAX_IDENTIFIER: usize = 1024;
@@ -481,6 +514,29 @@ impl Table {
         let row = &incoming.row;
         if row.state.latest.value.kind == Kind::Problem && row.clear_hash != 0 {
             self.by_clear_slots.prefetch(&self.by_clear, row.clear_hash);
+        }
+    }
+
+    /// Starts loading the rows of the next events of a batch, `events` being those not yet
+    /// folded, one step of the lookup for each of four events ahead, each step reading only
+    /// what the step before loaded: the identifier ([`WARM_AHEAD`] events ahead), the control
+    /// bytes for its hash, the bucket they point to, and the key and row the bucket points to
+    /// (for the event after next but three). A table of only 10,000 rows no longer stays in
+    /// the cache when other processes share the cores, and those four loads are each a miss
+    /// that waits for the one before (the row lookup was a sixth of a commit thread's time).
+    pub fn warm_events(&mut self, events: &[Event]) {
+        let [text, control, bucket, row] = WARM_AHEAD;
+        if let Some(event) = events.get(text) {
+            tandem_alloc::prefetch(event.identifier_address());
+        }
+        if let Some(event) = events.get(control) {
+            self.rows.prefetch_control(key_hash(event.identifier()));
+        }
+        if let Some(event) = events.get(bucket) {
+            self.rows.prefetch_bucket(key_hash(event.identifier()));
+        }
+        if let Some(event) = events.get(row) {
+            self.rows.prefetch_row(key_hash(event.identifier()));
         }
     }
 
@@ -971,6 +1027,13 @@ struct Slots {
 }
 
 impl Slots {
+    /// Starts loading the control bytes a probe for `hash` reads first.
+    fn prefetch_control<T>(&mut self, table: &hashbrown::HashTable<T>, hash: u64) {
+        if let Some((ctrl, _)) = self.slot(table, hash) {
+            tandem_alloc::prefetch(std::ptr::without_provenance::<u8>(ctrl));
+        }
+    }
+
     /// Starts loading the control bytes and the first bucket a probe for `hash` reads.
     fn prefetch<T>(&mut self, table: &hashbrown::HashTable<T>, hash: u64) {
         if let Some((ctrl, bucket)) = self.slot(table, hash) {
@@ -1192,6 +1255,32 @@ mod tests {
         check_slots(table, &key_hashes, |hash| {
             table.find_bucket_index(hash, |(id, _)| key_hash(id) == hash)
         });
+    }
+
+    #[test]
+    fn the_rows_a_batch_prefetches_are_nearly_always_the_rows_it_folds() {
+        // `RowMap::prefetch_bucket` and `prefetch_row` take the first entry whose hash tag
+        // matches, without comparing keys: right unless another key in the probe's group
+        // shares the tag (7 bits of the hash).
+        let mut rows = RowMap::default();
+        let ids: Vec<Arc<str>> = (0..10_000)
+            .map(|i| Arc::from(format!("alert-{i}")))
+            .collect();
+        for id in &ids {
+            rows.insert(id.clone(), Box::default());
+        }
+        let right = ids
+            .iter()
+            .filter(|id| {
+                rows.table
+                    .find(key_hash(id), |_| true)
+                    .is_some_and(|(key, _)| Arc::ptr_eq(key, id))
+            })
+            .count();
+        assert!(
+            right >= 9_000,
+            "only {right} of 10,000 rows found by their hash tag alone"
+        );
     }
 
     /// Checks that `table`'s entry hashed each of `hashes` is where [`Slots`] puts it: a probe
