@@ -518,12 +518,13 @@ impl Table {
     }
 
     /// Starts loading the rows of the next events of a batch, `events` being those not yet
-    /// folded, one step of the lookup for each of four events ahead, each step reading only
-    /// what the step before loaded: the identifier ([`WARM_AHEAD`] events ahead), the control
-    /// bytes for its hash, the bucket they point to, and the key and row the bucket points to
-    /// (for the event after next but three). A table of only 10,000 rows no longer stays in
-    /// the cache when other processes share the cores, and those four loads are each a miss
-    /// that waits for the one before (the row lookup was a sixth of a commit thread's time).
+    /// folded: one step of the row lookup for each of four events ahead ([`WARM_AHEAD`]), the
+    /// nearer the event the later the step, each reading only what the step before loaded
+    /// for that event: its identifier, the control bytes for its hash, the bucket they point
+    /// to, and the key and row the bucket points to. A table of only 10,000 rows no longer
+    /// stays in the cache when other processes share the cores, and those four loads are each
+    /// a miss that waits for the one before (the row lookup was a sixth of a commit thread's
+    /// time).
     pub fn warm_events(&mut self, events: &[Event]) {
         let [text, control, bucket, row] = WARM_AHEAD;
         if let Some(event) = events.get(text) {
