@@ -5,7 +5,7 @@
 //! This is the workspace's only `unsafe` code: mimalloc's options can be set only through its C
 //! interface or its environment variables, and a component run alone under a service manager
 //! would otherwise have to be given the variable by hand. It also holds [`prefetch`], the one
-//! processor hint the store's merge uses, which Rust offers only as an `unsafe` intrinsic.
+//! processor hint the store's row lookups use, which Rust offers only as an `unsafe` intrinsic.
 
 #![deny(unsafe_code)]
 
