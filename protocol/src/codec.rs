@@ -732,6 +732,8 @@ impl Encoder<EventsFrame> for MessageCodec {
 pub struct LogEntriesFrame<'a> {
     frame: InPlace<'a>,
     count: u32,
+    /// The entries' bytes once the receiver has unpacked the packed segments.
+    unpacked: usize,
 }
 
 /// The longest head of a `LogEntries` frame: the length field, then varints for the variant,
@@ -744,6 +746,7 @@ impl<'a> LogEntriesFrame<'a> {
         LogEntriesFrame {
             frame: InPlace::begin(dst, LOG_ENTRIES_HEAD_ROOM),
             count: 0,
+            unpacked: 0,
         }
     }
 
@@ -751,6 +754,32 @@ impl<'a> LogEntriesFrame<'a> {
     pub fn push_encoded(&mut self, entry: &[u8]) {
         crate::message::append_entry(self.frame.dst, entry);
         self.count += 1;
+        self.unpacked += crate::message::ENTRY_LEN_PREFIX + entry.len();
+    }
+
+    /// Appends `count` entries as one packed segment (see
+    /// [`crate::message::LogBatch::push_packed`]), if the frame has room for it in both forms:
+    /// as sent, and as the receiver holds it unpacked, which it refuses over the frame limit.
+    /// Returns whether it did.
+    pub fn push_packed(
+        &mut self,
+        count: u32,
+        unpacked: usize,
+        lz4: &[u8],
+        max_frame: usize,
+    ) -> bool {
+        let sent = crate::message::PACKED_SEGMENT_HEAD + lz4.len();
+        let held = LOG_ENTRIES_HEAD_ROOM + 20 + PAGE_HEAD_ROOM + self.unpacked + unpacked;
+        let Ok(unpacked_field) = u32::try_from(unpacked) else {
+            return false;
+        };
+        if !self.frame.would_fit(sent + 20, max_frame) || held > max_frame.min(MAX_FRAME_LIMIT) {
+            return false;
+        }
+        crate::message::append_packed(self.frame.dst, unpacked_field, lz4);
+        self.count += count;
+        self.unpacked += unpacked;
+        true
     }
 
     /// Entries appended so far.
@@ -1348,6 +1377,146 @@ mod tests {
             drop(frame);
             assert_eq!(&out[..], before, "an abandoned frame is taken back out");
         }
+    }
+
+    /// `entries` in the stored form, the ones in `packed` (a range of them) as one packed
+    /// segment, as a store sends its log blocks.
+    fn batch_packing(
+        entries: &[crate::message::LogEntry],
+        packed: std::ops::Range<usize>,
+    ) -> crate::message::LogBatch {
+        let mut batch = crate::message::LogBatch::default();
+        let mut block = crate::message::LogBatch::default();
+        for (i, entry) in entries.iter().enumerate() {
+            if packed.contains(&i) {
+                block.push(entry).unwrap();
+            }
+            if i + 1 == packed.end || (packed.is_empty() && i == packed.start) {
+                let lz4 = lz4_flex::block::compress(block.stored());
+                batch.push_packed(block.len() as u32, block.stored().len() as u32, &lz4);
+            }
+            if !packed.contains(&i) {
+                batch.push(entry).unwrap();
+            }
+        }
+        batch
+    }
+
+    proptest! {
+        #[test]
+        fn a_log_batch_with_a_packed_segment_decodes_to_the_entries_it_packs(
+            entries in proptest::collection::vec(any::<crate::message::LogEntry>(), 1..12),
+            a in 0usize..12,
+            b in 0usize..12,
+        ) {
+            let (a, b) = (a.min(b).min(entries.len()), a.max(b).min(entries.len()));
+            let batch = batch_packing(&entries, a..b);
+            prop_assert_eq!(batch.len(), entries.len());
+            prop_assert_eq!(batch.decode().unwrap(), entries.clone());
+            // Through a page and the gateway's Replicate, as the receiver gets it.
+            let mut out = BytesMut::new();
+            let mut frame = LogEntriesFrame::begin(&mut out);
+            for (i, entry) in entries.iter().enumerate() {
+                if i == a && a < b {
+                    let mut block = crate::message::LogBatch::default();
+                    for entry in &entries[a..b] {
+                        block.push(entry).unwrap();
+                    }
+                    let lz4 = lz4_flex::block::compress(block.stored());
+                    let unpacked = block.stored().len();
+                    prop_assert!(frame.push_packed((b - a) as u32, unpacked, &lz4, DEFAULT_MAX_FRAME));
+                }
+                if !(a..b).contains(&i) {
+                    frame.push_encoded(&to_bytes(entry).unwrap());
+                }
+            }
+            frame.finish(DEFAULT_MAX_FRAME, 9, 9).unwrap();
+            let mut codec = MessageCodec::default();
+            let Message::LogEntries { entries: page, .. } = codec.decode(&mut out).unwrap().unwrap().unwrap() else {
+                return Err(TestCaseError::fail("not LogEntries"));
+            };
+            prop_assert_eq!(page.len(), entries.len());
+            let mut wire = BytesMut::new();
+            let replicate = ReplicateFrame { batch: 1, peer: "AGG_P", after: 0, cursor: 9, entries: &page };
+            codec.encode(replicate, &mut wire).unwrap();
+            let Message::Replicate { entries: got, .. } = codec.decode(&mut wire).unwrap().unwrap().unwrap() else {
+                return Err(TestCaseError::fail("not Replicate"));
+            };
+            let applied = got.decode_keeping_event_bytes().unwrap();
+            let events: Vec<_> = entries.iter().map(|e| e.event.clone()).collect();
+            prop_assert_eq!(&applied.events, &events);
+            for ((entry, source), bytes) in entries.iter().zip(&applied.sources).zip(applied.encoded.iter()) {
+                prop_assert_eq!(&*source.0, &*entry.source);
+                prop_assert_eq!(source.1, entry.source_serial);
+                prop_assert_eq!(from_bytes::<crate::event::Event>(bytes).unwrap(), entry.event.clone());
+            }
+            prop_assert_eq!(applied.encoded.len(), entries.len());
+        }
+
+        #[test]
+        fn a_packed_segment_of_any_bytes_is_an_error_not_a_panic(
+            unpacked in any::<u32>(),
+            lz4 in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut batch = crate::message::LogBatch::default();
+            batch.push_packed(1, unpacked, &lz4);
+            // Whatever it holds, it is not one entry.
+            prop_assert!(batch.decode().map_or(true, |entries| entries.len() != 1));
+            let _ = batch.decode_keeping_event_bytes();
+        }
+    }
+
+    #[test]
+    fn a_packed_segment_is_refused_when_it_unpacks_wrong_or_too_large() {
+        let entry = crate::message::LogEntry {
+            lsn: 1,
+            source: "AGG_P".into(),
+            source_serial: 1,
+            event: crate::event::Event {
+                origin: crate::event::Origin::new("p", 1),
+                seq: 1,
+                time: 0,
+                body: crate::event::EventBody::Occurrence(Default::default()),
+            },
+        };
+        let mut stored = crate::message::LogBatch::default();
+        stored.push(&entry).unwrap();
+        let lz4 = lz4_flex::block::compress(stored.stored());
+        let len = stored.stored().len() as u32;
+        let decode = |unpacked: u32, lz4: &[u8]| {
+            let mut batch = crate::message::LogBatch::default();
+            batch.push_packed(1, unpacked, lz4);
+            batch.decode().unwrap_err().to_string()
+        };
+        // Claims more than a batch may hold: refused before anything is allocated for it.
+        let err = decode(u32::MAX - 1, &lz4);
+        assert!(err.contains("over the"), "{err}");
+        let err = decode(len + 1, &lz4);
+        assert!(err.contains("unpacks to"), "{err}");
+        let err = decode(len, &lz4[..lz4.len() - 1]);
+        assert!(err.contains("does not unpack"), "{err}");
+        // A segment cut short.
+        let mut batch = crate::message::LogBatch::default();
+        batch.push_packed(1, len, &lz4);
+        let cut = from_bytes::<crate::message::LogBatch>(
+            &to_bytes(&(1u32, serde_bytes::Bytes::new(&batch.stored()[..10]))).unwrap(),
+        )
+        .unwrap();
+        let err = cut.decode().unwrap_err().to_string();
+        assert!(err.contains("end inside"), "{err}");
+        // And whole, it is the entry.
+        assert_eq!(batch.decode().unwrap(), vec![entry]);
+    }
+
+    #[test]
+    fn a_packed_segment_goes_into_a_page_only_if_it_fits_both_packed_and_unpacked() {
+        let mut out = BytesMut::new();
+        let mut frame = LogEntriesFrame::begin(&mut out);
+        // Small on the wire, but too large for the receiver to hold unpacked.
+        assert!(!frame.push_packed(1, 999_000, &[0u8; 100], 1_000_000));
+        assert!(!frame.push_packed(1, 10, &[0u8; 2_000_000], 1_000_000));
+        assert!(frame.push_packed(1, 10_000, &[0u8; 100], 1_000_000));
+        assert_eq!(frame.len(), 1);
     }
 
     #[test]

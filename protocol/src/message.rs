@@ -29,7 +29,7 @@ use crate::state::{AlertState, AppliedRanges};
 
 /// The version of this protocol. A peer with another version is rejected in the handshake
 /// with [`RejectReason::UnsupportedVersion`], never misread.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Who is connecting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,6 +141,11 @@ pub struct LogEntry {
 /// without decoding it, and the gateway passes it to the peer untouched; only the store that
 /// applies the entries decodes them.
 ///
+/// A run of entries may come as a packed segment instead: a whole log block as the store keeps
+/// it, compressed with LZ4 (see [`PACKED_SEGMENT_HEAD`]). Sent so, replication carries about a
+/// seventh of the bytes through the sender's socket, the gateway and the receiver's, and the
+/// sender compresses nothing it had not compressed already.
+///
 /// The bytes are a `BytesMut` so that a batch decoded from a frame is a slice of that frame,
 /// not a copy (the codec does this for `LogEntries` and `Replicate`), and can still be built up
 /// entry by entry.
@@ -179,10 +184,128 @@ mod batch_bytes {
 /// Bytes before each entry in a [`LogBatch`] and a stored log block: its length.
 pub const ENTRY_LEN_PREFIX: usize = 4;
 
+/// What a packed segment of a [`LogBatch`] has where an entry has its length. No entry is
+/// 4 GiB long: a frame is at most 64 MiB.
+const PACKED_SEGMENT: u32 = u32::MAX;
+
+/// Bytes before a packed segment's LZ4 data: [`PACKED_SEGMENT`], the length of the entries
+/// it packs, and the length of the data (each u32, little-endian).
+pub const PACKED_SEGMENT_HEAD: usize = 12;
+
 /// Appends one entry's encoding in the stored form: its length, then its bytes.
 pub(crate) fn append_entry(buf: &mut BytesMut, entry: &[u8]) {
     buf.extend_from_slice(&(entry.len() as u32).to_le_bytes());
     buf.extend_from_slice(entry);
+}
+
+/// Appends a packed segment: entries in the stored form, `unpacked` bytes of them, as the LZ4
+/// block `lz4`.
+pub(crate) fn append_packed(buf: &mut BytesMut, unpacked: u32, lz4: &[u8]) {
+    buf.extend_from_slice(&PACKED_SEGMENT.to_le_bytes());
+    buf.extend_from_slice(&unpacked.to_le_bytes());
+    buf.extend_from_slice(&(lz4.len() as u32).to_le_bytes());
+    buf.extend_from_slice(lz4);
+}
+
+/// One part of a [`LogBatch`]'s bytes: an entry, or a packed segment of entries.
+enum Segment<'a> {
+    /// An entry in the stored form, its length included.
+    Entry(&'a [u8]),
+    Packed {
+        unpacked: usize,
+        lz4: &'a [u8],
+    },
+}
+
+/// The segments of a batch's bytes, in order; an error where the bytes end inside one.
+fn segments(
+    mut rest: &[u8],
+) -> impl Iterator<Item = Result<Segment<'_>, crate::codec::CodecError>> {
+    let u32_at = |bytes: &[u8], at: usize| {
+        bytes
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_le_bytes(b) as usize)
+    };
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = |rest: &mut &[u8]| {
+            *rest = &[];
+            Some(Err(crate::codec::CodecError::Decode(
+                "log entries end inside an entry".into(),
+            )))
+        };
+        let Some(len) = u32_at(rest, 0) else {
+            return cut(&mut rest);
+        };
+        if len != PACKED_SEGMENT as usize {
+            let Some(entry) = rest.get(..ENTRY_LEN_PREFIX + len) else {
+                return cut(&mut rest);
+            };
+            rest = &rest[entry.len()..];
+            return Some(Ok(Segment::Entry(entry)));
+        }
+        let (Some(unpacked), Some(packed)) = (u32_at(rest, 4), u32_at(rest, 8)) else {
+            return cut(&mut rest);
+        };
+        let Some(lz4) = rest.get(PACKED_SEGMENT_HEAD..PACKED_SEGMENT_HEAD + packed) else {
+            return cut(&mut rest);
+        };
+        rest = &rest[PACKED_SEGMENT_HEAD + packed..];
+        Some(Ok(Segment::Packed { unpacked, lz4 }))
+    })
+}
+
+/// `bytes` (a batch's) with every packed segment unpacked, or `None` when it has none. The
+/// unpacked entries may come to at most `limit` bytes: a segment's claimed length is checked
+/// before anything is allocated for it.
+fn unpack_segments(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, crate::codec::CodecError> {
+    use crate::codec::CodecError;
+    let mut total = 0usize;
+    let mut packed = false;
+    for segment in segments(bytes) {
+        total = total.saturating_add(match segment? {
+            Segment::Entry(entry) => entry.len(),
+            Segment::Packed { unpacked, .. } => {
+                packed = true;
+                unpacked
+            }
+        });
+    }
+    if !packed {
+        return Ok(None);
+    }
+    if total > limit {
+        return Err(CodecError::Decode(format!(
+            "a log batch unpacks to {total} bytes, over the {limit} bytes a batch may hold"
+        )));
+    }
+    let mut out = Vec::with_capacity(total);
+    for segment in segments(bytes) {
+        match segment? {
+            Segment::Entry(entry) => out.extend_from_slice(entry),
+            Segment::Packed { unpacked, lz4 } => {
+                let at = out.len();
+                out.resize(at + unpacked, 0);
+                let n = lz4_flex::block::decompress_into(lz4, &mut out[at..]).map_err(|e| {
+                    CodecError::Decode(format!(
+                        "a packed segment of a log batch does not unpack: {e}"
+                    ))
+                })?;
+                if n != unpacked {
+                    return Err(CodecError::Decode(format!(
+                        "a packed segment of a log batch unpacks to {n} bytes where it claims {unpacked}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(Some(out))
 }
 
 impl LogBatch {
@@ -198,6 +321,14 @@ impl LogBatch {
     pub fn push_encoded(&mut self, entry: &[u8]) {
         append_entry(&mut self.bytes, entry);
         self.count += 1;
+    }
+
+    /// Appends `count` entries as a packed segment: their stored form, `unpacked` bytes of it,
+    /// compressed as the LZ4 block `lz4` (as a store keeps a log block). The receiver unpacks
+    /// the segment before it decodes an entry.
+    pub fn push_packed(&mut self, count: u32, unpacked: u32, lz4: &[u8]) {
+        append_packed(&mut self.bytes, unpacked, lz4);
+        self.count += count;
     }
 
     /// The entries in their stored form, as the batch goes on the wire after its count.
@@ -224,18 +355,17 @@ impl LogBatch {
         Ok(())
     }
 
-    /// The entries' encodings, in order; an error where the bytes end inside an entry.
-    pub fn records(&self) -> Records<'_> {
-        Records { rest: &self.bytes }
-    }
-
     /// Decodes every entry for applying, keeping each event's encoding (a range of this
-    /// batch's bytes, not a copy): the applying store logs the event as it came. The entries'
-    /// LSNs are the sender's and are not kept (the batch's cursor carries the position).
+    /// batch's bytes, not a copy; of the unpacked entries where the batch has packed
+    /// segments): the applying store logs the event as it came. The entries' LSNs are the
+    /// sender's and are not kept (the batch's cursor carries the position).
     pub fn decode_keeping_event_bytes(self) -> Result<EntriesToApply, crate::codec::CodecError> {
         use crate::codec::{CodecError, RecordBytes, decode_prefix_native};
         let count = self.len();
-        let bytes = self.bytes.freeze();
+        let bytes = match unpack_segments(&self.bytes, crate::codec::MAX_FRAME_LIMIT)? {
+            Some(unpacked) => bytes::Bytes::from(unpacked),
+            None => self.bytes.freeze(),
+        };
         let room = count.min(crate::codec::PREALLOC_LIMIT);
         let mut out = EntriesToApply {
             events: Vec::with_capacity(room),
@@ -279,8 +409,10 @@ impl LogBatch {
 
     /// Decodes every entry.
     pub fn decode(&self) -> Result<Vec<LogEntry>, crate::codec::CodecError> {
+        let unpacked = unpack_segments(&self.bytes, crate::codec::MAX_FRAME_LIMIT)?;
+        let stored = unpacked.as_deref().unwrap_or(&self.bytes);
         let mut out = Vec::with_capacity(self.len().min(crate::codec::PREALLOC_LIMIT));
-        for record in self.records() {
+        for record in Records::of(stored) {
             out.push(crate::codec::from_bytes(record?)?);
         }
         if out.len() != self.len() {

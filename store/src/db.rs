@@ -248,12 +248,17 @@ fn pack_block(block: &[u8], scratch: &mut Vec<u8>) -> Option<usize> {
     (packed < block.len()).then_some(packed)
 }
 
+/// The LZ4 block a packed block's value holds; None for a block stored as it is.
+fn lz4_of(value: &[u8]) -> Option<&[u8]> {
+    (value.len() >= 8 && value[..4] == PACKED).then(|| &value[8..])
+}
+
 /// A stored block's entries as one buffer: the value itself, or the block it packs,
 /// unpacked into `scratch`. `scratch` grows to the largest block and is not cleared: a reader
 /// of many blocks (a subscriber's page of the log) neither allocates nor zeroes a buffer for
 /// each.
 fn unpack_block<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], DbError> {
-    if value.len() < 8 || value[..4] != PACKED {
+    if lz4_of(value).is_none() {
         return Ok(value);
     }
     let corrupt = |why: String| DbError::Corrupt {
@@ -283,6 +288,15 @@ fn u32_le(bytes: &[u8]) -> u32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&bytes[..4]);
     u32::from_le_bytes(b)
+}
+
+/// Where [`Db::read_log_raw`] puts the log entries it reads: a subscriber's page.
+pub trait LogSink {
+    /// Takes one entry's encoding; false when it has no room for it.
+    fn entry(&mut self, entry: &[u8]) -> bool;
+    /// Takes a whole block of `count` entries, `unpacked` bytes in the stored form, as the LZ4
+    /// block `lz4`; false when it has no room for it so.
+    fn packed(&mut self, count: usize, unpacked: usize, lz4: &[u8]) -> bool;
 }
 
 /// The entries of a stored block, each as its encoded bytes.
@@ -848,41 +862,87 @@ impl Db {
         Ok(out)
     }
 
-    /// Hands `push` the log entries from `from` on as stored, at most `max` looked at, leaving
-    /// out those whose source is `skip_source`: for a subscriber, without decoding them. `push`
-    /// answers false for an entry it has no room for, which ends the read before that entry.
-    /// Returns the first and last LSN looked at (None: nothing from `from` on).
+    /// Hands `sink` the log entries from `from` on as stored, at most `max` looked at (or one
+    /// whole block more), leaving out those whose source is `skip_source`: for a subscriber,
+    /// without decoding them. A block that lies wholly from `from` on and leaves nothing out
+    /// goes to the sink as stored, packed, if the sink takes it so; otherwise entry by entry.
+    /// A page ends before a block that would take it past `max`, so that the next starts at a
+    /// block, which it can send packed. The sink answers false for what it has no room for,
+    /// which ends the read there. Returns the first and last LSN looked at (None: nothing from
+    /// `from` on).
     pub fn read_log_raw(
         &self,
         from: u64,
         max: usize,
         skip_source: Option<&str>,
-        mut push: impl FnMut(&[u8]) -> bool,
+        sink: &mut impl LogSink,
     ) -> Result<Option<(u64, u64)>, DbError> {
+        let from = from.max(self.log_start.load(std::sync::atomic::Ordering::Relaxed));
+        let start = self.block_holding(from)?.unwrap_or(from);
+        let mut scratch = Vec::new();
         let mut seen: Option<(u64, u64)> = None;
         let mut looked = 0;
-        self.scan_log(from, |lsn, bytes| {
-            let skip = match skip_source {
-                Some(skip) => {
-                    // Borrowed: a log entry's source is read for every entry a subscriber
-                    // is sent.
-                    let (_, source): (u64, &str) =
-                        from_prefix(bytes).map_err(|source| DbError::Corrupt {
-                            what: "log entry",
-                            key: lsn.to_string(),
-                            source,
-                        })?;
-                    source == skip
-                }
-                None => false,
-            };
-            if !skip && !push(bytes) {
+        let skipped = |lsn: u64, bytes: &[u8]| -> Result<bool, DbError> {
+            let Some(skip) = skip_source else {
                 return Ok(false);
+            };
+            // Borrowed: a log entry's source is read for every entry a subscriber is sent.
+            let (_, source): (u64, &str) =
+                from_prefix(bytes).map_err(|source| DbError::Corrupt {
+                    what: "log entry",
+                    key: lsn.to_string(),
+                    source,
+                })?;
+            Ok(source == skip)
+        };
+        for item in self.log.range(block_key(start)..) {
+            let (key, value) = item.into_inner()?;
+            let Some(first) = block_first(&key) else {
+                break;
+            };
+            let block = unpack_block(&value, &mut scratch)?;
+            if let Some(lz4) = lz4_of(&value).filter(|_| first >= from) {
+                let (mut count, mut last, mut whole) = (0usize, first, true);
+                for bytes in block_entries(block) {
+                    let bytes = bytes?;
+                    last = entry_lsn(first, bytes)?;
+                    whole &= !skipped(last, bytes)?;
+                    count += 1;
+                }
+                if whole && count > 0 {
+                    if looked > 0 && looked + count > max {
+                        return Ok(seen);
+                    }
+                    if sink.packed(count, block.len(), lz4) {
+                        seen = Some((seen.map_or(first, |(first, _)| first), last));
+                        looked += count;
+                        if looked >= max {
+                            return Ok(seen);
+                        }
+                        continue;
+                    }
+                    if looked > 0 {
+                        return Ok(seen);
+                    }
+                    // Too large for the page packed: entry by entry, as far as they fit.
+                }
             }
-            seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
-            looked += 1;
-            Ok(looked < max)
-        })?;
+            for bytes in block_entries(block) {
+                let bytes = bytes?;
+                let lsn = entry_lsn(first, bytes)?;
+                if lsn < from {
+                    continue;
+                }
+                if !skipped(lsn, bytes)? && !sink.entry(bytes) {
+                    return Ok(seen);
+                }
+                seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
+                looked += 1;
+                if looked >= max {
+                    return Ok(seen);
+                }
+            }
+        }
         Ok(seen)
     }
 
@@ -1177,12 +1237,23 @@ mod tests {
 
     /// Commits the entries `lsns` as one group, trimming the log to `first_lsn`.
     fn commit(db: &Db, meta: &mut Meta, lsns: std::ops::RangeInclusive<u64>, first_lsn: u64) {
+        commit_from(db, meta, lsns, first_lsn, |_| "AGG_P");
+    }
+
+    /// [`commit`], each entry from the source `source` names for its LSN.
+    fn commit_from(
+        db: &Db,
+        meta: &mut Meta,
+        lsns: std::ops::RangeInclusive<u64>,
+        first_lsn: u64,
+        source: impl Fn(u64) -> &'static str,
+    ) {
         let mut log = LogBuf::default();
         for lsn in lsns {
             let e = event(lsn);
             log.push(tandem_protocol::message::LogEntryRef {
                 lsn,
-                source: "AGG_P",
+                source: source(lsn),
                 source_serial: lsn,
                 event: &e,
             });
@@ -1274,6 +1345,117 @@ mod tests {
             lsns(&db.read_log(1, 10_000).unwrap()),
             (1200..=1401).collect::<Vec<_>>()
         );
+    }
+
+    /// A subscriber's page as [`Db::read_log_raw`] fills it, taking at most `room` entries,
+    /// and whole blocks packed only if `packs`.
+    struct Page {
+        batch: tandem_protocol::message::LogBatch,
+        /// The entries of each block it took packed.
+        packed: Vec<usize>,
+        room: usize,
+        packs: bool,
+    }
+
+    impl Page {
+        fn new(room: usize, packs: bool) -> Page {
+            Page {
+                batch: Default::default(),
+                packed: Vec::new(),
+                room,
+                packs,
+            }
+        }
+    }
+
+    impl LogSink for Page {
+        fn entry(&mut self, entry: &[u8]) -> bool {
+            let room = self.batch.len() < self.room;
+            if room {
+                self.batch.push_encoded(entry);
+            }
+            room
+        }
+        fn packed(&mut self, count: usize, unpacked: usize, lz4: &[u8]) -> bool {
+            let room = self.packs && self.batch.len() + count <= self.room;
+            if room {
+                self.batch.push_packed(count as u32, unpacked as u32, lz4);
+                self.packed.push(count);
+            }
+            room
+        }
+    }
+
+    /// Reads the log from `from` page by page, as a subscriber does, until the head. Returns
+    /// the entries and the packed blocks' entry counts, page by page.
+    fn pages(
+        db: &Db,
+        mut from: u64,
+        max: usize,
+        skip: Option<&str>,
+        packs: bool,
+    ) -> (Vec<LogEntry>, Vec<Vec<usize>>) {
+        let (mut entries, mut packed) = (Vec::new(), Vec::new());
+        for _ in 0..10_000 {
+            let mut page = Page::new(usize::MAX, packs);
+            let Some((first, last)) = db.read_log_raw(from, max, skip, &mut page).unwrap() else {
+                return (entries, packed);
+            };
+            assert_eq!(first, from, "a page starts where it was asked to");
+            entries.extend(page.batch.decode().unwrap());
+            packed.push(page.packed);
+            from = last + 1;
+        }
+        panic!("the log did not end");
+    }
+
+    #[test]
+    fn a_subscriber_gets_whole_blocks_packed_and_the_rest_entry_by_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("s")).unwrap();
+        let mut meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
+        // Blocks at 1, 2 (256 entries), 258 (44), 302 (256), 558 (256), 814 (188) and 1002
+        // (5); entry 600 came from the peer.
+        let source = |lsn| if lsn == 600 { "AGG_B" } else { "AGG_P" };
+        commit_from(&db, &mut meta, 1..=1, 1, source);
+        commit_from(&db, &mut meta, 2..=301, 1, source);
+        commit_from(&db, &mut meta, 302..=1001, 1, source);
+        commit_from(&db, &mut meta, 1002..=1006, 1, source);
+        let all = db.read_log(1, 10_000).unwrap();
+        assert_eq!(all.len(), 1006);
+
+        // From a block's start: every block whole and packed, pages ending between blocks.
+        let (got, packed) = pages(&db, 2, 1_000, None, true);
+        assert_eq!(got, all[1..]);
+        assert_eq!(packed, [vec![256, 44, 256, 256, 188], vec![5]]);
+        // A page of 300 takes 2..=301 (two blocks) and ends before the block of 256 it has
+        // no room for; a page of 100 takes a block of 256 whole rather than cut it.
+        let (got, packed) = pages(&db, 2, 300, None, true);
+        assert_eq!(got, all[1..]);
+        assert_eq!(packed, [vec![256, 44], vec![256], vec![256], vec![188, 5]]);
+        let (got, packed) = pages(&db, 2, 100, None, true);
+        assert_eq!(got, all[1..]);
+        assert_eq!(packed[..2], [vec![256], vec![44]]);
+
+        // From inside a block: its rest entry by entry, then whole blocks.
+        let (got, packed) = pages(&db, 100, 10_000, None, true);
+        assert_eq!(got, all[99..]);
+        assert_eq!(packed, [vec![44, 256, 256, 188, 5]]);
+
+        // Leaving out the peer's entry: its block entry by entry, without it.
+        let (got, packed) = pages(&db, 2, 10_000, Some("AGG_B"), true);
+        let without: Vec<_> = all[1..].iter().filter(|e| e.lsn != 600).cloned().collect();
+        assert_eq!(got, without);
+        assert_eq!(
+            packed,
+            [vec![256, 44, 256, 188, 5]],
+            "all but the block at 558 whole"
+        );
+
+        // A page with no room for a block packed gets it entry by entry.
+        let (got, packed) = pages(&db, 2, 10_000, None, false);
+        assert_eq!(got, all[1..]);
+        assert!(packed.iter().all(Vec::is_empty));
     }
 
     #[test]

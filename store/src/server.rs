@@ -615,19 +615,34 @@ fn read_log_frame(
     skip: Option<&str>,
     head: u64,
 ) -> Result<LogRead, String> {
-    let mut frame = LogEntriesFrame::begin(buf);
-    let seen = shared
-        .db
-        .read_log_raw(from, want, skip, |entry| {
+    struct Page<'a> {
+        frame: LogEntriesFrame<'a>,
+        max_frame: usize,
+    }
+    impl crate::db::LogSink for Page<'_> {
+        fn entry(&mut self, entry: &[u8]) -> bool {
             // Cut where the frame would be over the limit: entries of large alerts make a
             // page of `want` too big to send, and refusing it whole would stall the subscriber.
-            let room = frame.has_room(entry.len(), max_frame);
+            let room = self.frame.has_room(entry.len(), self.max_frame);
             if room {
-                frame.push_encoded(entry);
+                self.frame.push_encoded(entry);
             }
             room
-        })
+        }
+        fn packed(&mut self, count: usize, unpacked: usize, lz4: &[u8]) -> bool {
+            let count = u32::try_from(count).unwrap_or(u32::MAX);
+            self.frame.push_packed(count, unpacked, lz4, self.max_frame)
+        }
+    }
+    let mut page = Page {
+        frame: LogEntriesFrame::begin(buf),
+        max_frame,
+    };
+    let seen = shared
+        .db
+        .read_log_raw(from, want, skip, &mut page)
         .map_err(|e| e.to_string())?;
+    let frame = page.frame;
     // An unfinished frame takes itself back out of the buffer.
     match seen {
         None => Ok(LogRead::Nothing),
