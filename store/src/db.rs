@@ -1347,42 +1347,27 @@ mod tests {
         );
     }
 
-    /// A subscriber's page as [`Db::read_log_raw`] fills it, taking at most `room` entries,
-    /// and whole blocks packed only if `packs`.
+    /// A subscriber's page as [`Db::read_log_raw`] fills it, taking whole blocks packed only
+    /// if `packs`.
+    #[derive(Default)]
     struct Page {
         batch: tandem_protocol::message::LogBatch,
         /// The entries of each block it took packed.
         packed: Vec<usize>,
-        room: usize,
         packs: bool,
-    }
-
-    impl Page {
-        fn new(room: usize, packs: bool) -> Page {
-            Page {
-                batch: Default::default(),
-                packed: Vec::new(),
-                room,
-                packs,
-            }
-        }
     }
 
     impl LogSink for Page {
         fn entry(&mut self, entry: &[u8]) -> bool {
-            let room = self.batch.len() < self.room;
-            if room {
-                self.batch.push_encoded(entry);
-            }
-            room
+            self.batch.push_encoded(entry);
+            true
         }
         fn packed(&mut self, count: usize, unpacked: usize, lz4: &[u8]) -> bool {
-            let room = self.packs && self.batch.len() + count <= self.room;
-            if room {
+            if self.packs {
                 self.batch.push_packed(count as u32, unpacked as u32, lz4);
                 self.packed.push(count);
             }
-            room
+            self.packs
         }
     }
 
@@ -1397,7 +1382,10 @@ mod tests {
     ) -> (Vec<LogEntry>, Vec<Vec<usize>>) {
         let (mut entries, mut packed) = (Vec::new(), Vec::new());
         for _ in 0..10_000 {
-            let mut page = Page::new(usize::MAX, packs);
+            let mut page = Page {
+                packs,
+                ..Page::default()
+            };
             let Some((first, last)) = db.read_log_raw(from, max, skip, &mut page).unwrap() else {
                 return (entries, packed);
             };
