@@ -2,8 +2,8 @@
 # A backup catching up after an outage: AGG_P, PROXY_P and the gateway take EVENTS events from
 # `tandem bench` while AGG_B is down; then AGG_B starts (empty) and the gateway replays the
 # primary's log into it. Prints how long until AGG_B's LSN reaches the primary's (its start
-# included, polled every 0.1 s) and the bytes the gateway wrote meanwhile, nearly all to AGG_B (`wchar` in
-# /proc/PID/io): what the catch-up moves over the link between the sites.
+# included, polled every 0.1 s) and the bytes the gateway wrote meanwhile, nearly all of them
+# to AGG_B (`wchar` in /proc/PID/io): what the catch-up moves over the link between the sites.
 # Usage: bench/catch-up.sh [EVENTS]   (after cargo build --release)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
