@@ -721,9 +721,13 @@ impl Encoder<EventsFrame> for MessageCodec {
 }
 
 /// A `LogEntries` frame (as [`Message::LogEntries`] encodes it) written in place at the end of a
-/// connection's write buffer, entry by entry as a store reads its log: a page of the log is
-/// never laid out in a batch of its own only to be copied into the frame (that copy was over a
-/// tenth of a primary's CPU while it served the gateway).
+/// connection's write buffer, entry by entry or block by block as a store reads its log: a
+/// page of the log is never laid out in a batch of its own only to be copied into the frame
+/// (that copy was over a tenth of a primary's CPU while it served the gateway).
+///
+/// A page is bounded twice: as sent, by the frame limit, and as the receiver holds it once its
+/// packed segments are unpacked, by the same limit, so that a receiver never holds more for a
+/// page than a frame (it refuses a batch that unpacks to more than [`MAX_FRAME_LIMIT`]).
 ///
 /// The frame's head (length, variant, entry count, byte count) is known only once the last
 /// entry is in, so room for the longest head is left before the entries and the head is
@@ -739,6 +743,9 @@ pub struct LogEntriesFrame<'a> {
 /// The longest head of a `LogEntries` frame: the length field, then varints for the variant,
 /// the entry count (a `u32`) and the entries' byte count (a `u64`).
 const LOG_ENTRIES_HEAD_ROOM: usize = LENGTH_FIELD + 5 + 5 + 9;
+
+/// The longest tail of a `LogEntries` frame: varints for its last LSN and the head.
+const LOG_ENTRIES_TAIL_ROOM: usize = 20;
 
 impl<'a> LogEntriesFrame<'a> {
     /// Starts a frame after whatever `dst` holds.
@@ -758,9 +765,8 @@ impl<'a> LogEntriesFrame<'a> {
     }
 
     /// Appends `count` entries as one packed segment (see
-    /// [`crate::message::LogBatch::push_packed`]), if the frame has room for it in both forms:
-    /// as sent, and as the receiver holds it unpacked, which it refuses over the frame limit.
-    /// Returns whether it did.
+    /// [`crate::message::LogBatch::push_packed`]), if the page has room for it both as sent
+    /// and unpacked. Returns whether it did.
     pub fn push_packed(
         &mut self,
         count: u32,
@@ -769,11 +775,10 @@ impl<'a> LogEntriesFrame<'a> {
         max_frame: usize,
     ) -> bool {
         let sent = crate::message::PACKED_SEGMENT_HEAD + lz4.len();
-        let held = LOG_ENTRIES_HEAD_ROOM + 20 + PAGE_HEAD_ROOM + self.unpacked + unpacked;
         let Ok(unpacked_field) = u32::try_from(unpacked) else {
             return false;
         };
-        if !self.frame.would_fit(sent + 20, max_frame) || held > max_frame.min(MAX_FRAME_LIMIT) {
+        if !self.fits(sent, unpacked, max_frame) {
             return false;
         }
         crate::message::append_packed(self.frame.dst, unpacked_field, lz4);
@@ -782,15 +787,29 @@ impl<'a> LogEntriesFrame<'a> {
         true
     }
 
+    /// Whether `sent` more bytes keep the frame within `max_frame` bytes, and `unpacked` more
+    /// keep the page within it once unpacked, each with [`PAGE_HEAD_ROOM`] to spare.
+    fn fits(&self, sent: usize, unpacked: usize, max_frame: usize) -> bool {
+        let held = LOG_ENTRIES_HEAD_ROOM
+            + LOG_ENTRIES_TAIL_ROOM
+            + PAGE_HEAD_ROOM
+            + self.unpacked.saturating_add(unpacked);
+        self.frame
+            .would_fit(sent + LOG_ENTRIES_TAIL_ROOM, max_frame)
+            && held <= max_frame.min(MAX_FRAME_LIMIT)
+    }
+
     /// Entries appended so far.
     pub fn len(&self) -> usize {
         self.count as usize
     }
 
-    /// Whether an entry of `len` bytes still fits a frame of at most `max_frame` bytes, with
-    /// [`PAGE_HEAD_ROOM`] to spare. A first entry always does: a page holds at least one.
+    /// Whether an entry of `len` bytes still fits a frame of at most `max_frame` bytes, as sent
+    /// and unpacked, with [`PAGE_HEAD_ROOM`] to spare. A first entry always does: a page holds
+    /// at least one.
     pub fn has_room(&self, len: usize, max_frame: usize) -> bool {
-        self.count == 0 || self.frame.would_fit(len + 10 + 20, max_frame)
+        let stored = crate::message::ENTRY_LEN_PREFIX + len;
+        self.count == 0 || self.fits(stored + 10, stored, max_frame)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1434,20 +1453,29 @@ mod tests {
             }
         }
 
+        /// Whatever a peer sends as a batch's bytes, packed segments or not, decoding answers
+        /// (the entries or an error) and never panics.
         #[test]
-        fn a_packed_segment_of_any_bytes_is_an_error_not_a_panic(
-            unpacked in any::<u32>(),
-            lz4 in proptest::collection::vec(any::<u8>(), 0..200),
+        fn a_batch_of_any_bytes_with_packed_segments_is_an_error_not_a_panic(
+            parts in proptest::collection::vec(
+                (any::<bool>(), 0u32..4096, proptest::collection::vec(any::<u8>(), 0..200)),
+                0..4,
+            ),
+            count in 0u32..4,
         ) {
-            let mut batch = crate::message::LogBatch::default();
-            batch.push_packed(1, unpacked, &lz4);
-            // Whatever the bytes, an answer: the one entry the batch claims, or an error.
-            if let Ok(entries) = batch.decode() {
-                prop_assert_eq!(entries.len(), 1);
+            let mut bytes = Vec::new();
+            for (marker, unpacked, data) in &parts {
+                if *marker {
+                    bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+                    bytes.extend_from_slice(&unpacked.to_le_bytes());
+                    bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                }
+                bytes.extend_from_slice(data);
             }
-            if let Ok(applied) = batch.decode_keeping_event_bytes() {
-                prop_assert_eq!(applied.events.len(), 1);
-            }
+            let batch: crate::message::LogBatch =
+                from_bytes(&to_bytes(&(count, serde_bytes::Bytes::new(&bytes))).unwrap()).unwrap();
+            let _ = batch.decode();
+            let _ = batch.decode_keeping_event_bytes();
         }
     }
 
@@ -1473,8 +1501,11 @@ mod tests {
             batch.push_packed(1, unpacked, lz4);
             batch.decode().unwrap_err().to_string()
         };
-        // Claims more than a batch may hold: refused before anything is allocated for it.
+        // Claims more than its data can unpack to, or than a batch may hold: refused before
+        // anything is allocated for it.
         let err = decode(u32::MAX - 1, &lz4);
+        assert!(err.contains("more than its"), "{err}");
+        let err = decode(65 << 20, &[0u8; 300_000]);
         assert!(err.contains("over the"), "{err}");
         let err = decode(len + 1, &lz4);
         assert!(err.contains("unpacks to"), "{err}");
@@ -1494,14 +1525,20 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_segment_goes_into_a_page_only_if_it_fits_both_packed_and_unpacked() {
+    fn a_page_takes_segments_and_entries_only_while_it_fits_both_packed_and_unpacked() {
         let mut out = BytesMut::new();
         let mut frame = LogEntriesFrame::begin(&mut out);
         // Small on the wire, but too large for the receiver to hold unpacked.
         assert!(!frame.push_packed(1, 999_000, &[0u8; 100], 1_000_000));
         assert!(!frame.push_packed(1, 10, &[0u8; 2_000_000], 1_000_000));
-        assert!(frame.push_packed(1, 10_000, &[0u8; 100], 1_000_000));
-        assert_eq!(frame.len(), 1);
+        assert!(frame.push_packed(1, 600_000, &[0u8; 100], 1_000_000));
+        // The page is small as sent, but it holds 600,000 bytes unpacked: another segment or
+        // entry of 400,000 would take it over the limit at the receiver.
+        assert!(!frame.push_packed(1, 400_000, &[0u8; 100], 1_000_000));
+        assert!(!frame.has_room(400_000, 1_000_000));
+        assert!(frame.has_room(300_000, 1_000_000));
+        frame.push_encoded(&[7u8; 300_000]);
+        assert_eq!(frame.len(), 2);
     }
 
     #[test]

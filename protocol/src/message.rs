@@ -142,9 +142,9 @@ pub struct LogEntry {
 /// applies the entries decodes them.
 ///
 /// A run of entries may come as a packed segment instead: a whole log block as the store keeps
-/// it, compressed with LZ4 (see [`PACKED_SEGMENT_HEAD`]). Sent so, replication carries about a
-/// seventh of the bytes through the sender's socket, the gateway and the receiver's, and the
-/// sender compresses nothing it had not compressed already.
+/// it, compressed with LZ4 (see [`PACKED_SEGMENT_HEAD`]). Sent so, replication carried a
+/// thirteenth of the bytes of the benchmark's events through the sender's socket, the gateway
+/// and the receiver's, and the sender compresses nothing it had not compressed already.
 ///
 /// The bytes are a `BytesMut` so that a batch decoded from a frame is a slice of that frame,
 /// not a copy (the codec does this for `LogEntries` and `Replicate`), and can still be built up
@@ -241,7 +241,10 @@ fn segments(
             return cut(&mut rest);
         };
         if len != PACKED_SEGMENT as usize {
-            let Some(entry) = rest.get(..ENTRY_LEN_PREFIX + len) else {
+            let Some(entry) = ENTRY_LEN_PREFIX
+                .checked_add(len)
+                .and_then(|end| rest.get(..end))
+            else {
                 return cut(&mut rest);
             };
             rest = &rest[entry.len()..];
@@ -250,17 +253,27 @@ fn segments(
         let (Some(unpacked), Some(packed)) = (u32_at(rest, 4), u32_at(rest, 8)) else {
             return cut(&mut rest);
         };
-        let Some(lz4) = rest.get(PACKED_SEGMENT_HEAD..PACKED_SEGMENT_HEAD + packed) else {
+        let Some(end) = PACKED_SEGMENT_HEAD.checked_add(packed) else {
             return cut(&mut rest);
         };
-        rest = &rest[PACKED_SEGMENT_HEAD + packed..];
+        let Some(lz4) = rest.get(PACKED_SEGMENT_HEAD..end) else {
+            return cut(&mut rest);
+        };
+        rest = &rest[end..];
         Some(Ok(Segment::Packed { unpacked, lz4 }))
     })
 }
 
+/// The most bytes an LZ4 block of `len` bytes can unpack to: a byte of a match's length
+/// stands for at most 255 bytes.
+fn lz4_most(len: usize) -> usize {
+    len.saturating_mul(255).saturating_add(16)
+}
+
 /// `bytes` (a batch's) with every packed segment unpacked, or `None` when it has none. The
-/// unpacked entries may come to at most `limit` bytes: a segment's claimed length is checked
-/// before anything is allocated for it.
+/// unpacked entries may come to at most `limit` bytes, and a segment may claim no more than
+/// its data can unpack to: both are checked before anything is allocated for it, so a few
+/// bytes claiming megabytes cost the receiver nothing.
 fn unpack_segments(
     bytes: &[u8],
     limit: usize,
@@ -271,7 +284,13 @@ fn unpack_segments(
     for segment in segments(bytes) {
         total = total.saturating_add(match segment? {
             Segment::Entry(entry) => entry.len(),
-            Segment::Packed { unpacked, .. } => {
+            Segment::Packed { unpacked, lz4 } => {
+                if unpacked > lz4_most(lz4.len()) {
+                    return Err(CodecError::Decode(format!(
+                        "a packed segment of a log batch claims {unpacked} bytes, more than its {} bytes of data can unpack to",
+                        lz4.len()
+                    )));
+                }
                 packed = true;
                 unpacked
             }

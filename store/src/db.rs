@@ -862,8 +862,9 @@ impl Db {
         Ok(out)
     }
 
-    /// Hands `sink` the log entries from `from` on as stored, at most `max` looked at (or one
-    /// whole block more), leaving out those whose source is `skip_source`: for a subscriber,
+    /// Hands `sink` the log entries from `from` on as stored, at most `max` looked at (more
+    /// only when the page's first block is larger), leaving out those whose source is
+    /// `skip_source`: for a subscriber,
     /// without decoding them. A block that lies wholly from `from` on and leaves nothing out
     /// goes to the sink as stored, packed, if the sink takes it so; otherwise entry by entry.
     /// A page ends before a block that would take it past `max`, so that the next starts at a
@@ -1402,15 +1403,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("s")).unwrap();
         let mut meta = db.load(&mut Table::new("AGG_P"), 1).unwrap();
-        // Blocks at 1, 2 (256 entries), 258 (44), 302 (256), 558 (256), 814 (188) and 1002
-        // (5); entry 600 came from the peer.
+        // Blocks at 1, 2 (256 entries), 258 (44), 302 (256), 558 (256), 814 (188), 1002 (5)
+        // and 1007 (3, stored unpacked); entry 600 came from the peer.
         let source = |lsn| if lsn == 600 { "AGG_B" } else { "AGG_P" };
         commit_from(&db, &mut meta, 1..=1, 1, source);
         commit_from(&db, &mut meta, 2..=301, 1, source);
         commit_from(&db, &mut meta, 302..=1001, 1, source);
         commit_from(&db, &mut meta, 1002..=1006, 1, source);
+        // And a block stored as it is, as one that did not compress would be: 1007..=1009.
+        let mut plain = LogBuf::default();
+        let events: Vec<_> = (1007..=1009).map(event).collect();
+        for (lsn, e) in (1007..=1009).zip(&events) {
+            plain.push(tandem_protocol::message::LogEntryRef {
+                lsn,
+                source: "AGG_P",
+                source_serial: lsn,
+                event: e,
+            });
+        }
+        for (first, block) in plain.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
+            db.log.insert(block_key(first), block).unwrap();
+        }
         let all = db.read_log(1, 10_000).unwrap();
-        assert_eq!(all.len(), 1006);
+        assert_eq!(all.len(), 1009);
 
         // From a block's start: every block whole and packed, pages ending between blocks.
         let (got, packed) = pages(&db, 2, 1_000, None, true);

@@ -630,8 +630,8 @@ fn read_log_frame(
             room
         }
         fn packed(&mut self, count: usize, unpacked: usize, lz4: &[u8]) -> bool {
-            let count = u32::try_from(count).unwrap_or(u32::MAX);
-            self.frame.push_packed(count, unpacked, lz4, self.max_frame)
+            u32::try_from(count)
+                .is_ok_and(|count| self.frame.push_packed(count, unpacked, lz4, self.max_frame))
         }
     }
     let mut page = Page {
