@@ -221,47 +221,46 @@ enum Segment<'a> {
 fn segments(
     mut rest: &[u8],
 ) -> impl Iterator<Item = Result<Segment<'_>, crate::codec::CodecError>> {
-    let u32_at = |bytes: &[u8], at: usize| {
-        bytes
-            .get(at..at + 4)
+    std::iter::from_fn(move || next_segment(&mut rest))
+}
+
+/// The segment `rest` starts with, taken off its front; None at its end. Bytes that end inside
+/// a segment are an error, and leave `rest` empty.
+fn next_segment<'a>(rest: &mut &'a [u8]) -> Option<Result<Segment<'a>, crate::codec::CodecError>> {
+    if rest.is_empty() {
+        return None;
+    }
+    let u32_at = |at: usize| {
+        rest.get(at..at + 4)
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .map(|b| u32::from_le_bytes(b) as usize)
     };
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
+    let segment = match u32_at(0) {
+        Some(len) if len != PACKED_SEGMENT as usize => ENTRY_LEN_PREFIX
+            .checked_add(len)
+            .and_then(|end| rest.get(..end))
+            .map(|entry| (entry.len(), Segment::Entry(entry))),
+        Some(_) => match (u32_at(4), u32_at(8)) {
+            (Some(unpacked), Some(packed)) => PACKED_SEGMENT_HEAD
+                .checked_add(packed)
+                .and_then(|end| Some((end, rest.get(PACKED_SEGMENT_HEAD..end)?)))
+                .map(|(end, lz4)| (end, Segment::Packed { unpacked, lz4 })),
+            _ => None,
+        },
+        None => None,
+    };
+    match segment {
+        Some((used, segment)) => {
+            *rest = &rest[used..];
+            Some(Ok(segment))
         }
-        let cut = |rest: &mut &[u8]| {
+        None => {
             *rest = &[];
             Some(Err(crate::codec::CodecError::Decode(
                 "log entries end inside an entry".into(),
             )))
-        };
-        let Some(len) = u32_at(rest, 0) else {
-            return cut(&mut rest);
-        };
-        if len != PACKED_SEGMENT as usize {
-            let Some(entry) = ENTRY_LEN_PREFIX
-                .checked_add(len)
-                .and_then(|end| rest.get(..end))
-            else {
-                return cut(&mut rest);
-            };
-            rest = &rest[entry.len()..];
-            return Some(Ok(Segment::Entry(entry)));
         }
-        let (Some(unpacked), Some(packed)) = (u32_at(rest, 4), u32_at(rest, 8)) else {
-            return cut(&mut rest);
-        };
-        let Some(end) = PACKED_SEGMENT_HEAD.checked_add(packed) else {
-            return cut(&mut rest);
-        };
-        let Some(lz4) = rest.get(PACKED_SEGMENT_HEAD..end) else {
-            return cut(&mut rest);
-        };
-        rest = &rest[end..];
-        Some(Ok(Segment::Packed { unpacked, lz4 }))
-    })
+    }
 }
 
 /// The most bytes an LZ4 block of `len` bytes can unpack to: a byte of a match's length
@@ -461,27 +460,16 @@ impl<'a> Iterator for Records<'a> {
     type Item = Result<&'a [u8], crate::codec::CodecError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let entry = self
-            .rest
-            .get(..ENTRY_LEN_PREFIX)
-            .and_then(|len| <[u8; ENTRY_LEN_PREFIX]>::try_from(len).ok())
-            .map(|len| u32::from_le_bytes(len) as usize)
-            .and_then(|len| self.rest.get(ENTRY_LEN_PREFIX..ENTRY_LEN_PREFIX + len));
-        match entry {
-            Some(entry) => {
-                self.rest = &self.rest[ENTRY_LEN_PREFIX + entry.len()..];
-                Some(Ok(entry))
-            }
-            None => {
+        Some(match next_segment(&mut self.rest)? {
+            Ok(Segment::Entry(entry)) => Ok(&entry[ENTRY_LEN_PREFIX..]),
+            Ok(Segment::Packed { .. }) => {
                 self.rest = &[];
-                Some(Err(crate::codec::CodecError::Decode(
-                    "log entries end inside an entry".into(),
-                )))
+                Err(crate::codec::CodecError::Decode(
+                    "a packed segment where log entries are stored as they are".into(),
+                ))
             }
-        }
+            Err(e) => Err(e),
+        })
     }
 }
 

@@ -825,14 +825,19 @@ impl Db {
         Ok(())
     }
 
-    /// Calls `visit` with each log entry from `from` on, as (LSN, encoding), until it
-    /// returns false or the log ends.
-    fn scan_log(
+    /// Where a read of the log from `from` starts: nothing before the log's first LSN is
+    /// read, though its block may still be stored.
+    fn log_from(&self, from: u64) -> u64 {
+        from.max(self.log_start.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Calls `visit` with each stored block from the one holding `from` on, as (its first LSN,
+    /// its value as stored, its entries unpacked), until it returns false or the log ends.
+    fn scan_blocks(
         &self,
         from: u64,
-        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, DbError>,
+        mut visit: impl FnMut(u64, &[u8], &[u8]) -> Result<bool, DbError>,
     ) -> Result<(), DbError> {
-        let from = from.max(self.log_start.load(std::sync::atomic::Ordering::Relaxed));
         let start = self.block_holding(from)?.unwrap_or(from);
         let mut scratch = Vec::new();
         for item in self.log.range(block_key(start)..) {
@@ -841,15 +846,31 @@ impl Db {
                 break;
             };
             let block = unpack_block(&value, &mut scratch)?;
+            if !visit(first, &value, block)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `visit` with each log entry from `from` on, as (LSN, encoding), until it
+    /// returns false or the log ends.
+    fn scan_log(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, DbError>,
+    ) -> Result<(), DbError> {
+        let from = self.log_from(from);
+        self.scan_blocks(from, |first, _, block| {
             for bytes in block_entries(block) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn >= from && !visit(lsn, bytes)? {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// Log entries with LSN >= `from`, at most `max`.
@@ -864,9 +885,9 @@ impl Db {
 
     /// Hands `sink` the log entries from `from` on as stored, at most `max` looked at (more
     /// only when the page's first block is larger), leaving out those whose source is
-    /// `skip_source`: for a subscriber,
-    /// without decoding them. A block that lies wholly from `from` on and leaves nothing out
-    /// goes to the sink as stored, packed, if the sink takes it so; otherwise entry by entry.
+    /// `skip_source`: for a subscriber, without decoding them. A block that lies wholly from
+    /// `from` on and leaves nothing out goes to the sink as stored, packed, if the sink takes
+    /// it so; otherwise entry by entry.
     /// A page ends before a block that would take it past `max`, so that the next starts at a
     /// block, which it can send packed. The sink answers false for what it has no room for,
     /// which ends the read there. Returns the first and last LSN looked at (None: nothing from
@@ -878,9 +899,7 @@ impl Db {
         skip_source: Option<&str>,
         sink: &mut impl LogSink,
     ) -> Result<Option<(u64, u64)>, DbError> {
-        let from = from.max(self.log_start.load(std::sync::atomic::Ordering::Relaxed));
-        let start = self.block_holding(from)?.unwrap_or(from);
-        let mut scratch = Vec::new();
+        let from = self.log_from(from);
         let mut seen: Option<(u64, u64)> = None;
         let mut looked = 0;
         let skipped = |lsn: u64, bytes: &[u8]| -> Result<bool, DbError> {
@@ -896,13 +915,8 @@ impl Db {
                 })?;
             Ok(source == skip)
         };
-        for item in self.log.range(block_key(start)..) {
-            let (key, value) = item.into_inner()?;
-            let Some(first) = block_first(&key) else {
-                break;
-            };
-            let block = unpack_block(&value, &mut scratch)?;
-            if let Some(lz4) = lz4_of(&value).filter(|_| first >= from) {
+        self.scan_blocks(from, |first, value, block| {
+            if let Some(lz4) = lz4_of(value).filter(|_| first >= from) {
                 let (mut count, mut last, mut whole) = (0usize, first, true);
                 for bytes in block_entries(block) {
                     let bytes = bytes?;
@@ -912,18 +926,15 @@ impl Db {
                 }
                 if whole && count > 0 {
                     if looked > 0 && looked + count > max {
-                        return Ok(seen);
+                        return Ok(false);
                     }
                     if sink.packed(count, block.len(), lz4) {
                         seen = Some((seen.map_or(first, |(first, _)| first), last));
                         looked += count;
-                        if looked >= max {
-                            return Ok(seen);
-                        }
-                        continue;
+                        return Ok(looked < max);
                     }
                     if looked > 0 {
-                        return Ok(seen);
+                        return Ok(false);
                     }
                     // Too large for the page packed: entry by entry, as far as they fit.
                 }
@@ -935,15 +946,16 @@ impl Db {
                     continue;
                 }
                 if !skipped(lsn, bytes)? && !sink.entry(bytes) {
-                    return Ok(seen);
+                    return Ok(false);
                 }
                 seen = Some((seen.map_or(lsn, |(first, _)| first), lsn));
                 looked += 1;
                 if looked >= max {
-                    return Ok(seen);
+                    return Ok(false);
                 }
             }
-        }
+            Ok(true)
+        })?;
         Ok(seen)
     }
 
