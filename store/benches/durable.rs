@@ -188,6 +188,7 @@ async fn fill(path: std::path::PathBuf) {
             events,
             encoded: tandem_protocol::RecordBytes::default(),
             reply,
+            leftovers: None,
         })
         .await
         .expect("queue");

@@ -121,6 +121,8 @@ pub enum Request {
         events: Vec<Event>,
         encoded: RecordBytes,
         reply: oneshot::Sender<Reply>,
+        /// Where the fields these events displace go to be freed: see [`Leftovers`].
+        leftovers: Option<Arc<Leftovers>>,
     },
     /// A peer's log entries, applied together with the new cursor for that peer. `after` is
     /// the cursor they follow on from.
@@ -130,6 +132,7 @@ pub enum Request {
         cursor: u64,
         entries: EntriesToApply,
         reply: oneshot::Sender<Reply>,
+        leftovers: Option<Arc<Leftovers>>,
     },
     /// A page of a peer's snapshot, in a full resync.
     Merge {
@@ -921,8 +924,9 @@ impl Drop for Syncer {
     }
 }
 
-/// Frees, on a thread of its own, the alert fields the commits displaced (see
-/// [`Table::take_displaced`]), and hands the emptied lists back for the next commits: a list
+/// Frees, on a thread of its own, the alert fields the commits displaced that no connection
+/// takes back (see [`Leftovers`] and [`Table::take_displaced`]), and hands the emptied lists
+/// back for the next commits: a list
 /// of a commit's displaced fields is megabytes, and a new one each commit was memory the
 /// process had never touched, a quarter of the page faults of a new store (docs/PERFORMANCE.md).
 struct Freeing {
@@ -961,6 +965,41 @@ impl Freeing {
     /// An emptied list to collect the next commit's displaced fields in, if one is back.
     fn emptied(&self) -> Option<Vec<tandem_protocol::PackedFields>> {
         self.emptied.try_recv().ok()
+    }
+}
+
+/// The alert fields a connection's events displaced, handed back to that connection to free.
+///
+/// A connection's task decodes its events, so its thread allocated their fields; freed on the
+/// commit thread or the freeing thread, each was a free from another thread, which mimalloc
+/// makes the allocating thread collect again (together a tenth of a store's CPU under load,
+/// docs/PERFORMANCE.md). Freed on the connection's task they are mostly the same thread's.
+#[derive(Default)]
+pub struct Leftovers {
+    fields: std::sync::Mutex<Vec<tandem_protocol::PackedFields>>,
+}
+
+impl Leftovers {
+    /// Moves the fields `table` has displaced so far in here (the commit thread, after each
+    /// request that names this).
+    fn take_from(&self, table: &mut Table) {
+        let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
+        table.hand_displaced(&mut fields);
+    }
+
+    /// Frees what is here, on the calling thread, outside the lock so that the commit thread
+    /// does not wait for it.
+    pub fn free(&self) {
+        let mut taken = std::mem::take(&mut *self.fields.lock().unwrap_or_else(|p| p.into_inner()));
+        if taken.is_empty() {
+            return;
+        }
+        taken.clear();
+        // The list goes back, to be filled again without growing, unless more came meanwhile.
+        let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
+        if fields.is_empty() {
+            *fields = taken;
+        }
     }
 }
 
@@ -1070,10 +1109,14 @@ fn commit_loop(
                             events,
                             encoded,
                             reply,
+                            leftovers,
                         } => {
                             let checked = check(events.iter());
                             let answer =
                                 work.batch(checked, events, std::iter::empty(), encoded.iter());
+                            if let Some(leftovers) = leftovers {
+                                leftovers.take_from(work.table);
+                            }
                             replies.push((reply, answer));
                         }
                         Request::Replicate {
@@ -1082,6 +1125,7 @@ fn commit_loop(
                             cursor,
                             entries,
                             reply,
+                            leftovers,
                         } => {
                             let known = match known_cursors.get(&peer) {
                                 Some(&lsn) => lsn,
@@ -1102,6 +1146,9 @@ fn commit_loop(
                                 entries.sources.into_iter(),
                                 entries.encoded.iter(),
                             );
+                            if let Some(leftovers) = leftovers {
+                                leftovers.take_from(work.table);
+                            }
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.
                                 known_cursors.insert(peer.clone(), cursor);
@@ -1441,9 +1488,66 @@ mod tests {
             events: vec![event(seq)],
             encoded: RecordBytes::default(),
             reply,
+            leftovers: None,
         })
         .unwrap();
         assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
+    }
+
+    /// The fields a connection's events displace come back to that connection, to be freed
+    /// on its own thread, and not before the request that displaced them is applied.
+    #[test]
+    fn displaced_fields_go_back_to_the_connection_that_sent_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, tx, thread) =
+            start("LEFTOVERS", &dir.path().join("store"), 16, only(1_000)).unwrap();
+        let leftovers = Arc::new(Leftovers::default());
+        let occurrence = |seq: u64, summary: &str| {
+            let mut e = event(seq);
+            e.body = EventBody::Occurrence(
+                AlertFields {
+                    identifier: "disk:/var".into(),
+                    node: "host".into(),
+                    summary: summary.into(),
+                    severity: Severity::MINOR,
+                    ..AlertFields::default()
+                }
+                .pack(),
+            );
+            e
+        };
+        let request = |events: Vec<Event>| {
+            let (reply, rx) = oneshot::channel();
+            tx.blocking_send(Request::Events {
+                events,
+                encoded: RecordBytes::default(),
+                reply,
+                leftovers: Some(leftovers.clone()),
+            })
+            .unwrap();
+            assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
+        };
+        let held = || leftovers.fields.lock().unwrap().len();
+        request(vec![occurrence(1, "91% full")]);
+        // The first occurrence displaced only the new row's empty fields.
+        assert_eq!(held(), 1);
+        request(vec![occurrence(2, "92% full"), occurrence(3, "92% full")]);
+        assert_eq!(held(), 3, "one displaced field per occurrence");
+        leftovers.free();
+        assert_eq!(held(), 0);
+        let row = shared
+            .table
+            .read()
+            .unwrap()
+            .row("disk:/var")
+            .unwrap()
+            .state
+            .clone();
+        assert_eq!(row.latest.value.summary(), "92% full");
+        assert_eq!(crate::fold::tally(&row), 3);
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
     }
 
     /// A checkpoint falls due every `CHECKPOINT_INTERVAL` while anything changes, and it must

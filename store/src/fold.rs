@@ -174,7 +174,15 @@ pub fn occurrence(
     propose(&mut state.severity, severity, version);
     // The fields keep their copy of the identifier (the row's key has another): dropping it
     // would take a second allocation and copy, and it costs the row a few bytes.
-    let displaced = propose_swap(&mut state.latest, fields, version);
+    // A repeat of the same fields, the usual case for a deduplicated alert, keeps the row's
+    // copy and hands back the one just decoded: that one is still in cache for the thread that
+    // frees it, the row's may have been out of it for a while (docs/PERFORMANCE.md).
+    let displaced = if *version > state.latest.version && state.latest.value == fields {
+        state.latest.version = version.clone();
+        fields
+    } else {
+        propose_swap(&mut state.latest, fields, version)
+    };
     merge_inserted(state, version, inserted_at);
     displaced
 }
@@ -346,6 +354,27 @@ mod tests {
             ..Default::default()
         }
         .pack()
+    }
+
+    /// A repeat with the same fields keeps the row's own copy and gives back the new one (the
+    /// one just decoded, still in cache for whoever frees it), with the newer version taken.
+    #[test]
+    fn a_repeat_with_the_same_fields_keeps_the_rows_copy() {
+        let mut s = AlertState::default();
+        occurrence(&mut s, fields(3, "disk full"), &v(10, 1), ("AGG_P", 1));
+        let kept = s.latest.value.summary().as_ptr();
+        let repeat = fields(3, "disk full");
+        let sent = repeat.summary().as_ptr();
+        let displaced = occurrence(&mut s, repeat, &v(20, 2), ("AGG_P", 2));
+        assert_eq!(displaced.summary().as_ptr(), sent);
+        assert_eq!(s.latest.value.summary().as_ptr(), kept);
+        assert_eq!(s.latest.version, v(20, 2));
+        assert_eq!(tally(&s), 2);
+        // Different fields replace the row's.
+        let changed = fields(3, "disk fuller");
+        let displaced = occurrence(&mut s, changed, &v(30, 3), ("AGG_P", 3));
+        assert_eq!(displaced.summary().as_ptr(), kept);
+        assert_eq!(s.latest.value.summary(), "disk fuller");
     }
 
     #[test]

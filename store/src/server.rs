@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Reply, Request, Shared};
+use crate::engine::{Leftovers, Reply, Request, Shared};
 use crate::query;
 use crate::table::Incoming;
 
@@ -208,6 +208,7 @@ impl Handler {
         // While batches wait on a commit slower than the client's `dead_after`, this handler
         // does not read the client, so its pings wait unanswered; a Pong each heartbeat says
         // the store is alive, only slow (its commit watchdog is the proxy's stall check).
+        let leftovers = Arc::new(Leftovers::default());
         let mut keepalive = tokio::time::interval(self.options.keepalive);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -254,7 +255,7 @@ impl Handler {
                                 pending.push_back(answer_of(batch, rx, None));
                                 continue;
                             }
-                            self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Events { events, encoded, reply, leftovers: Some(leftovers.clone()) }).await?;
                             let sync = self.options.sync_replication.map(|t| (self.shared.clone(), t));
                             pending.push_back(answer_of(batch, rx, sync));
                         }
@@ -269,7 +270,7 @@ impl Handler {
                                 }
                             };
                             let (reply, rx) = oneshot::channel();
-                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, reply }).await?;
+                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, reply, leftovers: Some(leftovers.clone()) }).await?;
                             pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, mut chunk } => {
@@ -362,6 +363,8 @@ impl Handler {
                         Err(_) => Message::Error { message: "the store is shutting down".into() },
                     };
                     conn.send(&answer).await.map_err(|e| e.to_string())?;
+                    // After the answer, which need not wait for it.
+                    leftovers.free();
                 }
                 changed = head.changed(), if subscription.is_some() => {
                     if changed.is_err() {

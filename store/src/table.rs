@@ -427,6 +427,12 @@ impl Table {
         }
     }
 
+    /// Moves the fields displaced since the last call to `to` (appended: `to` may hold some
+    /// not yet freed).
+    pub fn hand_displaced(&mut self, to: &mut Vec<tandem_protocol::PackedFields>) {
+        to.append(&mut self.displaced);
+    }
+
     /// Makes room for `n` displaced fields, so that a commit does not grow the list (copying
     /// it) as it goes.
     pub fn reserve_displaced(&mut self, n: usize) {
