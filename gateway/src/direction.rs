@@ -26,7 +26,7 @@ pub const MAX_IN_FLIGHT: usize = 8;
 /// Snapshot records waiting for the receiver at once, about two of its commit groups: the
 /// receiver commits every page it has queued together, so with too few queued it sits idle
 /// while the next pages are read and passed on; with too many, a live batch waits longer
-/// behind them (32,000 rows are about 20 ms of the receiver's commit thread). Eight pages of
+/// behind them (32,000 rows are some 20–30 ms of the receiver's commit thread). Eight pages of
 /// the default 4,000 resynced 6 % faster than four (docs/PERFORMANCE.md).
 const RECORDS_IN_FLIGHT: usize = 32_000;
 

@@ -132,6 +132,7 @@ pub enum Request {
         cursor: u64,
         entries: EntriesToApply,
         reply: oneshot::Sender<Reply>,
+        /// Where the fields these entries displace go to be freed: see [`Leftovers`].
         leftovers: Option<Arc<Leftovers>>,
     },
     /// A page of a peer's snapshot, in a full resync.
@@ -925,10 +926,10 @@ impl Drop for Syncer {
 }
 
 /// Frees, on a thread of its own, the alert fields the commits displaced that no connection
-/// takes back (see [`Leftovers`] and [`Table::take_displaced`]), and hands the emptied lists
-/// back for the next commits: a list
-/// of a commit's displaced fields is megabytes, and a new one each commit was memory the
-/// process had never touched, a quarter of the page faults of a new store (docs/PERFORMANCE.md).
+/// takes back (see [`Leftovers`] and [`Table::take_displaced`]: a resync's merges, the store's
+/// own housekeeping), and hands the emptied lists back for the next commits: a new list each
+/// commit was memory the process had never touched, a quarter of the page faults of a new
+/// store (docs/PERFORMANCE.md).
 struct Freeing {
     batches: std::sync::mpsc::SyncSender<Vec<tandem_protocol::PackedFields>>,
     emptied: std::sync::mpsc::Receiver<Vec<tandem_protocol::PackedFields>>,
@@ -979,27 +980,45 @@ pub struct Leftovers {
     fields: std::sync::Mutex<Vec<tandem_protocol::PackedFields>>,
 }
 
+/// The longest emptied list a connection keeps for the next fields: one that grew past it
+/// (a client that stopped reading its answers) is freed rather than held while the
+/// connection lasts.
+const LEFTOVERS_KEPT: usize = 4 * MAX_BATCH_EVENTS;
+
 impl Leftovers {
-    /// Moves the fields `table` has displaced so far in here (the commit thread, after each
-    /// request that names this).
-    fn take_from(&self, table: &mut Table) {
+    /// Moves the fields `table` displaced from its `from`th on in here: the commit thread,
+    /// after each request that names this, with where the list stood before the request, so
+    /// that fields other requests displaced go to the freeing thread. When the connection is
+    /// gone (this is the last reference), they stay in the table for the freeing thread too,
+    /// with any this still holds, so that dropping this frees nothing under the table's lock.
+    fn take_from(self: &Arc<Self>, table: &mut Table, from: usize) {
         let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
-        table.hand_displaced(&mut fields);
+        if Arc::strong_count(self) == 1 {
+            table.reclaim_displaced(&mut fields);
+        } else {
+            table.hand_displaced(from, &mut fields);
+        }
     }
 
     /// Frees what is here, on the calling thread, outside the lock so that the commit thread
     /// does not wait for it.
     pub fn free(&self) {
-        let mut taken = std::mem::take(&mut *self.fields.lock().unwrap_or_else(|p| p.into_inner()));
-        if taken.is_empty() {
+        let mut taken = {
+            let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
+            if fields.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *fields)
+        };
+        taken.clear();
+        if taken.capacity() > LEFTOVERS_KEPT {
             return;
         }
-        taken.clear();
-        // The list goes back, to be filled again without growing, unless more came meanwhile.
+        // The emptied list goes back to be filled again without growing; what came meanwhile
+        // moves into it (only the list's items move under the lock, nothing is freed).
         let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
-        if fields.is_empty() {
-            *fields = taken;
-        }
+        taken.append(&mut fields);
+        *fields = taken;
     }
 }
 
@@ -1112,10 +1131,11 @@ fn commit_loop(
                             leftovers,
                         } => {
                             let checked = check(events.iter());
+                            let from = work.table.displaced_len();
                             let answer =
                                 work.batch(checked, events, std::iter::empty(), encoded.iter());
                             if let Some(leftovers) = leftovers {
-                                leftovers.take_from(work.table);
+                                leftovers.take_from(work.table, from);
                             }
                             replies.push((reply, answer));
                         }
@@ -1140,6 +1160,7 @@ fn commit_loop(
                                 continue;
                             }
                             let checked = check(entries.events.iter());
+                            let from = work.table.displaced_len();
                             let answer = work.batch(
                                 checked,
                                 entries.events,
@@ -1147,7 +1168,7 @@ fn commit_loop(
                                 entries.encoded.iter(),
                             );
                             if let Some(leftovers) = leftovers {
-                                leftovers.take_from(work.table);
+                                leftovers.take_from(work.table, from);
                             }
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.
@@ -1225,7 +1246,8 @@ fn commit_loop(
                 }
             }
             (applied_total, dup_total) = (work.applied, work.duplicates);
-            displaced = table.take_displaced();
+            // Usually empty now that connections take theirs back: sent on only when not.
+            displaced = (table.displaced_len() > 0).then(|| table.take_displaced());
             shared.alive.store(table.alive(), Ordering::Relaxed);
             for (peer, lsn) in &peers.cursors {
                 checkpoint_cursors.retain(|(p, _)| p != peer);
@@ -1326,7 +1348,7 @@ fn commit_loop(
         };
         syncer.send(&shared, job, in_flight);
         shared.commit_running(false);
-        if let Some(freeing) = &freeing {
+        if let (Some(freeing), Some(displaced)) = (&freeing, displaced) {
             freeing.free(displaced);
         }
         log.clear();
@@ -1495,7 +1517,7 @@ mod tests {
     }
 
     /// The fields a connection's events displace come back to that connection, to be freed
-    /// on its own thread, and not before the request that displaced them is applied.
+    /// on its own thread.
     #[test]
     fn displaced_fields_go_back_to_the_connection_that_sent_their_events() {
         let dir = tempfile::tempdir().unwrap();

@@ -205,10 +205,11 @@ impl Handler {
         let moved = matches!(kind, ClientKind::Probe | ClientKind::Proxy);
         let mut directives = self.shared.directives.subscribe();
         let mut role_changes = self.shared.role_changes.subscribe();
+        // The fields this connection's events displace, freed here (see `Leftovers`).
+        let leftovers = Arc::new(Leftovers::default());
         // While batches wait on a commit slower than the client's `dead_after`, this handler
         // does not read the client, so its pings wait unanswered; a Pong each heartbeat says
         // the store is alive, only slow (its commit watchdog is the proxy's stall check).
-        let leftovers = Arc::new(Leftovers::default());
         let mut keepalive = tokio::time::interval(self.options.keepalive);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

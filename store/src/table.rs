@@ -427,10 +427,21 @@ impl Table {
         }
     }
 
-    /// Moves the fields displaced since the last call to `to` (appended: `to` may hold some
-    /// not yet freed).
-    pub fn hand_displaced(&mut self, to: &mut Vec<tandem_protocol::PackedFields>) {
-        to.append(&mut self.displaced);
+    /// How many displaced fields wait to be freed.
+    pub fn displaced_len(&self) -> usize {
+        self.displaced.len()
+    }
+
+    /// Moves the displaced fields from the `from`th on to `to` (appended: `to` may hold some
+    /// not yet freed); the ones before stay.
+    pub fn hand_displaced(&mut self, from: usize, to: &mut Vec<tandem_protocol::PackedFields>) {
+        let from = from.min(self.displaced.len());
+        to.extend(self.displaced.drain(from..));
+    }
+
+    /// Takes `fields` back among the displaced ones, to be freed with them.
+    pub fn reclaim_displaced(&mut self, fields: &mut Vec<tandem_protocol::PackedFields>) {
+        self.displaced.append(fields);
     }
 
     /// Makes room for `n` displaced fields, so that a commit does not grow the list (copying
@@ -1369,6 +1380,43 @@ mod tests {
         let next = t.take_displaced();
         assert_eq!((next.as_ptr(), next.len()), (at, 1));
         assert_eq!(next[0].severity, Severity::new(4).unwrap());
+    }
+
+    /// A request's connection takes only the fields that request displaced; what an earlier
+    /// request in the commit displaced stays for the freeing thread, and fields taken back
+    /// join it.
+    #[test]
+    fn a_connection_takes_only_the_fields_its_request_displaced() {
+        let mut t = Table::new("AGG_P");
+        let mut ch = Changes::default();
+        let occur = |seq: u64, severity: u8| {
+            event(
+                "p",
+                seq,
+                10 + seq as i64,
+                problem("a", "n", severity, Kind::Problem),
+            )
+        };
+        assert_eq!(t.apply(occur(1, 3), None, &mut ch), Outcome::Applied);
+        let from = t.displaced_len();
+        assert_eq!(from, 1);
+        for seq in 2..=3 {
+            assert_eq!(
+                t.apply(occur(seq, seq as u8), None, &mut ch),
+                Outcome::Applied
+            );
+        }
+        let mut taken = Vec::new();
+        t.hand_displaced(from, &mut taken);
+        let severities: Vec<_> = taken.iter().map(|f| f.severity).collect();
+        assert_eq!(
+            severities,
+            [Severity::new(3).unwrap(), Severity::new(2).unwrap()]
+        );
+        assert_eq!(t.displaced_len(), 1, "the first request's field stays");
+        t.reclaim_displaced(&mut taken);
+        assert!(taken.is_empty());
+        assert_eq!(t.take_displaced().len(), 3);
     }
 
     #[test]
