@@ -1015,10 +1015,13 @@ impl Leftovers {
             return;
         }
         // The emptied list goes back to be filled again without growing; what came meanwhile
-        // moves into it (only the list's items move under the lock, nothing is freed).
-        let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
-        taken.append(&mut fields);
-        *fields = taken;
+        // moves into it (only the list's items move under the lock: no field is freed there).
+        let spare = {
+            let mut fields = self.fields.lock().unwrap_or_else(|p| p.into_inner());
+            taken.append(&mut fields);
+            std::mem::replace(&mut *fields, taken)
+        };
+        drop(spare);
     }
 }
 
@@ -1098,6 +1101,9 @@ fn commit_loop(
         let (applied_total, dup_total);
         let displaced;
         let mut in_flight = InFlight::default();
+        // The connections' lists this group used, dropped once the table is unlocked: the
+        // last reference to a closed connection's list frees what it holds.
+        let mut connections: Vec<Arc<Leftovers>> = Vec::new();
         {
             let Ok(mut table) = shared.table.write() else {
                 tracing::error!("the alert table lock is poisoned; stopping");
@@ -1136,6 +1142,7 @@ fn commit_loop(
                                 work.batch(checked, events, std::iter::empty(), encoded.iter());
                             if let Some(leftovers) = leftovers {
                                 leftovers.take_from(work.table, from);
+                                connections.push(leftovers);
                             }
                             replies.push((reply, answer));
                         }
@@ -1157,6 +1164,7 @@ fn commit_loop(
                                     "these entries of {peer}'s log follow LSN {after}, but this store has applied it only up to {known}; resubscribe from the cursor"
                                 );
                                 replies.push((reply, Reply::Refused { index: 0, reason }));
+                                connections.extend(leftovers);
                                 continue;
                             }
                             let checked = check(entries.events.iter());
@@ -1169,6 +1177,7 @@ fn commit_loop(
                             );
                             if let Some(leftovers) = leftovers {
                                 leftovers.take_from(work.table, from);
+                                connections.push(leftovers);
                             }
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.
@@ -1351,6 +1360,7 @@ fn commit_loop(
         if let (Some(freeing), Some(displaced)) = (&freeing, displaced) {
             freeing.free(displaced);
         }
+        drop(connections);
         log.clear();
         peers.clear();
     }
@@ -1549,7 +1559,7 @@ mod tests {
             .unwrap();
             assert!(matches!(rx.blocking_recv().unwrap(), Reply::Ack { .. }));
         };
-        let held = || leftovers.fields.lock().unwrap().len();
+        let held = || held(&leftovers);
         request(vec![occurrence(1, "91% full")]);
         // The first occurrence displaced only the new row's empty fields.
         assert_eq!(held(), 1);
@@ -1570,6 +1580,28 @@ mod tests {
         drop(tx);
         drop(shared);
         thread.join().unwrap();
+    }
+
+    /// Once its connection is gone, a list's fields go back to the table for the freeing
+    /// thread, with the ones it still held, instead of being freed with the list.
+    #[test]
+    fn a_closed_connections_fields_go_back_to_the_table() {
+        let mut table = Table::new("GONE");
+        let mut changes = table::Changes::default();
+        let leftovers = Arc::new(Leftovers::default());
+        let connection = leftovers.clone();
+        assert_eq!(table.apply(event(1), None, &mut changes), Outcome::Applied);
+        leftovers.take_from(&mut table, 0);
+        assert_eq!((table.displaced_len(), held(&leftovers)), (0, 1));
+        drop(connection);
+        let from = table.displaced_len();
+        assert_eq!(table.apply(event(2), None, &mut changes), Outcome::Applied);
+        leftovers.take_from(&mut table, from);
+        assert_eq!((table.displaced_len(), held(&leftovers)), (2, 0));
+    }
+
+    fn held(leftovers: &Leftovers) -> usize {
+        leftovers.fields.lock().unwrap().len()
     }
 
     /// A checkpoint falls due every `CHECKPOINT_INTERVAL` while anything changes, and it must
