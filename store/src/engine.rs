@@ -449,28 +449,34 @@ impl LogBuf {
         })
     }
 
-    /// Runs of consecutive entries as (first LSN, block bytes): at most `max_entries` entries
-    /// and `max_bytes` bytes, except that an entry larger than that is a block of its own.
+    /// Runs of consecutive entries: at most `max_entries` entries and `max_bytes` bytes,
+    /// except that an entry larger than that is a block of its own.
     pub fn blocks(
         &self,
         max_entries: usize,
         max_bytes: usize,
-    ) -> impl Iterator<Item = (u64, &[u8])> {
+    ) -> impl Iterator<Item = LogBlock<'_>> {
         let (mut start, mut next) = (0, 0);
         std::iter::from_fn(move || {
             let &(first, mut end) = self.ends.get(next)?;
+            let mut last = first;
             let from = next;
             next += 1;
-            while let Some(&(_, to)) = self.ends.get(next) {
+            while let Some(&(lsn, to)) = self.ends.get(next) {
                 if next - from >= max_entries || to - start > max_bytes {
                     break;
                 }
-                end = to;
+                (last, end) = (lsn, to);
                 next += 1;
             }
-            let block = &self.bytes[start..end];
+            let bytes = &self.bytes[start..end];
             start = end;
-            Some((first, block))
+            Some(LogBlock {
+                first,
+                last,
+                count: next - from,
+                bytes,
+            })
         })
     }
 
@@ -506,6 +512,17 @@ impl LogBuf {
         self.ends.push((entry.lsn, self.bytes.len()));
         self.note_source(entry.source, entry.lsn);
     }
+}
+
+/// A run of log entries stored as one block (see [`LogBuf::blocks`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LogBlock<'a> {
+    /// The LSNs of its first and last entries.
+    pub first: u64,
+    pub last: u64,
+    pub count: usize,
+    /// The entries, each after its length.
+    pub bytes: &'a [u8],
 }
 
 /// The newest log entry of each source, for a subscriber that leaves one source out: the
@@ -1433,16 +1450,25 @@ mod tests {
             log.push_encoded(lsn, "P", lsn, &vec![b'x'; size]);
         }
         let (max_entries, max_bytes) = (16, 8_192);
-        let blocks: Vec<(u64, &[u8])> = log.blocks(max_entries, max_bytes).collect();
-        let joined: Vec<u8> = blocks.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let blocks: Vec<LogBlock<'_>> = log.blocks(max_entries, max_bytes).collect();
+        let joined: Vec<u8> = blocks
+            .iter()
+            .flat_map(|b| b.bytes.iter().copied())
+            .collect();
         assert_eq!(
             joined, log.bytes,
             "the blocks are the log's bytes, in order, once"
         );
         let mut lsns = log.ends.iter().map(|&(lsn, _)| lsn).peekable();
-        for (first, block) in &blocks {
+        for &LogBlock {
+            first,
+            last,
+            count,
+            bytes: block,
+        } in &blocks
+        {
             assert_eq!(
-                Some(*first),
+                Some(first),
                 lsns.next(),
                 "a block is keyed by its first entry"
             );
@@ -1454,9 +1480,12 @@ mod tests {
                 entries += 1;
             }
             assert_eq!(at, block.len(), "a block ends on an entry's end");
+            assert_eq!(count, entries, "a block counts its entries");
+            let mut newest = first;
             for _ in 1..entries {
-                lsns.next();
+                newest = lsns.next().unwrap();
             }
+            assert_eq!(last, newest, "a block knows its last entry");
             assert!(entries <= max_entries);
             assert!(
                 block.len() <= max_bytes || entries == 1,
@@ -1465,13 +1494,13 @@ mod tests {
             );
         }
         assert_eq!(lsns.next(), None);
-        assert!(blocks.iter().any(|(_, b)| b.len() > max_bytes));
+        assert!(blocks.iter().any(|b| b.bytes.len() > max_bytes));
         // Small entries fill a block up to the entry limit.
         let mut small = LogBuf::default();
         for lsn in 1..=40u64 {
             small.push_encoded(lsn, "P", lsn, b"e");
         }
-        let firsts: Vec<u64> = small.blocks(16, 8_192).map(|(first, _)| first).collect();
+        let firsts: Vec<u64> = small.blocks(16, 8_192).map(|b| b.first).collect();
         assert_eq!(firsts, vec![1, 17, 33]);
     }
 
