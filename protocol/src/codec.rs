@@ -185,7 +185,7 @@ pub(crate) fn decode_prefix_native<'a, T: bincode::BorrowDecode<'a, ()>>(
 }
 
 /// [`decode_prefix`] for a value that borrows from `bytes`.
-pub(crate) fn decode_prefix_borrowed<'a, T: serde::Deserialize<'a>>(
+pub fn decode_prefix_borrowed<'a, T: serde::Deserialize<'a>>(
     bytes: &'a [u8],
 ) -> Result<(T, usize), CodecError> {
     bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config())
@@ -1445,6 +1445,15 @@ mod tests {
             let applied = got.decode_keeping_event_bytes().unwrap();
             let events: Vec<_> = entries.iter().map(|e| e.event.clone()).collect();
             prop_assert_eq!(&applied.events, &events);
+            // The segment is found with its entries' places and its data, for the receiver
+            // to keep as it came.
+            let runs: Vec<_> = applied
+                .packed
+                .iter()
+                .map(|p| (p.entries.clone(), p.unpacked, p.lz4.to_vec()))
+                .collect();
+            let want = if a < b { vec![(a..b, unpacked, lz4.clone())] } else { vec![] };
+            prop_assert_eq!(runs, want);
             prop_assert_eq!(applied.encoded.len(), entries.len());
             for ((entry, source), bytes) in entries.iter().zip(&applied.sources).zip(applied.encoded.iter()) {
                 prop_assert_eq!(&*source.0, &*entry.source);

@@ -277,6 +277,16 @@ fn unpack_segments(
     bytes: &[u8],
     limit: usize,
 ) -> Result<Option<Vec<u8>>, crate::codec::CodecError> {
+    unpack_segments_noting(bytes, limit, |_, _| {})
+}
+
+/// [`unpack_segments`], calling `noted` with each packed segment's place in the unpacked bytes
+/// and its LZ4 data's place in `bytes`.
+fn unpack_segments_noting(
+    bytes: &[u8],
+    limit: usize,
+    mut noted: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>),
+) -> Result<Option<Vec<u8>>, crate::codec::CodecError> {
     use crate::codec::CodecError;
     let mut total = 0usize;
     let mut packed = false;
@@ -320,6 +330,8 @@ fn unpack_segments(
                         "a packed segment of a log batch unpacks to {n} bytes where it claims {unpacked}"
                     )));
                 }
+                let data = lz4.as_ptr() as usize - bytes.as_ptr() as usize;
+                noted(at..at + unpacked, data..data + lz4.len());
             }
         }
     }
@@ -380,22 +392,44 @@ impl LogBatch {
     pub fn decode_keeping_event_bytes(self) -> Result<EntriesToApply, crate::codec::CodecError> {
         use crate::codec::{CodecError, RecordBytes, decode_prefix_native};
         let count = self.len();
-        let bytes = match unpack_segments(&self.bytes, crate::codec::MAX_FRAME_LIMIT)? {
+        let frame = self.bytes.freeze();
+        // Each packed segment's unpacked bytes and LZ4 data, in order.
+        let mut places = Vec::new();
+        let unpacked =
+            unpack_segments_noting(&frame, crate::codec::MAX_FRAME_LIMIT, |at, data| {
+                places.push((at, data))
+            })?;
+        let bytes = match unpacked {
             Some(unpacked) => bytes::Bytes::from(unpacked),
-            None => self.bytes.freeze(),
+            None => frame.clone(),
         };
         let room = count.min(crate::codec::PREALLOC_LIMIT);
         let mut out = EntriesToApply {
             events: Vec::with_capacity(room),
             sources: Vec::with_capacity(room),
             encoded: RecordBytes::new(bytes.clone(), room),
+            packed: Vec::with_capacity(places.len()),
         };
+        // Only segments of whole entries are kept; a peer's store sends no other, and one that
+        // splits entries across segments is decoded all the same.
+        let mut places = places
+            .into_iter()
+            .filter(|(place, _)| !place.is_empty())
+            .peekable();
+        // The packed segment being decoded: its first entry, its place unpacked, its data's.
+        let mut open: Option<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> = None;
         // A batch names one source in almost every entry: kept here rather than looked up
         // among the thread's recent names, which the events' origins take turns with.
         let mut last_source: Option<std::sync::Arc<str>> = None;
         let mut at = 0;
         for record in Records::of(&bytes) {
             let record = record?;
+            while places.next_if(|(place, _)| place.start < at).is_some() {}
+            if open.is_none() {
+                if let Some((place, data)) = places.next_if(|(place, _)| place.start == at) {
+                    open = Some((out.events.len(), place, data));
+                }
+            }
             let start = at + ENTRY_LEN_PREFIX;
             let ((_lsn, source, source_serial), head) =
                 crate::codec::decode_prefix_borrowed::<(u64, &str, u64)>(record)?;
@@ -415,6 +449,15 @@ impl LogBatch {
             out.sources.push((source, source_serial));
             out.encoded.push(start + head, start + head + used);
             at = start + record.len();
+            if let Some((first, place, data)) = open.take_if(|(_, place, _)| place.end <= at) {
+                if place.end == at {
+                    out.packed.push(PackedRun {
+                        entries: first..out.events.len(),
+                        unpacked: place.len(),
+                        lz4: frame.slice(data),
+                    });
+                }
+            }
         }
         if out.events.len() != count {
             return Err(CodecError::Decode(format!(
@@ -491,6 +534,20 @@ pub struct EntriesToApply {
     pub events: Vec<Event>,
     pub sources: Vec<(std::sync::Arc<str>, u64)>,
     pub encoded: crate::codec::RecordBytes,
+    /// The batch's packed segments, in order: a store that logs all of a segment's entries
+    /// keeps the sender's compressed block rather than compress them again.
+    pub packed: Vec<PackedRun>,
+}
+
+/// One packed segment of a [`LogBatch`], as [`LogBatch::decode_keeping_event_bytes`] found it.
+#[derive(Debug, Clone)]
+pub struct PackedRun {
+    /// Its entries' places among the batch's events.
+    pub entries: std::ops::Range<usize>,
+    /// Its entries' length in the stored form, LSNs as the sender logged them.
+    pub unpacked: usize,
+    /// The LZ4 block of them, a slice of the frame.
+    pub lz4: bytes::Bytes,
 }
 
 /// A position in a snapshot: its records are the generic-clear versions, then the alerts,

@@ -27,10 +27,12 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use tandem_protocol::codec::{
-    SnapshotPageWriter, append_bytes, from_bytes, from_bytes_native, from_prefix, split_prefix,
-    to_bytes,
+    SnapshotPageWriter, append_bytes, decode_prefix_borrowed, from_bytes, from_bytes_native,
+    from_prefix, split_prefix, to_bytes,
 };
-use tandem_protocol::message::{LogEntry, Records, ResyncPoint, SnapshotKey};
+use tandem_protocol::message::{
+    ENTRY_LEN_PREFIX as LEN_PREFIX, LogEntry, Records, ResyncPoint, SnapshotKey,
+};
 
 use crate::ingest::{self, Ingest};
 use tandem_protocol::state::AppliedRanges;
@@ -234,6 +236,12 @@ const PACKED: [u8; 4] = [0xff; 4];
 /// pair, docs/PERFORMANCE.md).
 const COUNTED: [u8; 4] = [0xfe, 0xff, 0xff, 0xff];
 
+/// What a kept log block's value starts with: [`KEPT`], then as in [`COUNTED`] the block's
+/// length, its number of entries and its last LSN less its first, then the LZ4 block as the
+/// peer sent it, whose entries carry the peer's LSNs (see `engine::KeptRun`). Reading it puts
+/// this store's LSNs back: the block's first and on, one an entry.
+const KEPT: [u8; 4] = [0xfd, 0xff, 0xff, 0xff];
+
 /// The largest block a packed value may claim to hold: a block is at most [`BLOCK_BYTES`]
 /// unless one entry is larger, and an entry is at most a frame.
 const MAX_UNPACKED: usize = 128 * 1024 * 1024;
@@ -260,6 +268,27 @@ fn pack_block(block: &LogBlock<'_>, scratch: &mut Vec<u8>) -> Option<usize> {
     (packed < block.bytes.len()).then_some(packed)
 }
 
+/// Writes a kept run's value into `scratch` (see [`KEPT`]): the peer's LZ4 block `lz4` of
+/// `unpacked` bytes. Returns the value's length; None (stored as it is) when its lengths do
+/// not fit the head.
+fn kept_block(
+    block: &LogBlock<'_>,
+    lz4: &[u8],
+    unpacked: usize,
+    scratch: &mut Vec<u8>,
+) -> Option<usize> {
+    let len = u32::try_from(unpacked).ok()?;
+    let count = u32::try_from(block.count).ok()?;
+    let span = u32::try_from(block.last.checked_sub(block.first)?).ok()?;
+    scratch.clear();
+    scratch.extend_from_slice(&KEPT);
+    scratch.extend_from_slice(&len.to_le_bytes());
+    scratch.extend_from_slice(&count.to_le_bytes());
+    scratch.extend_from_slice(&span.to_le_bytes());
+    scratch.extend_from_slice(lz4);
+    Some(scratch.len())
+}
+
 /// A packed block's value, read.
 struct Packed<'a> {
     /// The block's length unpacked, as the value claims it.
@@ -267,14 +296,17 @@ struct Packed<'a> {
     lz4: &'a [u8],
     /// Its number of entries and its last entry's LSN less its first's, when the value says.
     counted: Option<(u32, u32)>,
+    /// A kept block: its entries' LSNs are the peer's.
+    kept: bool,
 }
 
 /// The packed block a value holds; None for a block stored as it is.
 fn packed_of(value: &[u8]) -> Result<Option<Packed<'_>>, DbError> {
     let at = |i: usize| u32_le(&value[i..i + 4]);
-    let head = match value.get(..4) {
-        Some(magic) if magic == COUNTED => 16,
-        Some(magic) if magic == PACKED => 8,
+    let (head, kept) = match value.get(..4) {
+        Some(magic) if magic == COUNTED => (16, false),
+        Some(magic) if magic == KEPT => (16, true),
+        Some(magic) if magic == PACKED => (8, false),
         _ => return Ok(None),
     };
     if value.len() < head {
@@ -291,20 +323,25 @@ fn packed_of(value: &[u8]) -> Result<Option<Packed<'_>>, DbError> {
         unpacked: at(4) as usize,
         lz4: &value[head..],
         counted: (head == 16).then(|| (at(8), at(12))),
+        kept,
     }))
 }
 
 /// A stored block's entries as one buffer: the value itself, or the block it packs,
-/// unpacked into `scratch`. `scratch` grows to the largest block and is not cleared: a reader
-/// of many blocks (a subscriber's page of the log) neither allocates nor zeroes a buffer for
-/// each.
-fn unpack_block<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], DbError> {
+/// unpacked into `scratch`, with this store's LSNs from `first` on for a kept block. `scratch`
+/// grows to the largest block and is not cleared: a reader of many blocks (a subscriber's page
+/// of the log) neither allocates nor zeroes a buffer for each.
+fn unpack_block<'a>(
+    value: &'a [u8],
+    first: u64,
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8], DbError> {
     let Some(packed) = packed_of(value)? else {
         return Ok(value);
     };
     let corrupt = |why: String| DbError::Corrupt {
         what: "log block",
-        key: "a packed block".into(),
+        key: first.to_string(),
         source: CodecError::Decode(why),
     };
     let len = packed.unpacked;
@@ -313,16 +350,56 @@ fn unpack_block<'a>(value: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8
             "it claims {len} bytes, more than a block can hold"
         )));
     }
-    if scratch.len() < len {
-        scratch.resize(len, 0);
+    // A kept block is unpacked after room for its entries with this store's LSNs, each of
+    // which takes at most the 9 bytes more of a u64 against the smallest.
+    let count = packed.counted.map_or(0, |(count, _)| count as usize);
+    let at = if packed.kept { len + 9 * count } else { 0 };
+    if scratch.len() < at + len {
+        scratch.resize(at + len, 0);
     }
-    let out = &mut scratch[..len];
-    let n =
-        lz4_flex::block::decompress_into(packed.lz4, out).map_err(|e| corrupt(e.to_string()))?;
+    let n = lz4_flex::block::decompress_into(packed.lz4, &mut scratch[at..at + len])
+        .map_err(|e| corrupt(e.to_string()))?;
     if n != len {
         return Err(corrupt(format!("it holds {n} bytes where it claims {len}")));
     }
-    Ok(&scratch[..len])
+    if !packed.kept {
+        return Ok(&scratch[..len]);
+    }
+    let (out, unpacked) = scratch.split_at_mut(at);
+    let written = relabel(&unpacked[..len], first, count, out).map_err(corrupt)?;
+    Ok(&scratch[..written])
+}
+
+/// Writes `block`'s entries into `out` with the LSNs `first`, `first + 1` and on in their
+/// heads for the ones they carry; `count` of them. Returns the bytes written.
+fn relabel(block: &[u8], first: u64, count: usize, out: &mut [u8]) -> Result<usize, String> {
+    let mut head = Vec::with_capacity(64);
+    let (mut written, mut lsn) = (0, first);
+    for record in Records::of(block) {
+        let record = record.map_err(|e| e.to_string())?;
+        let ((_, source, serial), used) =
+            decode_prefix_borrowed::<(u64, &str, u64)>(record).map_err(|e| e.to_string())?;
+        head.clear();
+        append_bytes(&(lsn, source, serial), &mut head).map_err(|e| e.to_string())?;
+        let event = &record[used..];
+        let len = head.len() + event.len();
+        let end = written + LEN_PREFIX + len;
+        let Some(to) = out.get_mut(written..end) else {
+            return Err(format!("it holds more than its {count} entries"));
+        };
+        to[..LEN_PREFIX].copy_from_slice(&(len as u32).to_le_bytes());
+        to[LEN_PREFIX..LEN_PREFIX + head.len()].copy_from_slice(&head);
+        to[LEN_PREFIX + head.len()..].copy_from_slice(event);
+        written = end;
+        lsn += 1;
+    }
+    if lsn - first != count as u64 {
+        return Err(format!(
+            "it holds {} entries where it claims {count}",
+            lsn - first
+        ));
+    }
+    Ok(written)
 }
 
 fn u32_le(bytes: &[u8]) -> u32 {
@@ -647,7 +724,11 @@ impl Db {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for block in log.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
                 let key = block_key(block.first);
-                match pack_block(&block, &mut scratch) {
+                let packed = match block.packed {
+                    Some((lz4, unpacked)) => kept_block(&block, lz4, unpacked, &mut scratch),
+                    None => pack_block(&block, &mut scratch),
+                };
+                match packed {
                     Some(len) => batch.insert(&self.log, key, &scratch[..len]),
                     None => batch.insert(&self.log, key, block.bytes),
                 }
@@ -903,7 +984,7 @@ impl Db {
     ) -> Result<(), DbError> {
         let from = self.log_from(from);
         self.scan_blocks(from, |first, value, scratch| {
-            for bytes in block_entries(unpack_block(value, scratch)?) {
+            for bytes in block_entries(unpack_block(value, first, scratch)?) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn >= from && !visit(lsn, bytes)? {
@@ -957,7 +1038,8 @@ impl Db {
             Ok(source == skip)
         };
         self.scan_blocks(from, |first, value, scratch| {
-            if let Some(packed) = packed_of(value)?.filter(|_| first >= from) {
+            // A kept block carries the peer's LSNs: never sent as it is.
+            if let Some(packed) = packed_of(value)?.filter(|p| !p.kept && first >= from) {
                 // Counted, and nothing to leave out: sent as it is, not unpacked. A block's
                 // LSNs run without a gap; a header that says otherwise is not trusted with the
                 // subscriber's position, and the block is read instead.
@@ -968,7 +1050,7 @@ impl Db {
                     Some((count, span)) => (count as usize, first + u64::from(span), true),
                     None => {
                         let (mut count, mut last, mut whole) = (0usize, first, true);
-                        for bytes in block_entries(unpack_block(value, scratch)?) {
+                        for bytes in block_entries(unpack_block(value, first, scratch)?) {
                             let bytes = bytes?;
                             last = entry_lsn(first, bytes)?;
                             whole &= !skipped(last, bytes)?;
@@ -992,7 +1074,7 @@ impl Db {
                     // Too large for the page packed: entry by entry, as far as they fit.
                 }
             }
-            for bytes in block_entries(unpack_block(value, scratch)?) {
+            for bytes in block_entries(unpack_block(value, first, scratch)?) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn < from {
@@ -1032,7 +1114,7 @@ impl Db {
             return Ok(None);
         };
         let mut scratch = Vec::new();
-        let block = unpack_block(&value, &mut scratch)?;
+        let block = unpack_block(&value, first, &mut scratch)?;
         for bytes in block_entries(block) {
             let bytes = bytes?;
             if entry_lsn(first, bytes)? == lsn {
@@ -1246,6 +1328,26 @@ impl Db {
         Ok(self
             .meta_u64(&format!("{CURSOR_PREFIX}{peer}"))?
             .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+impl Db {
+    /// Each stored log block's first LSN and how it is stored: "plain", "packed" (by this
+    /// store) or "kept" (the peer's block).
+    pub(crate) fn log_kinds(&self) -> Vec<(u64, &'static str)> {
+        self.log
+            .iter()
+            .map(|item| {
+                let (key, value) = item.into_inner().unwrap();
+                let kind = match packed_of(&value).unwrap() {
+                    None => "plain",
+                    Some(p) if p.kept => "kept",
+                    Some(_) => "packed",
+                };
+                (block_first(&key).unwrap(), kind)
+            })
+            .collect()
     }
 }
 
@@ -1569,6 +1671,117 @@ mod tests {
         );
         let (got, _) = pages(&db, 300, 10_000, None, true);
         assert_eq!(got, all[299..]);
+    }
+
+    /// Entries logged as they came in a peer's packed segment are stored as the peer's LZ4
+    /// block, and read back with this store's LSNs by every reader: as what the store would
+    /// have written itself, never sent on packed (the block's LSNs are the peer's), and
+    /// refused when the block does not hold what its head says.
+    #[test]
+    fn a_kept_peer_block_reads_back_with_this_stores_lsns() {
+        use tandem_protocol::message::{LogEntryRef, PackedRun};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("s")).unwrap();
+        let mut meta = db.load(&mut Table::new("AGG_B"), 1).unwrap();
+        let events: Vec<_> = (1..=200).map(event).collect();
+        // The peer's block: its entries 1..=200, its LSNs.
+        let mut peer = LogBuf::default();
+        for (lsn, e) in (1..=200).zip(&events) {
+            peer.push(LogEntryRef {
+                lsn,
+                source: "AGG_P",
+                source_serial: lsn * 3,
+                event: e,
+            });
+        }
+        let peer_block = peer.blocks(BLOCK_ENTRIES, BLOCK_BYTES).next().unwrap();
+        assert_eq!(peer_block.count, 200);
+        let lz4 = lz4_flex::block::compress(peer_block.bytes);
+        // This store logs one of its own (998), then the peer's 200 as 999..=1198, another of
+        // its own (1199).
+        let mut log = LogBuf::default();
+        let own = event(5_000);
+        let entry = |lsn, source, source_serial, event| LogEntryRef {
+            lsn,
+            source,
+            source_serial,
+            event,
+        };
+        log.push(entry(998, "AGG_B", 1, &own));
+        let from = log.ends.len();
+        for (lsn, e) in (999..).zip(&events) {
+            log.push(entry(lsn, "AGG_P", (lsn - 998) * 3, e));
+        }
+        log.keep_packed(
+            from,
+            &PackedRun {
+                entries: 0..200,
+                unpacked: peer_block.bytes.len(),
+                lz4: bytes::Bytes::from(lz4.clone()),
+            },
+        );
+        log.push(entry(1199, "AGG_B", 2, &own));
+        let blocks: Vec<_> = log.blocks(BLOCK_ENTRIES, BLOCK_BYTES).collect();
+        assert_eq!(
+            blocks
+                .iter()
+                .map(|b| (b.first, b.count))
+                .collect::<Vec<_>>(),
+            [(998, 1), (999, 200), (1199, 1)],
+            "a kept run is a block of its own"
+        );
+        let ours = blocks[1].bytes.to_vec();
+        (meta.first_lsn, meta.head_lsn) = (998, 1199);
+        db.write(
+            &log,
+            &meta,
+            &PeerWrites::default(),
+            None,
+            &Table::new("AGG_B"),
+        )
+        .and_then(|()| db.sync())
+        .unwrap();
+
+        let value = db.log.get(block_key(999)).unwrap().unwrap().to_vec();
+        assert_eq!(value[..4], KEPT);
+        assert_eq!(
+            &value[16..],
+            &lz4[..],
+            "the peer's block, not compressed again"
+        );
+        assert_eq!(
+            unpack_block(&value, 999, &mut Vec::new()).unwrap(),
+            &ours[..],
+            "read back as this store would have written it"
+        );
+        let all = db.read_log(998, 10_000).unwrap();
+        assert_eq!(lsns(&all), (998..=1199).collect::<Vec<_>>());
+        for (entry, e) in all[1..201].iter().zip(&events) {
+            assert_eq!((&*entry.source, &entry.event), ("AGG_P", e));
+            assert_eq!(entry.source_serial, (entry.lsn - 998) * 3);
+        }
+        let one = db.log_entry(1100).unwrap().unwrap();
+        assert_eq!((one.lsn, one.event.seq), (1100, 102));
+        let (got, packed) = pages(&db, 998, 10_000, None, true);
+        assert_eq!(got, all);
+        assert_eq!(
+            packed,
+            [Vec::<usize>::new()],
+            "a kept block goes entry by entry"
+        );
+        let (got, _) = pages(&db, 1050, 10_000, Some("AGG_B"), true);
+        assert_eq!(lsns(&got), (1050..=1198).collect::<Vec<_>>());
+
+        // A head that claims another count, or a block that does not unpack, is an error.
+        let mut lying = value.clone();
+        lying[8..12].copy_from_slice(&199u32.to_le_bytes());
+        assert!(matches!(
+            unpack_block(&lying, 999, &mut Vec::new()),
+            Err(DbError::Corrupt { .. })
+        ));
+        let mut cut = value.clone();
+        cut.truncate(value.len() - 10);
+        assert!(unpack_block(&cut, 999, &mut Vec::new()).is_err());
     }
 
     #[test]
@@ -1900,7 +2113,7 @@ mod tests {
             let value = item.into_inner().unwrap().1;
             assert_eq!(value[..4], COUNTED, "every block of this log compresses");
             stored += value.len() as u64;
-            blocks += unpack_block(&value, &mut Vec::new()).unwrap().len() as u64;
+            blocks += unpack_block(&value, 1, &mut Vec::new()).unwrap().len() as u64;
         }
         let on_disk = db.log.disk_space();
         assert!(
@@ -1920,7 +2133,7 @@ mod tests {
     #[test]
     fn a_bad_packed_block_is_an_error_and_a_plain_one_reads() {
         let block = b"\x03\x00\x00\x00abc";
-        assert_eq!(unpack_block(block, &mut Vec::new()).unwrap(), block);
+        assert_eq!(unpack_block(block, 1, &mut Vec::new()).unwrap(), block);
         let mut scratch = Vec::new();
         let packed = vec![7u8; 4096];
         let block = LogBlock {
@@ -1928,27 +2141,28 @@ mod tests {
             last: 1,
             count: 1,
             bytes: &packed,
+            packed: None,
         };
         let len = pack_block(&block, &mut scratch).expect("it compresses");
         assert_eq!(
-            unpack_block(&scratch[..len], &mut Vec::new()).unwrap(),
+            unpack_block(&scratch[..len], 1, &mut Vec::new()).unwrap(),
             &packed[..]
         );
         let mut lying = scratch[..len].to_vec();
         lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            unpack_block(&lying, &mut Vec::new()),
+            unpack_block(&lying, 1, &mut Vec::new()),
             Err(DbError::Corrupt { .. })
         ));
         let mut short = scratch[..len].to_vec();
         short[4..8].copy_from_slice(&5000u32.to_le_bytes());
         assert!(matches!(
-            unpack_block(&short, &mut Vec::new()),
+            unpack_block(&short, 1, &mut Vec::new()),
             Err(DbError::Corrupt { .. })
         ));
         let mut garbage = scratch[..len].to_vec();
         garbage.truncate(10);
-        assert!(unpack_block(&garbage, &mut Vec::new()).is_err());
+        assert!(unpack_block(&garbage, 1, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tandem_protocol::codec::append_bytes;
-use tandem_protocol::message::{EntriesToApply, LogEntryRef, SnapshotChunk};
+use tandem_protocol::message::{EntriesToApply, LogEntryRef, PackedRun, SnapshotChunk};
 use tandem_protocol::{Event, EventBody, Origin, RecordBytes};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -423,6 +423,22 @@ pub struct LogBuf {
     pub ends: Vec<(u64, usize)>,
     /// The newest entry of each source among these (see [`LogSources`]).
     sources: Vec<(String, u64)>,
+    /// Runs of these entries logged as they came in a peer's packed segment, in order.
+    kept: Vec<KeptRun>,
+}
+
+/// Entries of a [`LogBuf`] that came in one packed segment of a peer's log and were all logged,
+/// in order and as they came: stored as the peer's LZ4 block, not compressed again (the
+/// backup's LZ4 was a tenth of its CPU in the pair, docs/PERFORMANCE.md). Only the LSNs in
+/// the block are the peer's; a read puts this store's back (see `db.rs`).
+#[derive(Debug)]
+struct KeptRun {
+    /// Its first entry's place in `ends`.
+    from: usize,
+    count: usize,
+    /// The block's length unpacked, and the block.
+    unpacked: usize,
+    lz4: bytes::Bytes,
 }
 
 use tandem_protocol::message::ENTRY_LEN_PREFIX as LEN_PREFIX;
@@ -432,6 +448,27 @@ impl LogBuf {
         self.bytes.clear();
         self.ends.clear();
         self.sources.clear();
+        self.kept.clear();
+    }
+
+    /// Notes that the entries from the `from`th on are the packed segment `run`'s, logged as
+    /// they came.
+    pub(crate) fn keep_packed(&mut self, from: usize, run: &PackedRun) {
+        let count = self.ends.len().saturating_sub(from);
+        if count == 0
+            || self
+                .kept
+                .last()
+                .is_some_and(|last| last.from + last.count > from)
+        {
+            return;
+        }
+        self.kept.push(KeptRun {
+            from,
+            count,
+            unpacked: run.unpacked,
+            lz4: run.lz4.clone(),
+        });
     }
 
     /// Notes that `lsn` came from `source`.
@@ -450,24 +487,35 @@ impl LogBuf {
     }
 
     /// Runs of consecutive entries: at most `max_entries` entries and `max_bytes` bytes,
-    /// except that an entry larger than that is a block of its own.
+    /// except that an entry larger than that is a block of its own; and each kept run (see
+    /// [`KeptRun`]) as a block of its own, with the peer's block.
     pub fn blocks(
         &self,
         max_entries: usize,
         max_bytes: usize,
     ) -> impl Iterator<Item = LogBlock<'_>> {
         let (mut start, mut next) = (0, 0);
+        let mut kept = self.kept.iter().peekable();
         std::iter::from_fn(move || {
             let &(first, mut end) = self.ends.get(next)?;
             let mut last = first;
             let from = next;
-            next += 1;
-            while let Some(&(lsn, to)) = self.ends.get(next) {
-                if next - from >= max_entries || to - start > max_bytes {
-                    break;
-                }
-                (last, end) = (lsn, to);
+            let mut packed = None;
+            let run = kept.next_if(|run| run.from == from);
+            let run_end = run.and_then(|run| Some((run, *self.ends.get(from + run.count - 1)?)));
+            if let Some((run, (lsn, to))) = run_end {
+                (last, end, next) = (lsn, to, from + run.count);
+                packed = Some((&run.lz4[..], run.unpacked));
+            } else {
+                let stop = kept.peek().map_or(usize::MAX, |run| run.from);
                 next += 1;
+                while let Some(&(lsn, to)) = self.ends.get(next) {
+                    if next >= stop || next - from >= max_entries || to - start > max_bytes {
+                        break;
+                    }
+                    (last, end) = (lsn, to);
+                    next += 1;
+                }
             }
             let bytes = &self.bytes[start..end];
             start = end;
@@ -476,6 +524,7 @@ impl LogBuf {
                 last,
                 count: next - from,
                 bytes,
+                packed,
             })
         })
     }
@@ -523,6 +572,9 @@ pub struct LogBlock<'a> {
     pub count: usize,
     /// The entries, each after its length.
     pub bytes: &'a [u8],
+    /// For a kept run: the peer's LZ4 block of the same entries with the peer's LSNs, and its
+    /// length unpacked.
+    pub packed: Option<(&'a [u8], usize)>,
 }
 
 /// The newest log entry of each source, for a subscriber that leaves one source out: the
@@ -625,17 +677,29 @@ impl Group<'_> {
         events: Vec<Event>,
         mut sources: impl Iterator<Item = (std::sync::Arc<str>, u64)>,
         mut encodings: impl Iterator<Item = &'a [u8]>,
+        packed: &[PackedRun],
     ) -> Reply {
         if let Err((index, reason)) = checked {
             return Reply::Refused { index, reason };
         }
         let (mut applied, mut duplicates) = (0u32, 0u32);
         let mut events = events.into_iter();
+        let mut packed = packed.iter().peekable();
+        // The packed segment under way: it, where its entries start in the log, and whether
+        // each so far was logged as it came.
+        let mut run: Option<(&PackedRun, usize, bool)> = None;
+        let mut at = 0;
         loop {
             self.table.warm_events(events.as_slice());
             let Some(mut event) = events.next() else {
                 break;
             };
+            if run.is_none() {
+                if let Some(next) = packed.next_if(|p| p.entries.start == at) {
+                    run = Some((next, self.log.ends.len(), true));
+                }
+            }
+            at += 1;
             let source = sources.next();
             let mut encoded = encodings.next();
             if matches!(event.body, EventBody::Delete { .. }) {
@@ -643,6 +707,12 @@ impl Group<'_> {
                 encoded = None;
                 self.table.resolve_delete(&mut event);
             }
+            // Logged as it came only from its encoding, with the peer's head.
+            let as_came = encoded.is_some()
+                && source
+                    .as_ref()
+                    .is_some_and(|(name, _)| **name != *self.own_name);
+            let logged = self.log.ends.len();
             // A full resync under way must replay what this store logs for itself meanwhile.
             let noted = (source.is_none() && self.receiving.active())
                 .then(|| event.identifier().to_string());
@@ -665,6 +735,14 @@ impl Group<'_> {
                     }
                 }
                 Outcome::Duplicate => duplicates += 1,
+            }
+            if let Some((_, _, whole)) = &mut run {
+                *whole &= as_came && self.log.ends.len() == logged + 1;
+            }
+            if let Some((segment, from, whole)) = run.take_if(|(p, ..)| p.entries.end == at) {
+                if whole && self.log.ends.len() - from == segment.entries.len() {
+                    self.log.keep_packed(from, segment);
+                }
             }
         }
         self.applied += u64::from(applied);
@@ -1155,8 +1233,13 @@ fn commit_loop(
                         } => {
                             let checked = check(events.iter());
                             let from = work.table.displaced_len();
-                            let answer =
-                                work.batch(checked, events, std::iter::empty(), encoded.iter());
+                            let answer = work.batch(
+                                checked,
+                                events,
+                                std::iter::empty(),
+                                encoded.iter(),
+                                &[],
+                            );
                             if let Some(leftovers) = leftovers {
                                 leftovers.take_from(work.table, from);
                                 connections.push(leftovers);
@@ -1191,6 +1274,7 @@ fn commit_loop(
                                 entries.events,
                                 entries.sources.into_iter(),
                                 entries.encoded.iter(),
+                                &entries.packed,
                             );
                             if let Some(leftovers) = leftovers {
                                 leftovers.take_from(work.table, from);
@@ -1255,7 +1339,13 @@ fn commit_loop(
                                 })
                                 .collect();
                             let checked = check(events.iter());
-                            work.batch(checked, events, std::iter::empty(), std::iter::empty());
+                            work.batch(
+                                checked,
+                                events,
+                                std::iter::empty(),
+                                std::iter::empty(),
+                                &[],
+                            );
                         }
                     }
                 }
@@ -1465,6 +1555,7 @@ mod tests {
             last,
             count,
             bytes: block,
+            ..
         } in &blocks
         {
             assert_eq!(
@@ -1801,6 +1892,102 @@ mod tests {
         let (shared, tx, thread) = start(STORE, &crashed, 16, only(20)).unwrap();
         assert_eq!(shared.alert_count(), sent);
         assert_eq!(*shared.head.borrow(), sent);
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
+    }
+
+    /// A replicated batch's packed segments are logged as the peer's blocks when every entry
+    /// of one was logged as it came, and re-encoded when one was not (a duplicate here); the
+    /// log reads back in order with this store's LSNs, and a store restarted from it (nothing
+    /// checkpointed, so all of it replayed) holds the same alerts.
+    #[test]
+    fn a_replicated_segment_is_logged_as_the_peers_block_and_replays() {
+        use tandem_protocol::message::LogBatch;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let (shared, tx, thread) = start("AGG_B", &path, 16, only(1_000_000)).unwrap();
+        // Two events of its own first: LSNs 1 and 2.
+        send(&tx, 1);
+        send(&tx, 2);
+        // The peer's 300 entries in three blocks; the 150th is this store's event 2 again.
+        let mut peer = LogBuf::default();
+        let events: Vec<Event> = (1..=300u64)
+            .map(|n| {
+                let mut e = event(n);
+                if n != 150 {
+                    e.origin = Origin::new("peer-probe", 1);
+                } else {
+                    e.seq = 2;
+                }
+                e
+            })
+            .collect();
+        for (lsn, e) in (1..).zip(&events) {
+            peer.push(LogEntryRef {
+                lsn,
+                source: "AGG_P",
+                source_serial: lsn,
+                event: e,
+            });
+        }
+        let mut batch = LogBatch::default();
+        for block in peer.blocks(100, usize::MAX) {
+            let lz4 = lz4_flex::block::compress(block.bytes);
+            batch.push_packed(block.count as u32, block.bytes.len() as u32, &lz4);
+        }
+        let entries = batch.decode_keeping_event_bytes().unwrap();
+        let runs: Vec<_> = entries.packed.iter().map(|p| p.entries.clone()).collect();
+        assert_eq!(runs, [0..100, 100..200, 200..300]);
+        let (reply, rx) = oneshot::channel();
+        tx.blocking_send(Request::Replicate {
+            peer: "AGG_P".into(),
+            after: 0,
+            cursor: 300,
+            entries,
+            reply,
+            leftovers: None,
+        })
+        .unwrap();
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            Reply::Ack {
+                applied: 299,
+                duplicates: 1
+            }
+        ));
+        let log = shared.db.read_log(1, 10_000).unwrap();
+        let lsns: Vec<u64> = log.iter().map(|e| e.lsn).collect();
+        assert_eq!(lsns, (1..=301).collect::<Vec<_>>());
+        let peer_events: Vec<&Event> = (events.iter().enumerate())
+            .filter(|&(i, _)| i != 149)
+            .map(|(_, e)| e)
+            .collect();
+        let logged: Vec<&Event> = log[2..].iter().map(|e| &e.event).collect();
+        assert_eq!(logged, peer_events);
+        assert!(log[2..].iter().all(|e| &*e.source == "AGG_P"));
+        assert_eq!(
+            shared.db.log_kinds(),
+            [
+                (1, "plain"),
+                (2, "plain"),
+                (3, "kept"),
+                (103, "packed"),
+                (202, "kept")
+            ],
+            "the segment with the duplicate was packed again"
+        );
+        let alerts = shared.alert_count();
+        let crashed = dir.path().join("crashed");
+        copy_dir(&path, &crashed);
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
+
+        let (shared, tx, thread) = start("AGG_B", &crashed, 16, only(1_000_000)).unwrap();
+        assert_eq!(shared.alert_count(), alerts);
+        assert_eq!(*shared.head.borrow(), 301);
+        assert_eq!(shared.db.read_log(1, 10_000).unwrap(), log);
         drop(tx);
         drop(shared);
         thread.join().unwrap();
