@@ -1488,6 +1488,36 @@ mod tests {
         }
     }
 
+    /// Segments that split an entry between them decode as before, but none is reported as
+    /// a run of whole entries for the receiver to keep.
+    #[test]
+    fn segments_that_split_entries_decode_but_are_not_kept() {
+        let entry = |seq| crate::message::LogEntry {
+            lsn: seq,
+            source: "AGG_P".into(),
+            source_serial: seq,
+            event: crate::event::Event {
+                origin: crate::event::Origin::new("p", 1),
+                seq,
+                time: 0,
+                body: crate::event::EventBody::Occurrence(Default::default()),
+            },
+        };
+        let mut stored = crate::message::LogBatch::default();
+        stored.push(&entry(1)).unwrap();
+        stored.push(&entry(2)).unwrap();
+        let bytes = stored.stored();
+        let split = bytes.len() / 4;
+        let mut batch = crate::message::LogBatch::default();
+        for part in [&bytes[..split], &bytes[split..]] {
+            let lz4 = lz4_flex::block::compress(part);
+            batch.push_packed(1, part.len() as u32, &lz4);
+        }
+        let applied = batch.decode_keeping_event_bytes().unwrap();
+        assert_eq!(applied.events, [entry(1).event, entry(2).event]);
+        assert!(applied.packed.is_empty(), "{:?}", applied.packed);
+    }
+
     #[test]
     fn a_packed_segment_is_refused_when_it_unpacks_wrong_or_too_large() {
         let entry = crate::message::LogEntry {

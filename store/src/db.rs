@@ -353,6 +353,11 @@ fn unpack_block<'a>(
     // A kept block is unpacked after room for its entries with this store's LSNs, each of
     // which takes at most the 9 bytes more of a u64 against the smallest.
     let count = packed.counted.map_or(0, |(count, _)| count as usize);
+    // Each entry takes its length and a byte at least: a head claiming more is not believed
+    // (nor sized for).
+    if packed.kept && count > len / (LEN_PREFIX + 1) {
+        return Err(corrupt(format!("it claims {count} entries in {len} bytes")));
+    }
     let at = if packed.kept { len + 9 * count } else { 0 };
     if scratch.len() < at + len {
         scratch.resize(at + len, 0);
@@ -1038,11 +1043,14 @@ impl Db {
             Ok(source == skip)
         };
         self.scan_blocks(from, |first, value, scratch| {
+            // How much of `scratch` holds this block, once it is unpacked.
+            let mut unpacked = None;
             // A kept block carries the peer's LSNs: never sent as it is.
             if let Some(packed) = packed_of(value)?.filter(|p| !p.kept && first >= from) {
                 // Counted, and nothing to leave out: sent as it is, not unpacked. A block's
                 // LSNs run without a gap; a header that says otherwise is not trusted with the
-                // subscriber's position, and the block is read instead.
+                // subscriber's position, and the block is read instead. (Sent unread, a block
+                // damaged on disk is found by the subscriber's store, which refuses it.)
                 let counted = packed.counted.filter(|&(count, span)| {
                     skip_source.is_none() && u64::from(span) + 1 == u64::from(count)
                 });
@@ -1050,7 +1058,10 @@ impl Db {
                     Some((count, span)) => (count as usize, first + u64::from(span), true),
                     None => {
                         let (mut count, mut last, mut whole) = (0usize, first, true);
-                        for bytes in block_entries(unpack_block(value, first, scratch)?) {
+                        let block = unpack_block(value, first, scratch)?;
+                        // A packed block unpacks into the front of `scratch`.
+                        unpacked = Some(block.len());
+                        for bytes in block_entries(block) {
                             let bytes = bytes?;
                             last = entry_lsn(first, bytes)?;
                             whole &= !skipped(last, bytes)?;
@@ -1074,7 +1085,11 @@ impl Db {
                     // Too large for the page packed: entry by entry, as far as they fit.
                 }
             }
-            for bytes in block_entries(unpack_block(value, first, scratch)?) {
+            let block = match unpacked {
+                Some(len) => &scratch[..len],
+                None => unpack_block(value, first, scratch)?,
+            };
+            for bytes in block_entries(block) {
                 let bytes = bytes?;
                 let lsn = entry_lsn(first, bytes)?;
                 if lsn < from {
@@ -1647,20 +1662,21 @@ mod tests {
         for first in [1, 257, 513] {
             assert_eq!(stored(first)[..4], COUNTED);
         }
-        // 1: the layout from before the count, [PACKED], length, LZ4.
-        let counted = stored(1);
-        let mut old = PACKED.to_vec();
-        old.extend_from_slice(&counted[4..8]);
-        old.extend_from_slice(&counted[16..]);
-        db.log.insert(block_key(1), &old).unwrap();
+        // 1: a head claiming a span its count does not have (believed, the subscriber would
+        // skip to 1001).
+        let mut doubtful = stored(1);
+        doubtful[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        db.log.insert(block_key(1), &doubtful).unwrap();
         // 257: a head claiming 300 entries where its LSNs would span 256.
         let mut doubtful = stored(257);
         doubtful[8..12].copy_from_slice(&300u32.to_le_bytes());
         db.log.insert(block_key(257), &doubtful).unwrap();
-        // 513: a head claiming a span its count does not have.
-        let mut doubtful = stored(513);
-        doubtful[12..16].copy_from_slice(&1000u32.to_le_bytes());
-        db.log.insert(block_key(513), &doubtful).unwrap();
+        // 513: the layout from before the count, [PACKED], length, LZ4.
+        let counted = stored(513);
+        let mut old = PACKED.to_vec();
+        old.extend_from_slice(&counted[4..8]);
+        old.extend_from_slice(&counted[16..]);
+        db.log.insert(block_key(513), &old).unwrap();
 
         let (got, packed) = pages(&db, 1, 10_000, None, true);
         assert_eq!(got, all, "every entry, once, in order");
@@ -1773,12 +1789,14 @@ mod tests {
         assert_eq!(lsns(&got), (1050..=1198).collect::<Vec<_>>());
 
         // A head that claims another count, or a block that does not unpack, is an error.
-        let mut lying = value.clone();
-        lying[8..12].copy_from_slice(&199u32.to_le_bytes());
-        assert!(matches!(
-            unpack_block(&lying, 999, &mut Vec::new()),
-            Err(DbError::Corrupt { .. })
-        ));
+        for claimed in [199, u32::MAX] {
+            let mut lying = value.clone();
+            lying[8..12].copy_from_slice(&claimed.to_le_bytes());
+            assert!(matches!(
+                unpack_block(&lying, 999, &mut Vec::new()),
+                Err(DbError::Corrupt { .. })
+            ));
+        }
         let mut cut = value.clone();
         cut.truncate(value.len() - 10);
         assert!(unpack_block(&cut, 999, &mut Vec::new()).is_err());

@@ -1898,8 +1898,9 @@ mod tests {
     }
 
     /// A replicated batch's packed segments are logged as the peer's blocks when every entry
-    /// of one was logged as it came, and re-encoded when one was not (a duplicate here); the
-    /// log reads back in order with this store's LSNs, and a store restarted from it (nothing
+    /// of one was logged as it came, and re-encoded when one was not (a duplicate here, a
+    /// delete, whose resolution changes it, an entry under this store's own name); the log
+    /// reads back in order with this store's LSNs, and a store restarted from it (nothing
     /// checkpointed, so all of it replayed) holds the same alerts.
     #[test]
     fn a_replicated_segment_is_logged_as_the_peers_block_and_replays() {
@@ -1910,15 +1911,20 @@ mod tests {
         // Two events of its own first: LSNs 1 and 2.
         send(&tx, 1);
         send(&tx, 2);
-        // The peer's 300 entries in three blocks; the 150th is this store's event 2 again.
+        // The peer's 500 entries in five blocks; the 150th is this store's event 2 again,
+        // the 350th a delete, the 450th came from this store.
         let mut peer = LogBuf::default();
-        let events: Vec<Event> = (1..=300u64)
+        let events: Vec<Event> = (1..=500u64)
             .map(|n| {
                 let mut e = event(n);
-                if n != 150 {
-                    e.origin = Origin::new("peer-probe", 1);
-                } else {
-                    e.seq = 2;
+                e.origin = Origin::new("peer-probe", 1);
+                if n == 150 {
+                    e = event(2);
+                } else if n == 350 {
+                    e.body = EventBody::Delete {
+                        identifier: "alert-349".into(),
+                        seen: None,
+                    };
                 }
                 e
             })
@@ -1926,7 +1932,7 @@ mod tests {
         for (lsn, e) in (1..).zip(&events) {
             peer.push(LogEntryRef {
                 lsn,
-                source: "AGG_P",
+                source: if lsn == 450 { "AGG_B" } else { "AGG_P" },
                 source_serial: lsn,
                 event: e,
             });
@@ -1938,12 +1944,12 @@ mod tests {
         }
         let entries = batch.decode_keeping_event_bytes().unwrap();
         let runs: Vec<_> = entries.packed.iter().map(|p| p.entries.clone()).collect();
-        assert_eq!(runs, [0..100, 100..200, 200..300]);
+        assert_eq!(runs, [0..100, 100..200, 200..300, 300..400, 400..500]);
         let (reply, rx) = oneshot::channel();
         tx.blocking_send(Request::Replicate {
             peer: "AGG_P".into(),
             after: 0,
-            cursor: 300,
+            cursor: 500,
             entries,
             reply,
             leftovers: None,
@@ -1952,20 +1958,22 @@ mod tests {
         assert!(matches!(
             rx.blocking_recv().unwrap(),
             Reply::Ack {
-                applied: 299,
+                applied: 499,
                 duplicates: 1
             }
         ));
         let log = shared.db.read_log(1, 10_000).unwrap();
         let lsns: Vec<u64> = log.iter().map(|e| e.lsn).collect();
-        assert_eq!(lsns, (1..=301).collect::<Vec<_>>());
-        let peer_events: Vec<&Event> = (events.iter().enumerate())
-            .filter(|&(i, _)| i != 149)
-            .map(|(_, e)| e)
-            .collect();
-        let logged: Vec<&Event> = log[2..].iter().map(|e| &e.event).collect();
-        assert_eq!(logged, peer_events);
-        assert!(log[2..].iter().all(|e| &*e.source == "AGG_P"));
+        assert_eq!(lsns, (1..=501).collect::<Vec<_>>());
+        let logged: Vec<u64> = log[2..].iter().map(|e| e.source_serial).collect();
+        let peers: Vec<u64> = (1..=500).filter(|&n| n != 150).collect();
+        assert_eq!(logged, peers, "every entry but the duplicate, in order");
+        for entry in &log[2..] {
+            let sent = &events[entry.source_serial as usize - 1];
+            if !matches!(sent.body, EventBody::Delete { .. }) {
+                assert_eq!(&entry.event, sent);
+            }
+        }
         assert_eq!(
             shared.db.log_kinds(),
             [
@@ -1973,9 +1981,11 @@ mod tests {
                 (2, "plain"),
                 (3, "kept"),
                 (103, "packed"),
-                (202, "kept")
+                (202, "kept"),
+                (302, "packed")
             ],
-            "the segment with the duplicate was packed again"
+            "the segments with the duplicate, the delete and this store's entry packed again \
+             (the last two together, as blocks of the store's own)"
         );
         let alerts = shared.alert_count();
         let crashed = dir.path().join("crashed");
@@ -1986,7 +1996,7 @@ mod tests {
 
         let (shared, tx, thread) = start("AGG_B", &crashed, 16, only(1_000_000)).unwrap();
         assert_eq!(shared.alert_count(), alerts);
-        assert_eq!(*shared.head.borrow(), 301);
+        assert_eq!(*shared.head.borrow(), 501);
         assert_eq!(shared.db.read_log(1, 10_000).unwrap(), log);
         drop(tx);
         drop(shared);
