@@ -257,13 +257,7 @@ fn pack_block(block: &LogBlock<'_>, scratch: &mut Vec<u8>) -> Option<usize> {
     if scratch.len() < room {
         scratch.resize(room, 0);
     }
-    let len = u32::try_from(block.bytes.len()).ok()?;
-    let count = u32::try_from(block.count).ok()?;
-    let span = u32::try_from(block.last.checked_sub(block.first)?).ok()?;
-    scratch[..4].copy_from_slice(&COUNTED);
-    scratch[4..8].copy_from_slice(&len.to_le_bytes());
-    scratch[8..12].copy_from_slice(&count.to_le_bytes());
-    scratch[12..16].copy_from_slice(&span.to_le_bytes());
+    scratch[..16].copy_from_slice(&block_head(COUNTED, block.bytes.len(), block)?);
     let packed = 16 + lz4_flex::block::compress_into(block.bytes, &mut scratch[16..]).ok()?;
     (packed < block.bytes.len()).then_some(packed)
 }
@@ -277,16 +271,29 @@ fn kept_block(
     unpacked: usize,
     scratch: &mut Vec<u8>,
 ) -> Option<usize> {
+    let head = block_head(KEPT, unpacked, block)?;
+    scratch.clear();
+    scratch.extend_from_slice(&head);
+    scratch.extend_from_slice(lz4);
+    Some(scratch.len())
+}
+
+/// The 16-byte head of a packed or kept value (see [`COUNTED`]) for `block`, `unpacked` bytes
+/// unpacked; None when a length does not fit.
+fn block_head(magic: [u8; 4], unpacked: usize, block: &LogBlock<'_>) -> Option<[u8; 16]> {
     let len = u32::try_from(unpacked).ok()?;
     let count = u32::try_from(block.count).ok()?;
     let span = u32::try_from(block.last.checked_sub(block.first)?).ok()?;
-    scratch.clear();
-    scratch.extend_from_slice(&KEPT);
-    scratch.extend_from_slice(&len.to_le_bytes());
-    scratch.extend_from_slice(&count.to_le_bytes());
-    scratch.extend_from_slice(&span.to_le_bytes());
-    scratch.extend_from_slice(lz4);
-    Some(scratch.len())
+    let mut head = [0; 16];
+    for (to, from) in head.chunks_exact_mut(4).zip([
+        magic,
+        len.to_le_bytes(),
+        count.to_le_bytes(),
+        span.to_le_bytes(),
+    ]) {
+        to.copy_from_slice(&from);
+    }
+    Some(head)
 }
 
 /// A packed block's value, read.
@@ -350,8 +357,8 @@ fn unpack_block<'a>(
             "it claims {len} bytes, more than a block can hold"
         )));
     }
-    // A kept block is unpacked after room for its entries with this store's LSNs, each of
-    // which takes at most the 9 bytes more of a u64 against the smallest.
+    // A kept block is unpacked after room for its entries with this store's LSNs: an LSN
+    // takes 1 to 9 bytes, so each entry may grow by 8 (9 is room to spare).
     let count = packed.counted.map_or(0, |(count, _)| count as usize);
     // Each entry takes its length and a byte at least: a head claiming more is not believed
     // (nor sized for).

@@ -740,7 +740,8 @@ impl Group<'_> {
                 *whole &= as_came && self.log.ends.len() == logged + 1;
             }
             if let Some((segment, from, whole)) = run.take_if(|(p, ..)| p.entries.end == at) {
-                if whole && self.log.ends.len() - from == segment.entries.len() {
+                // Whole: each of its entries logged one entry, so the run is all of them.
+                if whole {
                     self.log.keep_packed(from, segment);
                 }
             }
