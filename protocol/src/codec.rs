@@ -1455,8 +1455,9 @@ mod tests {
             let want = if a < b { vec![(a..b, unpacked, lz4.clone())] } else { vec![] };
             prop_assert_eq!(runs, want);
             prop_assert_eq!(applied.encoded.len(), entries.len());
-            for ((entry, source), bytes) in entries.iter().zip(&applied.sources).zip(applied.encoded.iter()) {
-                prop_assert_eq!(&*source.0, &*entry.source);
+            prop_assert_eq!(applied.sources.len(), entries.len());
+            for ((entry, source), bytes) in entries.iter().zip(applied.sources.iter()).zip(applied.encoded.iter()) {
+                prop_assert_eq!(source.0, &*entry.source);
                 prop_assert_eq!(source.1, entry.source_serial);
                 prop_assert_eq!(from_bytes::<crate::event::Event>(bytes).unwrap(), entry.event.clone());
             }
@@ -1687,9 +1688,9 @@ mod tests {
             prop_assert_eq!(back.decode().unwrap(), entries.clone());
             let kept = back.clone().decode_keeping_event_bytes().unwrap();
             let events: Vec<_> = entries.iter().map(|e| e.event.clone()).collect();
-            let sources: Vec<_> = entries.iter().map(|e| (e.source.clone(), e.source_serial)).collect();
+            let sources: Vec<_> = entries.iter().map(|e| (&*e.source, e.source_serial)).collect();
             prop_assert_eq!(&kept.events, &events);
-            prop_assert_eq!(&kept.sources, &sources);
+            prop_assert_eq!(kept.sources.iter().collect::<Vec<_>>(), sources);
             prop_assert_eq!(kept.encoded.len(), entries.len());
             for (event, encoded) in events.iter().zip(kept.encoded.iter()) {
                 prop_assert_eq!(encoded.to_vec(), to_bytes(event).unwrap());

@@ -425,6 +425,11 @@ pub struct LogBuf {
     sources: Vec<(String, u64)>,
     /// Runs of these entries logged as they came in a peer's packed segment, in order.
     kept: Vec<KeptRun>,
+    /// Set while the entries pushed may turn out a kept run: [`LogBuf::push_encoded`] then
+    /// notes an entry without its bytes, which the kept block stands for (copying them was a
+    /// twentieth of the backup's CPU). [`Group::batch`] writes them after all if the run is
+    /// not kept.
+    deferring: bool,
 }
 
 /// Entries of a [`LogBuf`] that came in one packed segment of a peer's log and were all logged,
@@ -452,8 +457,8 @@ impl LogBuf {
     }
 
     /// Notes that the entries from the `from`th on are the packed segment `run`'s, logged as
-    /// they came.
-    pub(crate) fn keep_packed(&mut self, from: usize, run: &PackedRun) {
+    /// they came; false, keeping nothing, when no entry is from `from` on or they overlap a kept run.
+    pub(crate) fn keep_packed(&mut self, from: usize, run: &PackedRun) -> bool {
         let count = self.ends.len().saturating_sub(from);
         if count == 0
             || self
@@ -461,7 +466,7 @@ impl LogBuf {
                 .last()
                 .is_some_and(|last| last.from + last.count > from)
         {
-            return;
+            return false;
         }
         self.kept.push(KeptRun {
             from,
@@ -469,6 +474,7 @@ impl LogBuf {
             unpacked: run.unpacked,
             lz4: run.lz4.clone(),
         });
+        true
     }
 
     /// Notes that `lsn` came from `source`.
@@ -476,14 +482,25 @@ impl LogBuf {
         raise(&mut self.sources, source, lsn);
     }
 
-    /// Entries as (LSN, encoded bytes).
+    /// Entries as (LSN, encoded bytes), but for those of kept runs, whose bytes only their
+    /// peer's block holds: never this store's own entries.
     pub fn entries(&self) -> impl Iterator<Item = (u64, &[u8])> {
         let mut start = 0;
-        self.ends.iter().map(move |&(lsn, end)| {
-            let bytes = &self.bytes[start + LEN_PREFIX..end];
+        self.ends.iter().filter_map(move |&(lsn, end)| {
+            let whole = self.bytes.get(start..end);
             start = end;
-            (lsn, bytes)
+            Some((lsn, whole?.get(LEN_PREFIX..)?))
         })
+    }
+
+    /// Writes the last `entries` entries' bytes, noted without them while deferring: each
+    /// one's source, serial and event encoding, in order.
+    fn undefer<'a>(&mut self, entries: impl ExactSizeIterator<Item = (&'a str, u64, &'a [u8])>) {
+        let from = self.ends.len().saturating_sub(entries.len());
+        let lsns: Vec<u64> = self.ends.drain(from..).map(|(lsn, _)| lsn).collect();
+        for (lsn, (source, serial, event)) in lsns.into_iter().zip(entries) {
+            self.push_encoded(lsn, source, serial, event);
+        }
     }
 
     /// Runs of consecutive entries: at most `max_entries` entries and `max_bytes` bytes,
@@ -532,6 +549,11 @@ impl LogBuf {
     /// Logs an event from its encoding: a log entry is its head (LSN, source, serial) and
     /// then the event's encoding, so the event need not be encoded again.
     fn push_encoded(&mut self, lsn: u64, source: &str, source_serial: u64, event: &[u8]) {
+        if self.deferring {
+            self.ends.push((lsn, self.bytes.len()));
+            self.note_source(source, lsn);
+            return;
+        }
         let before = self.bytes.len();
         self.bytes.extend_from_slice(&[0; LEN_PREFIX]);
         if let Err(e) = append_bytes(&(lsn, source, source_serial), &mut self.bytes) {
@@ -675,7 +697,7 @@ impl Group<'_> {
         &mut self,
         checked: Result<(), (u32, String)>,
         events: Vec<Event>,
-        mut sources: impl Iterator<Item = (std::sync::Arc<str>, u64)>,
+        mut sources: impl Iterator<Item = (&'a str, u64)>,
         mut encodings: impl Iterator<Item = &'a [u8]>,
         packed: &[PackedRun],
     ) -> Reply {
@@ -688,6 +710,8 @@ impl Group<'_> {
         // The packed segment under way: it, where its entries start in the log, and whether
         // each so far was logged as it came.
         let mut run: Option<(&PackedRun, usize, bool)> = None;
+        // While it is: its entries, logged without their bytes (see `LogBuf::deferring`).
+        let mut deferred: Vec<(&str, u64, &[u8])> = Vec::new();
         let mut at = 0;
         loop {
             self.table.warm_events(events.as_slice());
@@ -708,15 +732,19 @@ impl Group<'_> {
                 self.table.resolve_delete(&mut event);
             }
             // Logged as it came only from its encoding, with the peer's head.
-            let as_came = encoded.is_some()
-                && source
-                    .as_ref()
-                    .is_some_and(|(name, _)| **name != *self.own_name);
+            let as_came =
+                encoded.is_some() && source.is_some_and(|(name, _)| name != self.own_name);
             let logged = self.log.ends.len();
             // A full resync under way must replay what this store logs for itself meanwhile.
             let noted = (source.is_none() && self.receiving.active())
                 .then(|| event.identifier().to_string());
-            let source = source.as_ref().map(|(name, serial)| (&**name, *serial));
+            let whole_so_far = run.as_ref().is_some_and(|(_, _, whole)| *whole);
+            if whole_so_far && !as_came {
+                // Not kept after all: what it deferred is written, ahead of this entry, as it
+                // would have been.
+                self.log.undefer(deferred.drain(..));
+            }
+            self.log.deferring = whole_so_far && as_came;
             let outcome = apply_one(
                 self.table,
                 event,
@@ -727,6 +755,7 @@ impl Group<'_> {
                 self.changes,
                 self.log,
             );
+            self.log.deferring = false;
             match outcome {
                 Outcome::Applied => {
                     applied += 1;
@@ -738,14 +767,24 @@ impl Group<'_> {
             }
             if let Some((_, _, whole)) = &mut run {
                 *whole &= as_came && self.log.ends.len() == logged + 1;
+                match (*whole, source, encoded) {
+                    (true, Some((name, serial)), Some(event)) => {
+                        deferred.push((name, serial, event))
+                    }
+                    // A duplicate, which logged nothing: the deferred entries are the last.
+                    _ => self.log.undefer(deferred.drain(..)),
+                }
             }
             if let Some((segment, from, whole)) = run.take_if(|(p, ..)| p.entries.end == at) {
                 // Whole: each of its entries logged one entry, so the run is all of them.
-                if whole {
-                    self.log.keep_packed(from, segment);
+                if whole && self.log.keep_packed(from, segment) {
+                    deferred.clear();
                 }
+                self.log.undefer(deferred.drain(..));
             }
         }
+        // A run the batch's events ended inside (never from a peer's store) is not kept.
+        self.log.undefer(deferred.drain(..));
         self.applied += u64::from(applied);
         self.duplicates += u64::from(duplicates);
         Reply::Ack {
@@ -1273,7 +1312,7 @@ fn commit_loop(
                             let answer = work.batch(
                                 checked,
                                 entries.events,
-                                entries.sources.into_iter(),
+                                entries.sources.iter(),
                                 entries.encoded.iter(),
                                 &entries.packed,
                             );

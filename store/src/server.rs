@@ -31,8 +31,12 @@ use crate::table::Incoming;
 /// reading, which pushes back on the sender.
 const MAX_PENDING_BATCHES: usize = 256;
 
-/// Log entries sent in one `LogEntries` message.
-const LOG_CHUNK: usize = 1_000;
+/// Log entries sent in one `LogEntries` message, at most: about one of the primary's commit
+/// groups under load. Each message is a `Replicate` the backup takes in, commits and
+/// acknowledges with a thread hand-off or three; a quarter as many messages as with 1,000
+/// took about 3 % of the pair's CPU off (docs/PERFORMANCE.md). Only a subscriber that is
+/// behind gets messages this large.
+const LOG_CHUNK: usize = 4_096;
 
 /// A subscriber at least this many entries behind the head reads the log on a blocking
 /// thread: further back than the entries a commit group or two adds, which are still in
