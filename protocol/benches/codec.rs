@@ -1,4 +1,5 @@
-//! Encode and decode a batch of 1,000 typical alerts: the codec's cost per event.
+//! Encode and decode a batch of 1,000 typical alerts: the codec's cost per event; and decode
+//! them as a replicated batch of packed log blocks, as a backup store does.
 //!
 //! Run with `cargo bench -p tandem-protocol --bench codec`; criterion prints elements/s, which
 //! is alerts/s each way.
@@ -13,6 +14,7 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tandem_protocol::message::{LogBatch, LogEntry};
 use tandem_protocol::{
     AlertFields, Event, EventBody, Kind, Message, MessageCodec, Origin, Severity,
 };
@@ -92,6 +94,40 @@ fn codec(c: &mut Criterion) {
                 .expect("decodes")
                 .expect("a whole frame");
             black_box((message, keeping.take_record_bytes()))
+        })
+    });
+    group.finish();
+
+    // A peer's log as replication sends it: blocks of 256 entries, each compressed with LZ4.
+    let Message::Events { events, .. } = batch else {
+        unreachable!("typical_batch builds Events")
+    };
+    let mut replicated = LogBatch::default();
+    for (block, lsns) in events.chunks(256).zip((1u64..).step_by(256)) {
+        let mut stored = Vec::new();
+        for (event, lsn) in block.iter().zip(lsns..) {
+            let entry = LogEntry {
+                lsn,
+                source: "AGG_P".into(),
+                source_serial: lsn,
+                event: event.clone(),
+            };
+            let encoded = tandem_protocol::codec::to_bytes(&entry).expect("encodes");
+            stored.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+            stored.extend_from_slice(&encoded);
+        }
+        let lz4 = lz4_flex::block::compress(&stored);
+        replicated.push_packed(block.len() as u32, stored.len() as u32, &lz4);
+    }
+    let mut group = c.benchmark_group("replicated_1000_entries");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("decode_keeping_event_bytes", |b| {
+        b.iter(|| {
+            black_box(
+                black_box(replicated.clone())
+                    .decode_keeping_event_bytes()
+                    .expect("decodes"),
+            )
         })
     });
     group.finish();
