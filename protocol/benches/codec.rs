@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use bytes::BytesMut;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tandem_protocol::message::{LogBatch, LogEntry};
 use tandem_protocol::{
     AlertFields, Event, EventBody, Kind, Message, MessageCodec, Origin, Severity,
@@ -122,13 +122,12 @@ fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("replicated_1000_entries");
     group.throughput(Throughput::Elements(1000));
     group.bench_function("decode_keeping_event_bytes", |b| {
-        b.iter(|| {
-            black_box(
-                black_box(replicated.clone())
-                    .decode_keeping_event_bytes()
-                    .expect("decodes"),
-            )
-        })
+        // The batch as a frame gives it: the copy is set up outside the measurement.
+        b.iter_batched(
+            || replicated.clone(),
+            |batch| black_box(batch.decode_keeping_event_bytes().expect("decodes")),
+            BatchSize::SmallInput,
+        )
     });
     group.finish();
 }

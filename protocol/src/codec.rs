@@ -1816,6 +1816,24 @@ mod tests {
             ..ProptestConfig::default()
         })]
 
+        /// A batch's sources, kept by runs of one name, read back one per entry as pushed,
+        /// whatever the runs (the empty name included).
+        #[test]
+        fn entry_sources_read_back_one_per_entry_in_order(
+            pushed in proptest::collection::vec(
+                (proptest::sample::select(vec!["", "A", "B"]), any::<u64>()),
+                0..40,
+            ),
+        ) {
+            let mut sources = crate::message::EntrySources::with_capacity(pushed.len());
+            for (name, serial) in &pushed {
+                sources.push(name, *serial);
+            }
+            prop_assert_eq!(sources.len(), pushed.len());
+            prop_assert_eq!(sources.is_empty(), pushed.is_empty());
+            prop_assert_eq!(sources.iter().collect::<Vec<_>>(), pushed);
+        }
+
         #[test]
         fn every_message_round_trips(msgs in proptest::collection::vec(any::<Message>(), 1..4)) {
             let mut codec = MessageCodec::default();

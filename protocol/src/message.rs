@@ -542,14 +542,14 @@ pub struct EntrySources {
 }
 
 impl EntrySources {
-    fn with_capacity(entries: usize) -> EntrySources {
+    pub(crate) fn with_capacity(entries: usize) -> EntrySources {
         EntrySources {
             names: Vec::new(),
             serials: Vec::with_capacity(entries),
         }
     }
 
-    fn push(&mut self, name: &str, serial: u64) {
+    pub(crate) fn push(&mut self, name: &str, serial: u64) {
         self.serials.push(serial);
         let end = self.serials.len();
         match self.names.last_mut() {

@@ -736,13 +736,23 @@ impl Db {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for block in log.blocks(BLOCK_ENTRIES, BLOCK_BYTES) {
                 let key = block_key(block.first);
-                let packed = match block.packed {
-                    Some((lz4, unpacked)) => kept_block(&block, lz4, unpacked, &mut scratch),
-                    None => pack_block(&block, &mut scratch),
-                };
-                match packed {
-                    Some(len) => batch.insert(&self.log, key, &scratch[..len]),
-                    None => batch.insert(&self.log, key, block.bytes),
+                match block.packed {
+                    // A kept run's entries are only in the peer's block (`LogBuf::deferring`):
+                    // there is nothing to store in its place.
+                    Some((lz4, unpacked)) => {
+                        let len =
+                            kept_block(&block, lz4, unpacked, &mut scratch).ok_or_else(|| {
+                                CodecError::Encode(format!(
+                                    "the kept log block at LSN {} does not fit its head",
+                                    block.first
+                                ))
+                            })?;
+                        batch.insert(&self.log, key, &scratch[..len])
+                    }
+                    None => match pack_block(&block, &mut scratch) {
+                        Some(len) => batch.insert(&self.log, key, &scratch[..len]),
+                        None => batch.insert(&self.log, key, block.bytes),
+                    },
                 }
             }
         }

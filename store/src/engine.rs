@@ -454,13 +454,17 @@ impl LogBuf {
         self.ends.clear();
         self.sources.clear();
         self.kept.clear();
+        self.deferring = false;
     }
 
     /// Notes that the entries from the `from`th on are the packed segment `run`'s, logged as
-    /// they came; false, keeping nothing, when no entry is from `from` on or they overlap a kept run.
+    /// they came; false, keeping nothing, when no entry is from `from` on, they overlap a kept
+    /// run, or the block's head could not hold its length or count.
     pub(crate) fn keep_packed(&mut self, from: usize, run: &PackedRun) -> bool {
         let count = self.ends.len().saturating_sub(from);
         if count == 0
+            || u32::try_from(run.unpacked).is_err()
+            || u32::try_from(count).is_err()
             || self
                 .kept
                 .last()
@@ -535,6 +539,8 @@ impl LogBuf {
                 }
             }
             let bytes = &self.bytes[start..end];
+            // Only a kept run's entries are noted without their bytes.
+            debug_assert!(packed.is_some() || bytes.len() >= (next - from) * (LEN_PREFIX + 1));
             start = end;
             Some(LogBlock {
                 first,
@@ -785,6 +791,7 @@ impl Group<'_> {
         }
         // A run the batch's events ended inside (never from a peer's store) is not kept.
         self.log.undefer(deferred.drain(..));
+        debug_assert!(!self.log.deferring);
         self.applied += u64::from(applied);
         self.duplicates += u64::from(duplicates);
         Reply::Ack {
@@ -1937,42 +1944,32 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A replicated batch's packed segments are logged as the peer's blocks when every entry
-    /// of one was logged as it came, and re-encoded when one was not (a duplicate here, a
-    /// delete, whose resolution changes it, an entry under this store's own name); the log
-    /// reads back in order with this store's LSNs, and a store restarted from it (nothing
-    /// checkpointed, so all of it replayed) holds the same alerts.
-    #[test]
-    fn a_replicated_segment_is_logged_as_the_peers_block_and_replays() {
+    /// A store, AGG_B, that logged two events of its own (LSNs 1 and 2) and was then sent the
+    /// peer's log of `events` in one `Replicate` batch, as packed blocks of 100 entries: entry
+    /// n (from 1) came to the peer from `source(n)`, with serial n.
+    struct Replicated {
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        shared: Arc<Shared>,
+        tx: mpsc::Sender<Request>,
+        thread: std::thread::JoinHandle<()>,
+        reply: Reply,
+        /// Its log as read back.
+        log: Vec<tandem_protocol::message::LogEntry>,
+    }
+
+    fn replicate_peer_log(events: &[Event], source: impl Fn(u64) -> &'static str) -> Replicated {
         use tandem_protocol::message::LogBatch;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let (shared, tx, thread) = start("AGG_B", &path, 16, only(1_000_000)).unwrap();
-        // Two events of its own first: LSNs 1 and 2.
         send(&tx, 1);
         send(&tx, 2);
-        // The peer's 500 entries in five blocks; the 150th is this store's event 2 again,
-        // the 350th a delete, the 450th came from this store.
         let mut peer = LogBuf::default();
-        let events: Vec<Event> = (1..=500u64)
-            .map(|n| {
-                let mut e = event(n);
-                e.origin = Origin::new("peer-probe", 1);
-                if n == 150 {
-                    e = event(2);
-                } else if n == 350 {
-                    e.body = EventBody::Delete {
-                        identifier: "alert-349".into(),
-                        seen: None,
-                    };
-                }
-                e
-            })
-            .collect();
-        for (lsn, e) in (1..).zip(&events) {
+        for (lsn, e) in (1..).zip(events) {
             peer.push(LogEntryRef {
                 lsn,
-                source: if lsn == 450 { "AGG_B" } else { "AGG_P" },
+                source: source(lsn),
                 source_serial: lsn,
                 event: e,
             });
@@ -1984,38 +1981,126 @@ mod tests {
         }
         let entries = batch.decode_keeping_event_bytes().unwrap();
         let runs: Vec<_> = entries.packed.iter().map(|p| p.entries.clone()).collect();
-        assert_eq!(runs, [0..100, 100..200, 200..300, 300..400, 400..500]);
+        let blocks: Vec<_> = (0..events.len())
+            .step_by(100)
+            .map(|a| a..(a + 100).min(events.len()))
+            .collect();
+        assert_eq!(runs, blocks, "each block found as a packed segment");
         let (reply, rx) = oneshot::channel();
         tx.blocking_send(Request::Replicate {
             peer: "AGG_P".into(),
             after: 0,
-            cursor: 500,
+            cursor: events.len() as u64,
             entries,
             reply,
             leftovers: None,
         })
         .unwrap();
+        let reply = rx.blocking_recv().unwrap();
+        let log = shared.db.read_log(1, 10_000).unwrap();
+        Replicated {
+            dir,
+            path,
+            shared,
+            tx,
+            thread,
+            reply,
+            log,
+        }
+    }
+
+    impl Replicated {
+        /// Checks that the log holds this store's two events and then each of the peer's
+        /// `events` but the `duplicates` (their serials), in order, under consecutive LSNs, each
+        /// as sent (but a delete, which is logged resolved).
+        fn assert_logged(&self, events: &[Event], duplicates: &[u64]) {
+            let lsns: Vec<u64> = self.log.iter().map(|e| e.lsn).collect();
+            let expected = 2 + events.len() - duplicates.len();
+            assert_eq!(lsns, (1..=expected as u64).collect::<Vec<_>>());
+            assert_eq!(*self.shared.head.borrow(), expected as u64);
+            let logged: Vec<u64> = self.log[2..].iter().map(|e| e.source_serial).collect();
+            let peers: Vec<u64> = (1..=events.len() as u64)
+                .filter(|n| !duplicates.contains(n))
+                .collect();
+            assert_eq!(logged, peers, "every entry but the duplicates, in order");
+            for entry in &self.log[2..] {
+                let sent = &events[entry.source_serial as usize - 1];
+                if !matches!(sent.body, EventBody::Delete { .. }) {
+                    assert_eq!(&entry.event, sent);
+                }
+            }
+        }
+
+        /// Checks that a store restarted from a copy of this one's files (nothing checkpointed,
+        /// so all of the log replayed) holds the same alerts, head and log.
+        fn assert_replays(self) {
+            let alerts = self.shared.alert_count();
+            let head = *self.shared.head.borrow();
+            let crashed = self.dir.path().join("crashed");
+            copy_dir(&self.path, &crashed);
+            drop(self.tx);
+            drop(self.shared);
+            self.thread.join().unwrap();
+
+            let (shared, tx, thread) = start("AGG_B", &crashed, 16, only(1_000_000)).unwrap();
+            assert_eq!(shared.alert_count(), alerts);
+            assert_eq!(*shared.head.borrow(), head);
+            assert_eq!(shared.db.read_log(1, 10_000).unwrap(), self.log);
+            drop(tx);
+            drop(shared);
+            thread.join().unwrap();
+        }
+    }
+
+    /// The peer's `n` events from its own probe, but where `change` says otherwise.
+    fn peer_events(n: u64, change: impl Fn(u64) -> Option<Event>) -> Vec<Event> {
+        (1..=n)
+            .map(|n| {
+                change(n).unwrap_or_else(|| {
+                    let mut e = event(n);
+                    e.origin = Origin::new("peer-probe", 1);
+                    e
+                })
+            })
+            .collect()
+    }
+
+    /// A delete of the peer's event `n`'s alert, from the peer's probe.
+    fn peer_delete(n: u64, of: u64) -> Event {
+        let mut e = event(n);
+        e.origin = Origin::new("peer-probe", 1);
+        e.body = EventBody::Delete {
+            identifier: format!("alert-{of}"),
+            seen: None,
+        };
+        e
+    }
+
+    /// A replicated batch's packed segments are logged as the peer's blocks when every entry
+    /// of one was logged as it came, and re-encoded when one was not (a duplicate here, a
+    /// delete, whose resolution changes it, an entry under this store's own name); the log
+    /// reads back in order with this store's LSNs, and a store restarted from it (nothing
+    /// checkpointed, so all of it replayed) holds the same alerts.
+    #[test]
+    fn a_replicated_segment_is_logged_as_the_peers_block_and_replays() {
+        // The peer's 500 entries in five blocks; the 150th is this store's event 2 again,
+        // the 350th a delete, the 450th came from this store.
+        let events = peer_events(500, |n| match n {
+            150 => Some(event(2)),
+            350 => Some(peer_delete(n, 349)),
+            _ => None,
+        });
+        let store = replicate_peer_log(&events, |n| if n == 450 { "AGG_B" } else { "AGG_P" });
         assert!(matches!(
-            rx.blocking_recv().unwrap(),
+            store.reply,
             Reply::Ack {
                 applied: 499,
                 duplicates: 1
             }
         ));
-        let log = shared.db.read_log(1, 10_000).unwrap();
-        let lsns: Vec<u64> = log.iter().map(|e| e.lsn).collect();
-        assert_eq!(lsns, (1..=501).collect::<Vec<_>>());
-        let logged: Vec<u64> = log[2..].iter().map(|e| e.source_serial).collect();
-        let peers: Vec<u64> = (1..=500).filter(|&n| n != 150).collect();
-        assert_eq!(logged, peers, "every entry but the duplicate, in order");
-        for entry in &log[2..] {
-            let sent = &events[entry.source_serial as usize - 1];
-            if !matches!(sent.body, EventBody::Delete { .. }) {
-                assert_eq!(&entry.event, sent);
-            }
-        }
+        store.assert_logged(&events, &[150]);
         assert_eq!(
-            shared.db.log_kinds(),
+            store.shared.db.log_kinds(),
             [
                 (1, "plain"),
                 (2, "plain"),
@@ -2027,19 +2112,87 @@ mod tests {
             "the segments with the duplicate, the delete and this store's entry packed again \
              (the last two together, as blocks of the store's own)"
         );
-        let alerts = shared.alert_count();
-        let crashed = dir.path().join("crashed");
-        copy_dir(&path, &crashed);
-        drop(tx);
-        drop(shared);
-        thread.join().unwrap();
+        store.assert_replays();
+    }
 
-        let (shared, tx, thread) = start("AGG_B", &crashed, 16, only(1_000_000)).unwrap();
-        assert_eq!(shared.alert_count(), alerts);
-        assert_eq!(*shared.head.borrow(), 501);
-        assert_eq!(shared.db.read_log(1, 10_000).unwrap(), log);
-        drop(tx);
-        drop(shared);
-        thread.join().unwrap();
+    /// The edges of the runs that are not kept: a duplicate first in one and last in another,
+    /// an entry of the store's own first in one and last in another, a delete first; and two
+    /// kept runs side by side. Every entry is logged once, in order, and replays.
+    #[test]
+    fn runs_broken_at_their_first_or_last_entry_are_logged_whole_and_neighbours_kept() {
+        // Eight blocks of 100: the 1st entry is this store's event 1 again, the 200th its
+        // event 2, the 601st a delete; the 201st and the 600th came from this store.
+        let events = peer_events(800, |n| match n {
+            1 => Some(event(1)),
+            200 => Some(event(2)),
+            601 => Some(peer_delete(n, 5)),
+            _ => None,
+        });
+        let store = replicate_peer_log(&events, |n| {
+            if n == 201 || n == 600 {
+                "AGG_B"
+            } else {
+                "AGG_P"
+            }
+        });
+        assert!(
+            matches!(
+                store.reply,
+                Reply::Ack {
+                    applied: 798,
+                    duplicates: 2
+                }
+            ),
+            "{:?}",
+            store.reply
+        );
+        store.assert_logged(&events, &[1, 200]);
+        let kept: Vec<u64> = store
+            .shared
+            .db
+            .log_kinds()
+            .into_iter()
+            .filter(|(_, kind)| *kind == "kept")
+            .map(|(first, _)| first)
+            .collect();
+        assert_eq!(
+            kept,
+            [301, 401, 701],
+            "the whole blocks kept, side by side too"
+        );
+        store.assert_replays();
+    }
+
+    /// A kept block's head holds its length and count as u32s: a run they would not fit is
+    /// logged entry by entry rather than kept under a head that lies.
+    #[test]
+    fn a_run_too_long_for_a_block_head_is_not_kept() {
+        let mut log = LogBuf::default();
+        let e = event(1);
+        log.push(LogEntryRef {
+            lsn: 1,
+            source: "AGG_P",
+            source_serial: 1,
+            event: &e,
+        });
+        let huge = PackedRun {
+            entries: 0..1,
+            unpacked: u32::MAX as usize + 1,
+            lz4: bytes::Bytes::from_static(b"x"),
+        };
+        assert!(!log.keep_packed(0, &huge));
+        assert_eq!(
+            log.blocks(256, usize::MAX)
+                .filter(|b| b.packed.is_some())
+                .count(),
+            0
+        );
+        assert!(log.keep_packed(
+            0,
+            &PackedRun {
+                unpacked: 64,
+                ..huge
+            }
+        ));
     }
 }

@@ -34,8 +34,10 @@ const MAX_PENDING_BATCHES: usize = 256;
 /// Log entries sent in one `LogEntries` message, at most: about one of the primary's commit
 /// groups under load. Each message is a `Replicate` the backup takes in, commits and
 /// acknowledges with a thread hand-off or three; a quarter as many messages as with 1,000
-/// took about 3 % of the pair's CPU off (docs/PERFORMANCE.md). Only a subscriber that is
-/// behind gets messages this large.
+/// took about 3 % of the pair's CPU off and let the backup keep level with the primary under
+/// load (docs/PERFORMANCE.md). Only a subscriber that is behind gets messages this large. What
+/// the receiver holds at once is bounded by the gateway's batches in flight (eight), well
+/// under the `MAX_PENDING_BATCHES` a connection may have queued.
 const LOG_CHUNK: usize = 4_096;
 
 /// A subscriber at least this many entries behind the head reads the log on a blocking
