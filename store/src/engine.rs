@@ -498,11 +498,14 @@ impl LogBuf {
     }
 
     /// Writes the last `entries` entries' bytes, noted without them while deferring: each
-    /// one's source, serial and event encoding, in order.
-    fn undefer<'a>(&mut self, entries: impl ExactSizeIterator<Item = (&'a str, u64, &'a [u8])>) {
-        let from = self.ends.len().saturating_sub(entries.len());
-        let lsns: Vec<u64> = self.ends.drain(from..).map(|(lsn, _)| lsn).collect();
-        for (lsn, (source, serial, event)) in lsns.into_iter().zip(entries) {
+    /// one's LSN, source, serial and event encoding, in order.
+    fn undefer<'a>(
+        &mut self,
+        entries: impl ExactSizeIterator<Item = (u64, &'a str, u64, &'a [u8])>,
+    ) {
+        self.ends
+            .truncate(self.ends.len().saturating_sub(entries.len()));
+        for (lsn, source, serial, event) in entries {
             self.push_encoded(lsn, source, serial, event);
         }
     }
@@ -717,7 +720,7 @@ impl Group<'_> {
         // each so far was logged as it came.
         let mut run: Option<(&PackedRun, usize, bool)> = None;
         // While it is: its entries, logged without their bytes (see `LogBuf::deferring`).
-        let mut deferred: Vec<(&str, u64, &[u8])> = Vec::new();
+        let mut deferred: Vec<(u64, &str, u64, &[u8])> = Vec::new();
         let mut at = 0;
         loop {
             self.table.warm_events(events.as_slice());
@@ -775,7 +778,7 @@ impl Group<'_> {
                 *whole &= as_came && self.log.ends.len() == logged + 1;
                 match (*whole, source, encoded) {
                     (true, Some((name, serial)), Some(event)) => {
-                        deferred.push((name, serial, event))
+                        deferred.push((self.meta.head_lsn, name, serial, event))
                     }
                     // A duplicate, which logged nothing: the deferred entries are the last.
                     _ => self.log.undefer(deferred.drain(..)),
