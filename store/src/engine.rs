@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tandem_protocol::codec::append_bytes;
-use tandem_protocol::message::{EntriesToApply, LogEntryRef, PackedRun, SnapshotChunk};
+use tandem_protocol::message::{LogEntryRef, PackedRun, SnapshotChunk};
 use tandem_protocol::{Event, EventBody, Origin, RecordBytes};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -126,14 +126,18 @@ pub enum Request {
     },
     /// A peer's log entries, applied together with the new cursor for that peer. `after` is
     /// the cursor they follow on from.
+    ///
+    /// The entries come as they arrived and are decoded on the commit thread, which folds them
+    /// straight after: decoded on the connection's thread, each event's text was cold in the
+    /// commit thread's cache, and the fields it displaced (the peer's earlier events, decoded
+    /// on the commit thread too) are freed by the thread that allocated them. Together a sixth
+    /// of a backup's CPU (docs/PERFORMANCE.md).
     Replicate {
         peer: String,
         after: u64,
         cursor: u64,
-        entries: EntriesToApply,
+        entries: tandem_protocol::message::LogBatch,
         reply: oneshot::Sender<Reply>,
-        /// Where the fields these entries displace go to be freed: see [`Leftovers`].
-        leftovers: Option<Arc<Leftovers>>,
     },
     /// A page of a peer's snapshot, in a full resync.
     Merge {
@@ -155,7 +159,9 @@ impl Request {
     fn len(&self) -> usize {
         match self {
             Request::Events { events, .. } => events.len(),
-            Request::Replicate { entries, .. } => entries.events.len(),
+            // The count the peer claims, not yet checked (the commit thread decodes the
+            // entries): bounded, as it only sizes the group.
+            Request::Replicate { entries, .. } => entries.len().min(MAX_GROUP_EVENTS),
             Request::Merge { chunk, rows, .. } => rows.len() + chunk.clears.len(),
             Request::Housekeeping { bodies } => bodies.len(),
         }
@@ -1302,7 +1308,6 @@ fn commit_loop(
                             cursor,
                             entries,
                             reply,
-                            leftovers,
                         } => {
                             let known = match known_cursors.get(&peer) {
                                 Some(&lsn) => lsn,
@@ -1314,9 +1319,17 @@ fn commit_loop(
                                     "these entries of {peer}'s log follow LSN {after}, but this store has applied it only up to {known}; resubscribe from the cursor"
                                 );
                                 replies.push((reply, Reply::Refused { index: 0, reason }));
-                                connections.extend(leftovers);
                                 continue;
                             }
+                            // Decoded here, folded next while in cache: see `Request::Replicate`.
+                            let entries = match entries.decode_keeping_event_bytes() {
+                                Ok(decoded) => decoded,
+                                Err(e) => {
+                                    let reason = format!("the log entries do not decode: {e}");
+                                    replies.push((reply, Reply::Refused { index: 0, reason }));
+                                    continue;
+                                }
+                            };
                             let checked = check(entries.events.iter());
                             let from = work.table.displaced_len();
                             let answer = work.batch(
@@ -1326,10 +1339,9 @@ fn commit_loop(
                                 entries.encoded.iter(),
                                 &entries.packed,
                             );
-                            if let Some(leftovers) = leftovers {
-                                leftovers.take_from(work.table, from);
-                                connections.push(leftovers);
-                            }
+                            // Allocated on this thread (the peer's earlier entries): freed
+                            // here, cheaply, rather than handed to another thread.
+                            work.table.free_displaced_from(from);
                             if matches!(answer, Reply::Ack { .. }) && cursor > known {
                                 // Never backwards: a second gateway may replay older pages.
                                 known_cursors.insert(peer.clone(), cursor);
@@ -1982,8 +1994,9 @@ mod tests {
             let lz4 = lz4_flex::block::compress(block.bytes);
             batch.push_packed(block.count as u32, block.bytes.len() as u32, &lz4);
         }
-        let entries = batch.decode_keeping_event_bytes().unwrap();
-        let runs: Vec<_> = entries.packed.iter().map(|p| p.entries.clone()).collect();
+        let decoded = batch.clone().decode_keeping_event_bytes().unwrap();
+        let entries = batch;
+        let runs: Vec<_> = decoded.packed.iter().map(|p| p.entries.clone()).collect();
         let blocks: Vec<_> = (0..events.len())
             .step_by(100)
             .map(|a| a..(a + 100).min(events.len()))
@@ -1996,7 +2009,6 @@ mod tests {
             cursor: events.len() as u64,
             entries,
             reply,
-            leftovers: None,
         })
         .unwrap();
         let reply = rx.blocking_recv().unwrap();
@@ -2164,6 +2176,72 @@ mod tests {
             "the whole blocks kept, side by side too"
         );
         store.assert_replays();
+    }
+
+    /// A peer's batch that does not decode (a count it does not hold, data that does not
+    /// unpack) is refused whole, as it was before the commit thread decoded batches: nothing
+    /// applied, logged or moved on, and the next good batch applies from the same cursor.
+    #[test]
+    fn a_replicated_batch_that_does_not_decode_is_refused_and_changes_nothing() {
+        use tandem_protocol::message::LogBatch;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, tx, thread) = start("AGG_B", dir.path(), 16, only(1_000_000)).unwrap();
+        send(&tx, 1);
+        let replicate = |entries: LogBatch, cursor: u64| {
+            let (reply, rx) = oneshot::channel();
+            tx.blocking_send(Request::Replicate {
+                peer: "AGG_P".into(),
+                after: 0,
+                cursor,
+                entries,
+                reply,
+            })
+            .unwrap();
+            rx.blocking_recv().unwrap()
+        };
+        let mut lying = LogBatch::default();
+        lying.push_packed(u32::MAX, 64, &[0xF0; 16]);
+        let mut good = LogBatch::default();
+        for lsn in 1..=3 {
+            let mut e = event(100 + lsn);
+            e.origin = Origin::new("peer-probe", 1);
+            good.push(&tandem_protocol::message::LogEntry {
+                lsn,
+                source: "AGG_P".into(),
+                source_serial: lsn,
+                event: e,
+            })
+            .unwrap();
+        }
+        let mut short = good.clone();
+        short.push_packed(1, 0, &[]);
+        for bad in [lying, short] {
+            match replicate(bad, 4) {
+                Reply::Refused { index: 0, reason } => {
+                    assert!(reason.contains("do not decode"), "{reason}")
+                }
+                other => panic!("a batch that does not decode was answered {other:?}"),
+            }
+            assert_eq!(*shared.head.borrow(), 1, "nothing logged");
+            assert_eq!(shared.alert_count(), 1, "nothing applied");
+            assert_eq!(
+                shared.db.cursor("AGG_P").unwrap_or(0),
+                0,
+                "the cursor stays"
+            );
+        }
+        assert_eq!(
+            replicate(good, 3),
+            Reply::Ack {
+                applied: 3,
+                duplicates: 0
+            }
+        );
+        assert_eq!(*shared.head.borrow(), 4);
+        assert_eq!(shared.alert_count(), 4);
+        drop(tx);
+        drop(shared);
+        thread.join().unwrap();
     }
 
     /// A kept block's head holds its length and count as u32s: a run they would not fit is

@@ -267,17 +267,8 @@ impl Handler {
                             pending.push_back(answer_of(batch, rx, sync));
                         }
                         Message::Replicate { batch, peer, after, cursor, entries } => {
-                            // Decoded here, on this connection's task, not on the commit thread.
-                            let entries = match entries.decode_keeping_event_bytes() {
-                                Ok(decoded) => decoded,
-                                Err(e) => {
-                                    let reason = format!("the log entries do not decode: {e}");
-                                    conn.send(&Message::Refused { batch, index: 0, reason }).await.map_err(|e| e.to_string())?;
-                                    continue;
-                                }
-                            };
                             let (reply, rx) = oneshot::channel();
-                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, reply, leftovers: Some(leftovers.clone()) }).await?;
+                            self.submit(conn, &mut keepalive, Request::Replicate { peer, after, cursor, entries, reply }).await?;
                             pending.push_back(answer_of(batch, rx, None));
                         }
                         Message::Merge { batch, peer, mut chunk } => {
