@@ -327,7 +327,14 @@ impl Event {
 
     /// The alert this event is about.
     pub fn identifier(&self) -> &str {
-        match &self.body {
+        self.body.identifier()
+    }
+}
+
+impl EventBody {
+    /// The alert this change is about.
+    pub fn identifier(&self) -> &str {
+        match self {
             EventBody::Occurrence(fields) => fields.identifier(),
             EventBody::Acknowledge { identifier, .. }
             | EventBody::SetOwner { identifier, .. }
