@@ -14,7 +14,7 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use tandem_protocol::message::{LogBatch, LogEntry, UnpackBuffers};
+use tandem_protocol::message::{LogBatch, LogEntry};
 use tandem_protocol::{
     AlertFields, Event, EventBody, Kind, Message, MessageCodec, Origin, Severity,
 };
@@ -121,28 +121,11 @@ fn codec(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("replicated_1000_entries");
     group.throughput(Throughput::Elements(1000));
-    // The batch as a frame gives it: the copy is set up outside the measurement. The decoded
-    // entries are dropped inside it, as a backup drops them once applied, which is what hands
-    // a reused buffer back.
     group.bench_function("decode_keeping_event_bytes", |b| {
+        // The batch as a frame gives it: the copy is set up outside the measurement.
         b.iter_batched(
             || replicated.clone(),
-            |batch| {
-                drop(black_box(
-                    batch.decode_keeping_event_bytes().expect("decodes"),
-                ))
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    let buffers = UnpackBuffers::default();
-    group.bench_function("decode_keeping_event_bytes_reusing_buffers", |b| {
-        b.iter_batched(
-            || replicated.clone(),
-            |batch| {
-                let entries = batch.decode_keeping_event_bytes_in(&buffers);
-                drop(black_box(entries.expect("decodes")))
-            },
+            |batch| black_box(batch.decode_keeping_event_bytes().expect("decodes")),
             BatchSize::SmallInput,
         )
     });

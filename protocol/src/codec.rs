@@ -1834,49 +1834,6 @@ mod tests {
             prop_assert_eq!(sources.iter().collect::<Vec<_>>(), pushed);
         }
 
-        /// Batches unpacked one after another into the same buffers, larger and smaller,
-        /// with some of them still held when the next comes, read exactly as when each has a
-        /// buffer of its own: nothing left from an earlier batch, no buffer shared by two.
-        #[test]
-        fn batches_unpacked_into_reused_buffers_read_as_in_fresh_ones(
-            batches in proptest::collection::vec(
-                (proptest::collection::vec(any::<crate::message::LogEntry>(), 0..6), any::<bool>(), any::<bool>()),
-                1..6,
-            ),
-        ) {
-            let buffers = crate::message::UnpackBuffers::default();
-            let mut held = Vec::new();
-            for (entries, plain_first, hold) in &batches {
-                let mut block = Vec::new();
-                for entry in entries {
-                    let encoded = to_bytes(entry).unwrap();
-                    block.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-                    block.extend_from_slice(&encoded);
-                }
-                let mut batch = crate::message::LogBatch::default();
-                let extra = entries.first().filter(|_| *plain_first);
-                if let Some(entry) = extra {
-                    batch.push(entry).unwrap();
-                }
-                let lz4 = lz4_flex::block::compress(&block);
-                batch.push_packed(entries.len() as u32, block.len() as u32, &lz4);
-                let fresh = batch.clone().decode_keeping_event_bytes().unwrap();
-                let reused = batch.decode_keeping_event_bytes_in(&buffers).unwrap();
-                let want: Vec<_> = extra.into_iter().chain(entries).map(|e| e.event.clone()).collect();
-                prop_assert_eq!(&reused.events, &want);
-                prop_assert_eq!(&reused.events, &fresh.events);
-                prop_assert_eq!(reused.sources.iter().collect::<Vec<_>>(), fresh.sources.iter().collect::<Vec<_>>());
-                prop_assert_eq!(reused.encoded.iter().collect::<Vec<_>>(), fresh.encoded.iter().collect::<Vec<_>>());
-                if *hold {
-                    held.push((reused, fresh));
-                }
-            }
-            // Those held are unchanged by the batches unpacked after them.
-            for (reused, fresh) in &held {
-                prop_assert_eq!(reused.encoded.iter().collect::<Vec<_>>(), fresh.encoded.iter().collect::<Vec<_>>());
-            }
-        }
-
         #[test]
         fn every_message_round_trips(msgs in proptest::collection::vec(any::<Message>(), 1..4)) {
             let mut codec = MessageCodec::default();

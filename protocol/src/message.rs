@@ -277,25 +277,16 @@ fn unpack_segments(
     bytes: &[u8],
     limit: usize,
 ) -> Result<Option<Vec<u8>>, crate::codec::CodecError> {
-    let mut out = Vec::new();
-    Ok(
-        unpack_segments_noting(bytes, limit, &mut out, |_, _| {})?.map(|total| {
-            out.truncate(total);
-            out
-        }),
-    )
+    unpack_segments_noting(bytes, limit, |_, _| {})
 }
 
-/// [`unpack_segments`] into `out`, which may hold an earlier batch's bytes: its first `total`
-/// bytes are overwritten, all of them, and the total returned. Only what it must grow by is
-/// zero-filled first. Calls `noted` with each packed segment's place in the unpacked bytes
+/// [`unpack_segments`], calling `noted` with each packed segment's place in the unpacked bytes
 /// and its LZ4 data's place in `bytes`.
 fn unpack_segments_noting(
     bytes: &[u8],
     limit: usize,
-    out: &mut Vec<u8>,
     mut noted: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>),
-) -> Result<Option<usize>, crate::codec::CodecError> {
+) -> Result<Option<Vec<u8>>, crate::codec::CodecError> {
     use crate::codec::CodecError;
     let mut total = 0usize;
     let mut packed = false;
@@ -322,89 +313,29 @@ fn unpack_segments_noting(
             "a log batch unpacks to {total} bytes, over the {limit} bytes a batch may hold"
         )));
     }
-    if out.len() < total {
-        out.resize(total, 0);
-    }
-    let mut at = 0;
+    let mut out = Vec::with_capacity(total);
     for segment in segments(bytes) {
-        let place = match segment? {
-            Segment::Entry(entry) => {
-                let place = at..at + entry.len();
-                if let Some(to) = out.get_mut(place.clone()) {
-                    to.copy_from_slice(entry);
-                }
-                place
-            }
+        match segment? {
+            Segment::Entry(entry) => out.extend_from_slice(entry),
             Segment::Packed { unpacked, lz4 } => {
-                let place = at..at + unpacked;
-                let to = out.get_mut(place.clone()).unwrap_or_default();
-                let n = lz4_flex::block::decompress_into(lz4, to).map_err(|e| {
+                let at = out.len();
+                out.resize(at + unpacked, 0);
+                let n = lz4_flex::block::decompress_into(lz4, &mut out[at..]).map_err(|e| {
                     CodecError::Decode(format!(
                         "a packed segment of a log batch does not unpack: {e}"
                     ))
                 })?;
-                // Every byte of the place written, none left from an earlier batch.
                 if n != unpacked {
                     return Err(CodecError::Decode(format!(
                         "a packed segment of a log batch unpacks to {n} bytes where it claims {unpacked}"
                     )));
                 }
                 let data = lz4.as_ptr() as usize - bytes.as_ptr() as usize;
-                noted(place.clone(), data..data + lz4.len());
-                place
+                noted(at..at + unpacked, data..data + lz4.len());
             }
-        };
-        at = place.end;
-    }
-    Ok(Some(total))
-}
-
-/// Buffers to unpack log batches into, each handed back when the last reference to the
-/// batch's bytes goes, for the next batch: a backup unpacks a megabyte or so of its peer's log
-/// for each batch, and a fresh buffer was zero-filled, and its pages faulted in, every time
-/// (docs/PERFORMANCE.md). Keeps one.
-#[derive(Clone, Default)]
-pub struct UnpackBuffers(std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>);
-
-/// The largest buffer kept: one a rare huge batch needed is freed rather than held.
-const UNPACK_BUFFER_KEPT: usize = 8 << 20;
-
-impl UnpackBuffers {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default()
-    }
-
-    fn give_back(&self, buffer: Vec<u8>) {
-        if buffer.capacity() <= UNPACK_BUFFER_KEPT {
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
         }
     }
-}
-
-/// A batch's unpacked bytes, the first `len` of `buffer`: the owner behind their [`Bytes`],
-/// which gives the buffer back when dropped.
-///
-/// [`Bytes`]: bytes::Bytes
-struct Unpacked {
-    buffer: Vec<u8>,
-    len: usize,
-    home: UnpackBuffers,
-}
-
-impl AsRef<[u8]> for Unpacked {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.get(..self.len).unwrap_or_default()
-    }
-}
-
-impl Drop for Unpacked {
-    fn drop(&mut self) {
-        self.home.give_back(std::mem::take(&mut self.buffer));
-    }
+    Ok(Some(out))
 }
 
 impl LogBatch {
@@ -459,36 +390,18 @@ impl LogBatch {
     /// segments): the applying store logs the event as it came. The entries' LSNs are the
     /// sender's and are not kept (the batch's cursor carries the position).
     pub fn decode_keeping_event_bytes(self) -> Result<EntriesToApply, crate::codec::CodecError> {
-        self.decode_keeping_event_bytes_in(&UnpackBuffers::default())
-    }
-
-    /// [`LogBatch::decode_keeping_event_bytes`], unpacking into a buffer of `buffers`.
-    pub fn decode_keeping_event_bytes_in(
-        self,
-        buffers: &UnpackBuffers,
-    ) -> Result<EntriesToApply, crate::codec::CodecError> {
         use crate::codec::{CodecError, RecordBytes, decode_prefix_native};
         let count = self.len();
         let frame = self.bytes.freeze();
         // Each packed segment's unpacked bytes and LZ4 data, in order.
         let mut places = Vec::new();
-        let mut buffer = buffers.take();
-        let unpacked = unpack_segments_noting(
-            &frame,
-            crate::codec::MAX_FRAME_LIMIT,
-            &mut buffer,
-            |at, data| places.push((at, data)),
-        )?;
+        let unpacked =
+            unpack_segments_noting(&frame, crate::codec::MAX_FRAME_LIMIT, |at, data| {
+                places.push((at, data))
+            })?;
         let bytes = match unpacked {
-            Some(len) => bytes::Bytes::from_owner(Unpacked {
-                buffer,
-                len,
-                home: buffers.clone(),
-            }),
-            None => {
-                buffers.give_back(buffer);
-                frame.clone()
-            }
+            Some(unpacked) => bytes::Bytes::from(unpacked),
+            None => frame.clone(),
         };
         let room = count.min(crate::codec::PREALLOC_LIMIT);
         let mut out = EntriesToApply {

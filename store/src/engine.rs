@@ -1228,7 +1228,6 @@ fn commit_loop(
     let mut receiving = Receiving::default();
     // Each peer's cursor as of the commit being built, read from disk once.
     let mut known_cursors: std::collections::HashMap<String, u64> = Default::default();
-    let unpack = tandem_protocol::message::UnpackBuffers::default();
 
     loop {
         let first = match rx.try_recv() {
@@ -1323,7 +1322,7 @@ fn commit_loop(
                                 continue;
                             }
                             // Decoded here, folded next while in cache: see `Request::Replicate`.
-                            let entries = match entries.decode_keeping_event_bytes_in(&unpack) {
+                            let entries = match entries.decode_keeping_event_bytes() {
                                 Ok(decoded) => decoded,
                                 Err(e) => {
                                     let reason = format!("the log entries do not decode: {e}");
