@@ -1611,6 +1611,60 @@ mod tests {
         assert!(lying.decode().is_err());
     }
 
+    /// A replicated entry's source and its event's origin are read as bytes and checked as
+    /// UTF-8 only when they differ from the names before them: a name that is not UTF-8 is
+    /// still an error, after a valid one as well as first, and one equal to a name decoded
+    /// before is that name's shared copy.
+    #[test]
+    fn names_read_as_bytes_are_still_checked_as_utf8() {
+        use crate::message::{LogBatch, LogEntry};
+        let entry = |origin: &str| LogEntry {
+            lsn: 1,
+            source: "AGG_P".into(),
+            source_serial: 1,
+            event: crate::Event {
+                origin: crate::Origin::new(origin, 7),
+                seq: 1,
+                time: 1,
+                body: crate::EventBody::Expire {
+                    identifier: "x".into(),
+                },
+            },
+        };
+        let encoded = to_bytes(&entry("probe-1")).unwrap();
+        let spoil = |from: &[u8], to: &[u8]| {
+            let at = encoded.windows(from.len()).position(|w| w == from).unwrap();
+            let mut bad = encoded.clone();
+            bad[at..at + to.len()].copy_from_slice(to);
+            bad
+        };
+        let batch = |records: &[&[u8]]| {
+            let mut batch = LogBatch::default();
+            for record in records {
+                batch.push_encoded(record);
+            }
+            batch
+        };
+        let good = batch(&[&encoded, &encoded])
+            .decode_keeping_event_bytes()
+            .unwrap();
+        assert!(good.events[0].origin.is_same(&good.events[1].origin));
+        assert_eq!(
+            good.sources.iter().collect::<Vec<_>>(),
+            [("AGG_P", 1), ("AGG_P", 1)]
+        );
+        for bad in [
+            spoil(b"AGG_P", b"AG\xffP"),
+            spoil(b"probe-1", b"probe\xc3("),
+        ] {
+            for records in [vec![&bad[..]], vec![&encoded[..], &bad[..]]] {
+                let err = batch(&records).decode_keeping_event_bytes().unwrap_err();
+                let err = err.to_string();
+                assert!(err.contains("UTF-8") || err.contains("Utf8"), "{err}");
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn an_events_frame_keeps_its_events_under_a_new_batch_id(

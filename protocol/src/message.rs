@@ -428,8 +428,9 @@ impl LogBatch {
                 }
             }
             let start = at + ENTRY_LEN_PREFIX;
+            // The source as bytes: see `EntrySources::push_bytes`.
             let ((_lsn, source, source_serial), head) =
-                crate::codec::decode_prefix_borrowed::<(u64, &str, u64)>(record)?;
+                crate::codec::decode_prefix_borrowed::<(u64, &[u8], u64)>(record)?;
             let (event, used) = decode_prefix_native::<Event>(&record[head..])?;
             if head + used != record.len() {
                 return Err(CodecError::TrailingBytes {
@@ -437,7 +438,9 @@ impl LogBatch {
                 });
             }
             out.events.push(event);
-            out.sources.push(source, source_serial);
+            out.sources.push_bytes(source, source_serial).map_err(|e| {
+                CodecError::Decode(format!("a log entry's source is not UTF-8: {e}"))
+            })?;
             out.encoded.push(start + head, start + head + used);
             at = start + record.len();
             if let Some((first, place, data)) = open.take_if(|(_, place, _)| place.end <= at) {
@@ -556,6 +559,23 @@ impl EntrySources {
             Some((last, last_end)) if **last == *name => *last_end = end,
             _ => self.names.push((crate::event::shared_name(name), end)),
         }
+    }
+
+    /// [`EntrySources::push`] for a name read as bytes, checked as UTF-8 only when it starts
+    /// a run: the same bytes as the run's valid name are valid.
+    pub(crate) fn push_bytes(
+        &mut self,
+        name: &[u8],
+        serial: u64,
+    ) -> Result<(), std::str::Utf8Error> {
+        match self.names.last_mut() {
+            Some((last, last_end)) if last.as_bytes() == name => {
+                self.serials.push(serial);
+                *last_end = self.serials.len();
+            }
+            _ => self.push(std::str::from_utf8(name)?, serial),
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
