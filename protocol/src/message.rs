@@ -535,8 +535,9 @@ pub struct EntriesToApply {
 
 /// For each entry of a decoded [`LogBatch`], the store it entered the pair at and its serial
 /// there. The names are kept by runs: a batch names one store in almost every entry, and a
-/// shared name cloned for each entry on the connection's thread and dropped on the commit
-/// thread moved its count between the two cores every time (3 % of a backup's CPU).
+/// shared name cloned for each entry on the decoding thread and dropped on the commit thread
+/// moved its count between the two cores every time (3 % of a backup's CPU, when a
+/// connection's thread decoded the entries).
 #[derive(Debug, Default)]
 pub struct EntrySources {
     /// Each run's name and the index of the entry after it.

@@ -148,8 +148,9 @@ impl ClearKey {
 /// Folds an occurrence into `state`. `inserted_at` is where this event entered the pair (the
 /// store name and the alert's serial there), a candidate for `server_name`/`server_serial`.
 /// Returns the copy of the fields the row does not keep (the old newest, or `fields` when
-/// they are older, or equal in value), to be freed by the connection that sent the event
-/// (`engine::Leftovers`) or the freeing thread.
+/// they are older, or equal in value), to be freed on the thread that decoded the event: the
+/// connection's that sent it (`engine::Leftovers`), or the commit thread for a peer's
+/// replicated entries, or else the freeing thread.
 pub fn occurrence(
     state: &mut AlertState,
     fields: PackedFields,

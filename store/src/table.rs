@@ -212,8 +212,9 @@ impl Incoming {
 }
 
 /// The origins interned last, found by the allocation they arrived in. A batch or a snapshot
-/// page names a few writers over and over, and a connection's thread decodes each of them into
-/// one shared allocation (`shared_origin`), so comparing pointers finds most origins without
+/// page names a few writers over and over, and the thread that decodes them (a connection's,
+/// or the commit thread for a peer's entries) decodes each into one shared allocation
+/// (`shared_origin`), so comparing pointers finds most origins without
 /// hashing and comparing their names (a snapshot row has six or more). Each slot holds the
 /// origin it arrived as, so that its address cannot be reused by another.
 #[derive(Debug, Default)]
@@ -411,9 +412,9 @@ impl Table {
         self.rows.get(identifier)
     }
 
-    /// The fields occurrences displaced since the last call. Freeing them (several strings
-    /// each, allocated on the connection tasks' threads) was a sixth of the commit thread's
-    /// time; the commit thread passes them to another thread instead.
+    /// The fields occurrences displaced since the last call. Freeing them (allocated on the
+    /// connection tasks' threads, but for a peer's replicated entries) was a sixth of the
+    /// commit thread's time; the commit thread passes them to another thread instead.
     pub fn take_displaced(&mut self) -> Vec<tandem_protocol::PackedFields> {
         std::mem::take(&mut self.displaced)
     }
@@ -437,12 +438,6 @@ impl Table {
     pub fn hand_displaced(&mut self, from: usize, to: &mut Vec<tandem_protocol::PackedFields>) {
         let from = from.min(self.displaced.len());
         to.extend(self.displaced.drain(from..));
-    }
-
-    /// Frees the displaced fields from the `from`th on, here: for fields this thread
-    /// allocated, which it frees without the cross-thread work of handing them on.
-    pub fn free_displaced_from(&mut self, from: usize) {
-        self.displaced.truncate(from);
     }
 
     /// Takes `fields` back among the displaced ones, to be freed with them.
@@ -590,7 +585,7 @@ impl Table {
     }
 
     /// Points `origin` at the interned copy. Left alone when it is that copy already, as most
-    /// are (a connection's thread decodes every name into one allocation, and the table
+    /// are (the decoding thread decodes every name into one allocation, and the table
     /// interned the first one it saw): replacing it would write the reference counts of an
     /// allocation the decoding thread writes too.
     fn intern_in_place(&mut self, origin: &mut Origin) {
