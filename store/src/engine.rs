@@ -2000,7 +2000,6 @@ mod tests {
             batch.push_packed(block.count as u32, block.bytes.len() as u32, &lz4);
         }
         let decoded = batch.clone().decode_keeping_event_bytes().unwrap();
-        let entries = batch;
         let runs: Vec<_> = decoded.packed.iter().map(|p| p.entries.clone()).collect();
         let blocks: Vec<_> = (0..events.len())
             .step_by(100)
@@ -2012,7 +2011,7 @@ mod tests {
             peer: "AGG_P".into(),
             after: 0,
             cursor: events.len() as u64,
-            entries,
+            entries: batch,
             reply,
         })
         .unwrap();

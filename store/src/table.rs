@@ -574,16 +574,6 @@ impl Table {
         shared
     }
 
-    /// [`Table::intern`] for an origin the caller gives up: handed back as it is when it is
-    /// the interned copy already, as most are, so that no reference count is written.
-    fn intern_owned(&mut self, origin: Origin) -> Origin {
-        match self.recent.get(&origin) {
-            Some(shared) if shared.is_same(&origin) => origin,
-            Some(shared) => shared.clone(),
-            None => self.intern(&origin),
-        }
-    }
-
     /// Points `origin` at the interned copy. Left alone when it is that copy already, as most
     /// are (the decoding thread decodes every name into one allocation, and the table
     /// interned the first one it saw): replacing it would write the reference counts of an
@@ -770,16 +760,15 @@ impl Table {
     /// Returns the row's serial.
     fn fold_in(&mut self, event: Event, source: Option<(&str, u64)>, changes: &mut Changes) -> u64 {
         let Event {
-            origin,
+            mut origin,
             seq,
             time,
             body,
         } = event;
-        let version = Version {
-            time,
-            origin: self.intern_owned(origin),
-            seq,
-        };
+        // Moved into the version, and left as it is when it is the interned copy already, as
+        // most are: no reference count written.
+        self.intern_in_place(&mut origin);
+        let version = Version { time, origin, seq };
         let occurrence_hash = match &body {
             EventBody::Occurrence(fields) => fields_hash(fields),
             _ => 0,
